@@ -1,0 +1,3 @@
+from taille.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""The `taille` command: one entry mapping verbs to typed functions.
+
+Each verb's docstring and option help are its `taille VERB -h`. Every verb also takes
+`--config FILE.yaml`: a mapping of option names (dashes or underscores) to values, which flags given on
+the command line override. The functions here only parse and print; the work lives in the stage
+packages, imported lazily so `taille -h` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from taille.errors import TailleError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Cut a large language model down to a small one that keeps its quality, and run it on a PC.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", help="Hub id (org/name[@revision]), local Hugging Face folder, .gguf file, or an embedded "
+    "name (smollm2-135m-instruct).", show_default=False)]
+DtypeOpt = Annotated[str, typer.Option(help="Weight dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help="auto (bf16-mixed on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), bf16-mixed or fp32.")]
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _print_table(title: str, header: list[str], rows: list[list], right: set[int] = frozenset()) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")  # piped output gets room instead of 80 columns
+    for i, h in enumerate(header):
+        table.add_column(h, justify="right" if i in right else "left")
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command()
+def info(
+    model: ModelArg,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Show a model's shape, parameters, weight sizes and prunable axes.
+
+    Family; layers, hidden, MLP, heads, KV heads, head_dim, vocab; parameters split into embeddings,
+    attention, MLP, norms and lm_head (tied weights counted once); weight size at bf16, q8_0 and q4_0;
+    the axes pruning can cut and their step. Reads the config only: no weights are loaded.
+    """
+    from taille.models.load import load_config
+    from taille.models.summary import PARTS, summarize
+
+    summary = summarize(load_config(model))
+    if json_out:
+        print(json.dumps({"model": model, **summary.to_dict()}, indent=2))
+        return
+    s = summary
+    _print_table(f"{model} ({s.family}, model_type {s.model_type})", ["", "value"], [
+        ["layers", s.layers], ["hidden", s.hidden], ["MLP", s.mlp], ["heads / KV heads", f"{s.heads} / {s.kv_heads}"],
+        ["head_dim", s.head_dim], ["vocab", f"{s.vocab:,}"], ["tied embeddings", "yes" if s.tied_embeddings else "no"],
+    ], right={1})
+    total = s.params["total"]
+    rows = [[part, f"{s.params[part]:,}", f"{100 * s.params[part] / total:.1f}%"]
+            for part in PARTS if s.params[part] or part != "other"]
+    rows.append(["total", f"{total:,}", _human(total)])
+    _print_table("parameters", ["part", "count", "share"], rows, right={1, 2})
+    _print_table("weights", ["format", "size"], [[f, f"{b / 2**20:,.1f} MiB"] for f, b in s.weight_bytes.items()],
+                 right={1})
+    _print_table("prunable axes", ["axis", "size", "step", "rule"],
+                 [[a.name, a.size, a.granularity, a.note] for a in s.axes], right={1, 2})
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="One or more models (see `taille info -h`).",
+                                                show_default=False)],
+    ppl: Annotated[Optional[list[str]], typer.Option(
+        help="Held-out text for perplexity; repeat for several: shakespeare (its held-out plays), "
+        "wikitext2:PATH/wiki.test.raw, a file or folder, hf://name:split.")] = None,
+    window: Annotated[int, typer.Option(help="Tokens per window.")] = 1024,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Tokens between window starts (default: --window, non-overlapping). With stride < window each "
+        "scored token has at least window - stride tokens of context.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Only the first N tokens of each text.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON to this file.")] = None,
+) -> None:
+    """Evaluate models: held-out perplexity (--ppl).
+
+    Perplexity uses a sliding window: windows of --window tokens start every --stride tokens and each
+    token is scored once, in the first window that gives it context. Shakespeare is read from its
+    held-out plays unless a split is named (shakespeare:train).
+    """
+    from taille.data.tokens import load_tokens
+    from taille.eval.ppl import perplexity
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import resolve_precision
+
+    if not ppl:
+        raise TailleError("nothing to evaluate: give --ppl DATA (e.g. --ppl shakespeare)")
+    if window < 2 or batch_size < 1:
+        raise TailleError("--window must be at least 2 and --batch-size at least 1")
+    precision = resolve_precision(precision, resolve_device(device))
+    results = []
+    for spec in models:
+        model, tokenizer = load_model(spec, dtype=dtype, device=device)
+        for data in ppl:
+            stream = load_tokens(data, tokenizer, split="heldout", max_tokens=max_tokens)
+            result = perplexity(model, stream.tokens, window=window, stride=stride, batch_size=batch_size,
+                                source=stream.meta["source"], precision=precision)
+            results.append({"model": spec, **result.to_dict()})
+        del model
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+    if json_out:
+        print(json.dumps(results, indent=2))
+        return
+    _print_table("perplexity", ["model", "text", "ppl", "tokens scored", "window / stride", "precision", "seconds"], [
+        [r["model"], r["source"], f"{r['ppl']:.3f}", f"{r['scored_tokens']:,}", f"{r['window']} / {r['stride']}",
+         r["precision"], r["seconds"]] for r in results], right={2, 3, 6})
+
+
+def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
+    """Take `--config FILE` out of the arguments and return (args, click default_map for the verb)."""
+    if "--config" not in args and not any(a.startswith("--config=") for a in args):
+        return args, {}
+    import yaml
+
+    rest, path = [], None
+    it = iter(args)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+            if path is None:
+                raise TailleError("--config needs a YAML file")
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    verb = next((a for a in rest if not a.startswith("-")), None)
+    command = typer.main.get_command(app)
+    if verb not in getattr(command, "commands", {}):
+        raise TailleError(f"--config needs a verb before it, one of: {', '.join(command.commands)}")
+    if not Path(path).is_file():
+        raise TailleError(f"--config: no such file: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TailleError(f"--config {path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise TailleError(f"--config {path}: expected a mapping of option names to values")
+    known = {p.name: p for p in command.commands[verb].params}
+    defaults = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        name = {"json": "json_out"}.get(name, name)
+        if name not in known:
+            raise TailleError(f"--config {path}: unknown option '{key}' for `taille {verb}`; known: "
+                              f"{', '.join(sorted(k for k in known if k != 'help'))}")
+        defaults[name] = value
+    return rest, {verb: defaults}
+
+
+def main(args: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("TAILLE_LOG", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = list(sys.argv[1:] if args is None else args)
+    try:
+        args, default_map = _config_defaults(args)
+        typer.main.get_command(app).main(args=args, prog_name="taille", default_map=default_map)
+    except TailleError as e:
+        print(f"taille: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("taille: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

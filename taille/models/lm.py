@@ -1,0 +1,47 @@
+"""Language-model heads computed in slices of tokens.
+
+The logits of a whole batch are (B, T, V) floats: 8 x 2048 x 128k x 4 bytes = 8 GiB. Everything that only
+needs a reduction of them (NLL for perplexity, KL for distillation) goes through `hidden_states` and
+then applies the head `chunk` tokens at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from taille.models.arch import get_arch
+
+LOGIT_ELEMENTS = 1 << 25
+"""Logit values materialised at once (128 MiB in fp32)."""
+
+
+def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states (B, T, H) of the decoder stack, without the LM head."""
+    base = model.get_submodule(get_arch(model.config).base)
+    return base(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) in fp32 for hidden states (..., H), with the family's soft cap if it has one."""
+    arch = get_arch(model.config)
+    logits = model.get_submodule(arch.lm_head)(hidden).float()
+    cap = getattr(model.config, arch.logit_softcap, None) if arch.logit_softcap else None
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """NLL (B, T-1) in fp32 of each next token: entry t is -log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
+    hidden = hidden_states(model, input_ids)[:, :-1]  # (B, T-1, H)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    B, T = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(B * T, -1), targets.reshape(B * T)
+    chunk = max(1, LOGIT_ELEMENTS // model.config.vocab_size)
+    nll = torch.empty(B * T, dtype=torch.float32, device=input_ids.device)
+    for i in range(0, B * T, chunk):
+        logits = head_logits(model, flat_hidden[i : i + chunk])  # (chunk, V)
+        nll[i : i + chunk] = F.cross_entropy(logits, flat_targets[i : i + chunk], reduction="none")
+    return nll.view(B, T)
