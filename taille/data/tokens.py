@@ -121,10 +121,11 @@ def _tokenize_to_file(source: TextSource, tokenizer, bin_path: Path, max_tokens:
 
     try:
         with open(tmp, "wb") as f:
-            chars, starts = 0, True
+            chars, starts, seen_text = 0, True, False
             for text, ends in documents(source, tokenizer):
                 if starts and ends and not text.strip():
                     continue  # an empty document adds nothing, not even a separator
+                seen_text = seen_text or bool(text.strip())
                 pieces.append((text, starts, ends))
                 starts = ends
                 chars += len(text)
@@ -135,7 +136,7 @@ def _tokenize_to_file(source: TextSource, tokenizer, bin_path: Path, max_tokens:
                         break
             if pieces:
                 flush(f)
-        if n_tokens == 0:
+        if n_tokens == 0 or not seen_text:
             raise TailleError(f"{source.name}: no text found (empty files or empty fields)")
         os.replace(tmp, bin_path)
     finally:

