@@ -142,6 +142,105 @@ def eval_(
          r["precision"], r["seconds"]] for r in results], right={2, 3, 6})
 
 
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model to prune (see `taille info -h`).",
+                                         show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option(
+    help="Calibration text (see README): shakespeare (its calibration plays), a file or folder, hf://name:split.")]
+SamplesOpt = Annotated[int, typer.Option(help="Calibration blocks (Minitron uses 1024).")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration block.")]
+BatchOpt = Annotated[int, typer.Option(help="Blocks per forward pass.")]
+
+
+def _axes(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+@app.command()
+def importance(
+    model: ModelOpt,
+    data: DataOpt = "shakespeare",
+    out: Annotated[Path, typer.Option(help="Folder for scores.safetensors, importance.json and the PNG figures.")] = Path("importance"),
+    samples: SamplesOpt = 1024,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchOpt = 8,
+    depth_metric: Annotated[str, typer.Option(
+        help="bi: block importance only (one pass); ppl: also the held-out loss without each layer (one pass per layer).")] = "bi",
+    block_sizes: Annotated[str, typer.Option(help="With --depth-metric ppl: sizes n of contiguous blocks to score, e.g. 1,4,8.")] = "1",
+    depth_samples: Annotated[int, typer.Option(help="Blocks held apart from calibration for the depth loss.")] = 32,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    figures: Annotated[bool, typer.Option(help="Write heads.png, neurons.png and layers.png.")] = True,
+) -> None:
+    """Score heads, MLP neurons, hidden channels and layers by their activations (Minitron).
+
+    One streaming pass of forward hooks over the calibration blocks: per head the input of o_proj, per
+    neuron the input of down_proj, per hidden channel the outputs of the norms feeding each block and the
+    final norm; mean of |x| over the sequence, then L2 over the batch. Per layer and per contiguous block:
+    block importance 1 - cos(input, output); with --depth-metric ppl, the held-out loss without it.
+    """
+    from taille.prune.prune import Calibration, run_importance
+
+    sizes = tuple(int(n) for n in block_sizes.split(","))
+    folder = run_importance(model, Calibration(data, samples, seq_len, batch_size, depth_samples), out, depth_metric,
+                            sizes, dtype, device, precision, figures)
+    summary = json.loads((folder / "importance.json").read_text())
+    print(f"scores of {model} on {summary.get('data')}: {summary['samples']} blocks x {summary['seq_len']} tokens "
+          f"in {summary['seconds']} s -> {folder}")
+    if summary.get("layers_by_bi"):
+        print(f"layers by block importance, least important first: {summary['layers_by_bi']}")
+    if summary.get("layers_by_loss"):
+        print(f"layers by loss without them, least important first: {summary['layers_by_loss']}")
+
+
+@app.command()
+def prune(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="Output folder: a standard Hugging Face checkpoint + taille.json.",
+                                      show_default=False)],
+    scores: Annotated[Optional[Path], typer.Option(help="Scores from `taille importance` (folder).")] = None,
+    data: DataOpt = None,
+    params: Annotated[Optional[str], typer.Option(help="Target parameter count (90M, 4.5B), tied weights once.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Target as a fraction of the model's parameters.")] = None,
+    axes: Annotated[str, typer.Option(help="Axes a --params/--ratio target may cut: mlp, hidden, heads, kv_groups, depth.")] = "mlp,hidden",
+    tolerance: Annotated[float, typer.Option(help="How close to the target the shape must land.")] = 0.01,
+    hidden: Annotated[Optional[int], typer.Option(help="Explicit shape: hidden size.")] = None,
+    ffn: Annotated[Optional[int], typer.Option(help="Explicit shape: MLP width.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Explicit shape: query heads (a multiple of --kv-heads).")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="Explicit shape: KV heads (fewer prunes whole KV groups).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Explicit shape: layers to keep (which, by --depth-criterion).")] = None,
+    drop_layers: Annotated[Optional[str], typer.Option(help="Layers to remove, 0-based: 14-25 or 3,5,10-12.")] = None,
+    criterion: Annotated[str, typer.Option(help="Width ranking: activation (Minitron), magnitude (weight L2), random (seeded).")] = "activation",
+    depth_criterion: Annotated[str, typer.Option(
+        help="Which layers go: block-importance (lowest BI), ppl (lowest loss without it), contiguous (lowest-BI block).")] = "block-importance",
+    seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
+    samples: SamplesOpt = 1024,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Prune a model to a target size or shape and save a standard Hugging Face checkpoint.
+
+    Widths stay equal in every layer, so the output has a standard config that plain
+    AutoModelForCausalLM.from_pretrained loads. Query heads are pruned evenly inside each KV group;
+    head_dim never changes. A --params/--ratio target picks, among the shapes within --tolerance, the one
+    that cuts the chosen axes most evenly.
+    """
+    from taille.prune.prune import Calibration, Target, run_prune
+
+    target = Target(params=params, ratio=ratio, axes=_axes(axes), hidden=hidden, ffn=ffn, heads=heads,
+                    kv_heads=kv_heads, layers=layers, drop_layers=drop_layers, tolerance=tolerance)
+    cal = Calibration(data, samples, seq_len, batch_size) if data else None
+    record = run_prune(model, target, out, str(scores) if scores else None, cal, criterion, depth_criterion, seed,
+                       dtype, device, precision)
+    b, a = record["shape_before"], record["shape_after"]
+    _print_table(f"{model} -> {out}", ["", "before", "after"], [
+        [k, b[k], a[k]] for k in ("layers", "hidden", "ffn", "heads", "kv_heads")] + [
+        ["parameters", f"{record['params_before']:,}", f"{record['params_after']:,}"]], right={1, 2})
+
+
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
     """Take `--config FILE` out of the arguments and return (args, click default_map for the verb)."""
     if "--config" not in args and not any(a.startswith("--config=") for a in args):
