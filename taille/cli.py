@@ -53,6 +53,10 @@ def _print_table(title: str, header: list[str], rows: list[list], right: set[int
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+def _axes(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
 @app.command()
 def info(
     model: ModelArg,
@@ -94,52 +98,59 @@ def eval_(
     ppl: Annotated[Optional[list[str]], typer.Option(
         help="Held-out text for perplexity; repeat for several: shakespeare (its held-out plays), "
         "wikitext2:PATH/wiki.test.raw, a file or folder, hf://name:split.")] = None,
-    window: Annotated[int, typer.Option(help="Tokens per window.")] = 1024,
+    window: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 1024,
     stride: Annotated[Optional[int], typer.Option(
         help="Tokens between window starts (default: --window, non-overlapping). With stride < window each "
         "scored token has at least window - stride tokens of context.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     max_tokens: Annotated[Optional[int], typer.Option(help="Only the first N tokens of each text.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="Zero-shot tasks through lm-evaluation-harness, comma-separated: arc_easy,arc_challenge,piqa,"
+        "winogrande,hellaswag,lambada_openai,boolq,copa,openbookqa,sciq (any lm-eval task online).")] = None,
+    task_data: Annotated[Optional[str], typer.Option(
+        help="Offline: folder with local copies of the task files (the layout of shared/data/eval).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N examples per task.")] = None,
+    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt.")] = 0,
+    speed: Annotated[bool, typer.Option(help="Prefill and decode tokens/s and peak memory at batch 1 and 8.")] = False,
+    reference: Annotated[Optional[str], typer.Option(help="A model (e.g. the teacher) to measure each model's KL to.")] = None,
+    reference_data: Annotated[str, typer.Option(help="Held-out text for --reference.")] = "shakespeare",
+    batch_size: Annotated[int, typer.Option(help="Windows or task requests per forward pass.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for lm-eval (few-shot sampling).")] = 1234,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON to this file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for eval.md, eval.json and eval.png.")] = None,
 ) -> None:
-    """Evaluate models: held-out perplexity (--ppl).
+    """Evaluate models side by side: perplexity, zero-shot tasks, speed, memory, KL to a reference.
 
     Perplexity uses a sliding window: windows of --window tokens start every --stride tokens and each
     token is scored once, in the first window that gives it context. Shakespeare is read from its
-    held-out plays unless a split is named (shakespeare:train).
+    held-out plays unless a split is named (shakespeare:train). Tasks run through lm-evaluation-harness on
+    the model in memory, with its standard prompts and metrics (acc, acc_norm, perplexity); the table shows
+    acc_norm where a task has it.
     """
-    from taille.data.tokens import load_tokens
-    from taille.eval.ppl import perplexity
-    from taille.models.load import load_model, resolve_device
+    from taille.eval.run import EvalSettings, evaluate, markdown, write_report
+    from taille.models.load import resolve_device
     from taille.models.precision import resolve_precision
 
-    if not ppl:
-        raise TailleError("nothing to evaluate: give --ppl DATA (e.g. --ppl shakespeare)")
-    if window < 2 or batch_size < 1:
-        raise TailleError("--window must be at least 2 and --batch-size at least 1")
-    precision = resolve_precision(precision, resolve_device(device))
-    results = []
-    for spec in models:
-        model, tokenizer = load_model(spec, dtype=dtype, device=device)
-        for data in ppl:
-            stream = load_tokens(data, tokenizer, split="heldout", max_tokens=max_tokens)
-            result = perplexity(model, stream.tokens, window=window, stride=stride, batch_size=batch_size,
-                                source=stream.meta["source"], precision=precision)
-            results.append({"model": spec, **result.to_dict()})
-        del model
+    settings = EvalSettings(
+        ppl=list(ppl or []), window=window, stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+        tasks=list(_axes(tasks or "")), task_data=task_data, limit=limit, num_fewshot=num_fewshot, speed=speed,
+        reference=reference, reference_data=reference_data, precision=resolve_precision(precision, resolve_device(device)),
+        dtype=dtype, device=device, seed=seed)
+    report = evaluate(models, settings)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+        write_report(report, out)
     if json_out:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(report, indent=2, default=str))
         return
-    _print_table("perplexity", ["model", "text", "ppl", "tokens scored", "window / stride", "precision", "seconds"], [
-        [r["model"], r["source"], f"{r['ppl']:.3f}", f"{r['scored_tokens']:,}", f"{r['window']} / {r['stride']}",
-         r["precision"], r["seconds"]] for r in results], right={2, 3, 6})
+    print(markdown(report))
+    for r in report["rows"]:
+        for text, p in r["ppl"].items():
+            print(f"{r['model']} on {text}: ppl {p['ppl']:.3f} over {p['scored_tokens']:,} tokens, window {p['window']} / "
+                  f"stride {p['stride']}, {p['precision']}, {p['seconds']} s")
+    if out:
+        print(f"report: {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model to prune (see `taille info -h`).",
@@ -149,10 +160,6 @@ DataOpt = Annotated[Optional[str], typer.Option(
 SamplesOpt = Annotated[int, typer.Option(help="Calibration blocks (Minitron uses 1024).")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration block.")]
 BatchOpt = Annotated[int, typer.Option(help="Blocks per forward pass.")]
-
-
-def _axes(text: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
 @app.command()

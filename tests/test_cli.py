@@ -9,7 +9,11 @@ from tests.conftest import run_cli, save_tiny
 
 @pytest.mark.parametrize("verb,words", [
     ("info", ["MODEL", "--json", "Hub id", "prunable axes"]),
-    ("eval", ["MODEL...", "--ppl", "--window", "--stride", "--precision", "--max-tokens", "--batch-size"]),
+    ("eval", ["MODEL...", "--ppl", "--window", "--stride", "--precision", "--max-tokens", "--batch-size", "--tasks",
+              "--task-data", "--limit", "--num-fewshot", "--speed", "--reference"]),
+    ("importance", ["--model", "--data", "--samples", "--seq-len", "--depth-metric", "--block-sizes"]),
+    ("prune", ["--params", "--ratio", "--axes", "--hidden", "--ffn", "--heads", "--kv-heads", "--layers",
+               "--drop-layers", "--criterion", "--depth-criterion", "--scores"]),
 ])
 def test_verb_help_documents_its_options(capsys, verb, words):
     out, _ = run_cli(capsys, verb, "-h")
@@ -28,7 +32,8 @@ def test_config_file_with_flag_override(tmp_path, capsys):
     (tmp_path / "eval.yaml").write_text(
         f"ppl: [{tmp_path / 'held.txt'}]\nwindow: 32\nbatch-size: 2\nprecision: fp32\njson: true\n")
     out, _ = run_cli(capsys, "eval", model, "--config", tmp_path / "eval.yaml", "--window", 48)
-    (result,) = json.loads(out)
+    (row,) = json.loads(out)["rows"]
+    (result,) = row["ppl"].values()
     assert result["window"] == 48  # the flag wins over the file
     assert result["precision"] == "fp32"  # the file wins over the default
 

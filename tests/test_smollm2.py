@@ -40,3 +40,17 @@ def test_converted_folder_is_a_standard_checkpoint(smollm2):
     assert "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(folder)  # stock transformers, no gguf_file
     assert model.config.num_hidden_layers == 30
+
+
+def test_prune_to_90m_and_reload(smollm2, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "smol-90m"
+    run_cli(capsys, "prune", "--model", smollm2, "--data", "shakespeare", "--samples", 8, "--seq-len", 128,
+            "--params", "90M", "--axes", "mlp,hidden,heads", "--out", out)
+    record = json.loads((out / "taille.json").read_text())
+    assert record["shape_after"] == {"hidden": 480, "ffn": 1152, "heads": 6, "kv_heads": 3, "layers": 30}
+    assert abs(record["params_after"] - 90e6) / 90e6 < 0.01
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == record["params_after"] == 89_977_440
+    assert model.config.head_dim == 64 and model.config.tie_word_embeddings

@@ -45,3 +45,21 @@ def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
         logits = head_logits(model, flat_hidden[i : i + chunk])  # (chunk, V)
         nll[i : i + chunk] = F.cross_entropy(logits, flat_targets[i : i + chunk], reduction="none")
     return nll.view(B, T)
+
+
+@torch.no_grad()
+def token_kl(reference, model, input_ids: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) (B, T) in fp32 at every position, the next-token distributions compared in
+    slices of tokens. Both models must share the vocabulary (a reference padded larger is cut to the model's)."""
+    ref_hidden = hidden_states(reference, input_ids)  # (B, T, H_ref)
+    hidden = hidden_states(model, input_ids)  # (B, T, H)
+    B, T = input_ids.shape
+    V = model.config.vocab_size
+    flat_ref, flat = ref_hidden.reshape(B * T, -1), hidden.reshape(B * T, -1)
+    chunk = max(1, LOGIT_ELEMENTS // max(V, reference.config.vocab_size))
+    kl = torch.empty(B * T, dtype=torch.float32, device=input_ids.device)
+    for i in range(0, B * T, chunk):
+        ref_logp = F.log_softmax(head_logits(reference, flat_ref[i : i + chunk])[:, :V], dim=-1)  # (chunk, V)
+        logp = F.log_softmax(head_logits(model, flat[i : i + chunk]), dim=-1)
+        kl[i : i + chunk] = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
+    return kl.view(B, T)
