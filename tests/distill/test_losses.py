@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from taille.distill.losses import LossConfig, distill_loss, divergence, topk_forward_kl
+
+g = torch.Generator().manual_seed(0)
+N, H, V = 37, 16, 50
+TEACHER_H, STUDENT_H = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+TEACHER_W, STUDENT_W = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+TARGETS = torch.randint(0, V, (N,), generator=g)
+
+
+def test_forward_kl_equals_kl_div():
+    t, s = TEACHER_H @ TEACHER_W.T, STUDENT_H @ STUDENT_W.T
+    reference = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(divergence(t, s, "fkl"), reference)
+    reverse = F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(divergence(t, s, "rkl"), reverse)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+def test_zero_when_student_equals_teacher(kind):
+    logits = TEACHER_H @ TEACHER_W.T
+    assert divergence(logits, logits.clone(), kind).abs().max() < 1e-6
+
+
+def test_jsd_limits_match_the_kls():
+    t, s = 0.25 * TEACHER_H @ TEACHER_W.T, 0.25 * STUDENT_H @ STUDENT_W.T
+    beta = 1e-3  # JSD_beta / beta -> KL(p || q) as beta -> 0, and JSD_beta / (1 - beta) -> KL(q || p) as beta -> 1
+    torch.testing.assert_close(divergence(t, s, "jsd", beta) / beta, divergence(t, s, "fkl"), rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(divergence(t, s, "jsd", 1 - beta) / beta, divergence(t, s, "rkl"), rtol=2e-2, atol=1e-4)
+    # and at beta = 1/2 it is the symmetric Jensen-Shannon divergence
+    p, q = t.softmax(-1), s.softmax(-1)
+    m = (p + q) / 2
+    js = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    torch.testing.assert_close(divergence(t, s, "jsd", 0.5), js)
+
+
+@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig("rkl"), LossConfig("jsd", beta=0.3),
+                                 LossConfig(ce_weight=0.5, temperature=2.0)])
+def test_chunked_equals_unchunked_with_gradients(cfg):
+    mask = (torch.arange(N) % 5 != 0).float()
+    grads = []
+    for chunk in (N, 7, 1):
+        s_h = STUDENT_H.clone().requires_grad_()
+        w = STUDENT_W.clone().requires_grad_()
+        loss, n = distill_loss(s_h, w, TARGETS, mask, cfg, TEACHER_H, TEACHER_W, chunk=chunk)
+        loss.backward()
+        grads.append((loss.detach(), n, s_h.grad, w.grad))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+    assert grads[0][1] == mask.sum()
+
+
+def test_unchunked_matches_a_direct_formula():
+    cfg = LossConfig(ce_weight=0.25)
+    mask = torch.ones(N)
+    loss, n = distill_loss(STUDENT_H, STUDENT_W, TARGETS, mask, cfg, TEACHER_H, TEACHER_W)
+    t, s = TEACHER_H @ TEACHER_W.T, STUDENT_H @ STUDENT_W.T
+    expected = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    expected = expected + 0.25 * F.cross_entropy(s, TARGETS, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+
+
+def test_topk_cache_with_k_equal_vocab_is_the_full_loss():
+    t, s = TEACHER_H @ TEACHER_W.T, STUDENT_H @ STUDENT_W.T
+    t_logp = F.log_softmax(t, -1)
+    top_logp, top_idx = t_logp.topk(V, dim=-1)
+    rest = torch.full((N,), float("-inf"))
+    torch.testing.assert_close(topk_forward_kl(top_logp, top_idx, rest, s), divergence(t, s, "fkl"), rtol=1e-4, atol=1e-5)
+    cfg, mask = LossConfig(), torch.ones(N)
+    full, _ = distill_loss(STUDENT_H, STUDENT_W, TARGETS, mask, cfg, TEACHER_H, TEACHER_W)
+    cached, _ = distill_loss(STUDENT_H, STUDENT_W, TARGETS, mask, cfg, teacher_top=(top_logp, top_idx, rest))
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_topk_cache_with_small_k_is_close_and_nonnegative():
+    t, s = TEACHER_H @ TEACHER_W.T, STUDENT_H @ STUDENT_W.T
+    t_logp = F.log_softmax(t, -1)
+    top_logp, top_idx = t_logp.topk(10, dim=-1)
+    rest = torch.log1p(-top_logp.exp().sum(-1))
+    folded = topk_forward_kl(top_logp, top_idx, rest, s)
+    assert (folded >= -1e-6).all() and (folded <= divergence(t, s, "fkl") + 1e-5).all()  # folding never adds KL
