@@ -248,6 +248,61 @@ def prune(
         ["parameters", f"{record['params_before']:,}", f"{record['params_after']:,}"]], right={1, 2})
 
 
+@app.command()
+def distill(
+    student: Annotated[str, typer.Option(help="The model to train (e.g. a `taille prune` output).", show_default=False)],
+    data: Annotated[str, typer.Option(help="Training text (shakespeare = its training plays; files; hf://...).",
+                                      show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder: the student, checkpoints/, metrics.jsonl, curves.png.",
+                                      show_default=False)],
+    teacher: Annotated[Optional[str], typer.Option(help="The frozen teacher (omit for CE-only training).")] = None,
+    eval_data: Annotated[str, typer.Option(help="Held-out text; auto = shakespeare's held-out plays when training on "
+                                           "shakespeare; 'none' to skip.")] = "auto",
+    tokens: Annotated[str, typer.Option(help="Training budget in tokens (2M, 1.5B, ...).")] = "1M",
+    seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Blocks per process per micro-step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Minitron: 1e-4).")] = 1e-4,
+    min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.")] = 1e-5,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 40,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.01,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
+    loss: Annotated[str, typer.Option(help="fkl (forward KL, Minitron), rkl (reverse KL) or jsd.")] = "fkl",
+    beta: Annotated[float, typer.Option(help="JSD interpolation.")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of both models.")] = 1.0,
+    ce_weight: Annotated[float, typer.Option(help="Weight of cross-entropy on the data's next tokens.")] = 0.0,
+    kd_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 1.0,
+    precision: PrecisionOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 1234,
+    eval_every: Annotated[int, typer.Option(help="Optimizer steps between held-out evaluations.")] = 50,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens per evaluation.")] = 32768,
+    save_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
+    log_every: Annotated[int, typer.Option(help="Optimizer steps between metric lines.")] = 5,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/latest, exactly.")] = False,
+) -> None:
+    """Distil a teacher into a student: forward KL on the logits at temperature 1 (Minitron).
+
+    AdamW, linear warm-up then cosine to --min-lr, gradient clipping and accumulation; bf16 autocast where
+    the hardware has fast bf16, with fp32 weights and optimizer state. Logits are computed in slices of
+    tokens and rebuilt in backward, so no (batch, seq, vocab) tensor is ever held. Runs unchanged under
+    `accelerate launch` or `torchrun` (DDP; FSDP through `accelerate config`). Checkpoints are written
+    atomically every --save-every steps; --resume continues with the same data order and optimizer state.
+    """
+    from taille.distill.losses import LossConfig
+    from taille.distill.train import DistillConfig, distill as run
+    from taille.prune.shape import parse_params
+
+    cfg = DistillConfig(
+        student=student, data=data, out=str(out), teacher=teacher,
+        eval_data=None if eval_data == "none" else eval_data, tokens=parse_params(tokens), seq_len=seq_len,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
+        clip=clip, loss=LossConfig(loss, beta, temperature, ce_weight, kd_weight), precision=precision, seed=seed,
+        eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every, log_every=log_every, resume=resume)
+    record = run(cfg)
+    print(f"distilled {record['tokens']:,} tokens in {record['steps']} steps ({record['precision']}, "
+          f"{record['processes']} process(es)); final loss {record['final_loss']:.4f} -> {out}")
+
+
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
     """Take `--config FILE` out of the arguments and return (args, click default_map for the verb)."""
     if "--config" not in args and not any(a.startswith("--config=") for a in args):

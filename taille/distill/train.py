@@ -1,0 +1,394 @@
+"""`taille distill`: train a student on a frozen teacher's logits (Minitron: forward KL at temperature 1).
+
+One code path for 1 or N processes: `accelerate launch` or `torchrun` starts N copies of this same loop;
+`accelerate.Accelerator` wraps the student in DDP (or FSDP, per `accelerate config`). The order of
+samples is a pure function of (seed, step), and each process takes its slice of the global batch, so a
+run on N processes sees the same data as on one, and a resumed run the same as an uninterrupted one.
+
+Per optimizer step: global batch = batch_size x grad_accum x processes blocks of seq_len tokens; the loss
+is summed over real tokens and divided by the global token count (a constant, no communication).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taille.distill.losses import LossConfig, distill_loss
+from taille.errors import TailleError
+
+log = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resumption without changing what it computes.
+RESUME_FREE = ("out", "resume", "eval_every", "save_every", "log_every", "progress")
+
+
+@dataclass
+class DistillConfig:
+    student: str
+    """The model being trained (e.g. a `taille prune` output)."""
+    data: str
+    """Training text (see README: --data forms)."""
+    out: str
+    """Output folder: the trained student, checkpoints, metrics.jsonl, curves.png."""
+    teacher: str | None = None
+    """The frozen teacher; None trains on the data's next tokens only (needs --ce-weight > 0)."""
+    eval_data: str | None = "auto"
+    """Held-out text; 'auto' = the held-out split for shakespeare, none otherwise."""
+    tokens: int = 1_000_000
+    """Training budget in tokens (sets the number of optimizer steps)."""
+    seq_len: int = 512
+    batch_size: int = 8
+    """Blocks per process per micro-step."""
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup: int = 40
+    """Linear warm-up steps, then cosine decay to min_lr."""
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    precision: str = "auto"
+    seed: int = 1234
+    eval_every: int = 50
+    eval_tokens: int = 32768
+    save_every: int = 100
+    log_every: int = 5
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        if self.teacher is None and self.loss.ce_weight == 0:
+            raise TailleError("without --teacher there is nothing to distil: give --teacher or --ce-weight > 0")
+        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise TailleError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TailleError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
+    """Linear warm-up to lr over `warmup` steps, then cosine to min_lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sample_order(n_blocks: int, seed: int, first: int, count: int) -> np.ndarray:
+    """Indices of global samples first..first+count-1: epoch e visits the blocks in the permutation
+    drawn from (seed, e), so any sample's block is known without replaying the run."""
+    out = np.empty(count, dtype=np.int64)
+    for j, g in enumerate(range(first, first + count)):
+        epoch, pos = divmod(g, n_blocks)
+        if j == 0 or pos == 0:
+            perm = np.random.default_rng([seed, epoch]).permutation(n_blocks)
+        out[j] = perm[pos]
+    return out
+
+
+class Trunk(torch.nn.Module):
+    """The student as DDP sees it: the whole causal LM (all parameters registered) whose forward
+    returns final hidden states; the LM head is applied by the loss, in slices."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        from taille.models.lm import hidden_states
+
+        return hidden_states(self.lm, input_ids)
+
+
+def _head(model):
+    from taille.models.arch import get_arch
+
+    arch = get_arch(model.config)
+    cap_attr = arch.logit_softcap
+    return model.get_submodule(arch.lm_head).weight, (getattr(model.config, cap_attr, None) if cap_attr else None)
+
+
+def check_tokenizers(teacher_tok, student_tok, teacher_vocab: int, student_vocab: int) -> None:
+    """Teacher and student must share the tokenizer; the teacher's vocabulary may only be padded larger."""
+    t, s = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t != s:
+        differing = sorted(set(t.items()) ^ set(s.items()))[:5]
+        raise TailleError(f"teacher and student tokenizers differ ({len(t)} vs {len(s)} tokens; e.g. {differing}); "
+                          "distillation compares distributions token by token, so they must share one")
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(teacher_tok, name) != getattr(student_tok, name):
+            raise TailleError(f"teacher and student disagree on {name}: {getattr(teacher_tok, name)} vs "
+                              f"{getattr(student_tok, name)}")
+    if teacher_vocab < student_vocab:
+        raise TailleError(f"the teacher's output vocabulary ({teacher_vocab}) is smaller than the student's "
+                          f"({student_vocab})")
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillConfig, state: dict, keep: int = 2) -> Path:
+    """checkpoints/step-NNNNNN (written to a temp folder, then renamed) and checkpoints/latest. A crash
+    while saving leaves the previous checkpoint and `latest` untouched."""
+    root = folder / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, tmp / "student.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "config": cfg.to_dict()}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write(root / "latest", final.name)
+    older = sorted(p for p in root.glob("step-*") if p != final)
+    for old in older[: max(0, len(older) - (keep - 1))]:  # keep the newest `keep`, this one included
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    pointer = folder / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = folder / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_FREE:
+            continue
+        if saved.get(key) != current.get(key):
+            out.append(f"{key}: {saved.get(key)!r} in the checkpoint vs {current.get(key)!r} now")
+    return out
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_student(student, teacher, blocks: np.ndarray, batch_size: int, precision: str, device) -> dict:
+    from taille.models.lm import token_kl, token_nll
+    from taille.models.precision import autocast
+
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    kl = torch.zeros((), dtype=torch.float64, device=device)
+    for b in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)
+        with autocast(precision, device.type):
+            nll += token_nll(student, ids).sum(dtype=torch.float64)
+            if teacher is not None:
+                kl += token_kl(teacher, student, ids)[:, :-1].sum(dtype=torch.float64)
+    n = len(blocks) * (blocks.shape[1] - 1)
+    loss = float(nll) / n
+    out = {"eval_loss": loss, "eval_ppl": math.exp(loss)}
+    if teacher is not None:
+        out["eval_kl"] = float(kl) / n
+    return out
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run (or resume) a distillation; returns the final record (also written to OUT/taille.json)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from taille.data.tokens import load_tokens
+    from taille.models.load import load_model
+    from taille.models.precision import autocast, resolve_precision
+
+    accelerator = Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    precision = resolve_precision(cfg.precision, device.type if device.type != "cuda" else "cuda")
+    out = Path(cfg.out)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "state.json").read_text())
+        diff = config_differences(saved["config"], cfg.to_dict())
+        if diff:
+            raise TailleError(f"--resume: {resume_from} was written by another configuration: " + "; ".join(diff))
+
+    torch.manual_seed(cfg.seed)
+    student, tokenizer = load_model(cfg.student, dtype="fp32", device=str(device))
+    student.train()
+    teacher = None
+    if cfg.teacher and cfg.loss.kd_weight:
+        teacher, teacher_tokenizer = load_model(cfg.teacher, dtype="auto" if device.type == "cuda" else "fp32",
+                                                device=str(device))
+        teacher.requires_grad_(False)
+        check_tokenizers(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size)
+
+    with accelerator.main_process_first():
+        stream = load_tokens(cfg.data, tokenizer, split="train", progress=cfg.progress and accelerator.is_main_process)
+        eval_spec = cfg.eval_data
+        if eval_spec == "auto":
+            eval_spec = "shakespeare:heldout" if cfg.data.split(":")[0] == "shakespeare" else None
+        eval_blocks = None
+        if eval_spec:
+            eval_stream = load_tokens(eval_spec, tokenizer, split="heldout", max_tokens=cfg.eval_tokens + 1,
+                                      progress=False)
+            eval_blocks = eval_stream.blocks(min(cfg.seq_len, len(eval_stream) - 1))
+    blocks = stream.blocks(cfg.seq_len)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    tokens_per_step = global_batch * cfg.seq_len
+    total_steps = max(1, cfg.tokens // tokens_per_step)
+    n_targets = global_batch * (cfg.seq_len - 1)  # real tokens per optimizer step (full blocks, no padding)
+
+    trunk = Trunk(student)
+    decay = [p for n, p in trunk.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start_step, state = 0, {"tokens": 0, "seconds": 0.0}
+    if resume_from is not None:
+        from safetensors.torch import load_file
+
+        student.load_state_dict(load_file(resume_from / "student.safetensors"), strict=False)
+        if student.config.tie_word_embeddings:
+            student.tie_weights()
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
+        rng = torch.load(resume_from / "rng.pt", weights_only=False)
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        saved = json.loads((resume_from / "state.json").read_text())
+        start_step, state = saved["step"], {k: saved[k] for k in ("tokens", "seconds")}
+        log.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
+    trunk, optimizer = accelerator.prepare(trunk, optimizer)
+    head, softcap = _head(student)
+    t_head, t_softcap = _head(teacher) if teacher is not None else (None, None)
+
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            metrics_path.write_text("")
+            (out / "distill.yaml").write_text(_yaml(cfg.to_dict()))
+
+    def log_metrics(record: dict) -> None:
+        if accelerator.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    last_good = resume_from
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    for step in range(start_step, total_steps):
+        lr = lr_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = sample_order(len(blocks), cfg.seed, step * global_batch, global_batch)
+        step_loss = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            first = (micro * world + rank) * cfg.batch_size
+            ids = torch.from_numpy(blocks[np.sort(order[first:first + cfg.batch_size])].astype(np.int64)).to(device)
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
+            with sync, autocast(precision, device.type):
+                hidden = trunk(ids)[:, :-1]  # (B, T-1, H): positions that predict the next token
+                t_hidden = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        from taille.models.lm import hidden_states
+
+                        t_hidden = hidden_states(teacher, ids)[:, :-1].reshape(-1, teacher.config.hidden_size)
+                targets = ids[:, 1:].reshape(-1)
+                loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
+                                           torch.ones_like(targets), cfg.loss, t_hidden, t_head,
+                                           softcap=softcap, teacher_softcap=t_softcap)
+                # DDP averages gradients over processes: scale so the result is the global token mean.
+                loss = loss_sum * world / n_targets
+                accelerator.backward(loss)
+            step_loss += loss_sum.detach() / n_targets
+        if cfg.clip:
+            accelerator.clip_grad_norm_(trunk.parameters(), cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+        loss_value = float(step_loss)  # one sync per optimizer step: also the NaN check
+        if not math.isfinite(loss_value):
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            raise TailleError(f"the loss became {loss_value} at step {step + 1}; stopping ({where}); "
+                              "try a lower --lr or --precision fp32")
+        state["tokens"] += tokens_per_step
+        window_loss += loss_value
+        window_steps += 1
+        window_tokens += tokens_per_step
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "tokens": state["tokens"], "loss": loss_value,
+                      "loss_avg": window_loss / window_steps, "lr": lr, "tokens_per_s": window_tokens / elapsed}
+            state["seconds"] += elapsed
+            log_metrics(record)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        bar.update(1)
+        if eval_blocks is not None and (done % cfg.eval_every == 0 or done == total_steps):
+            student.eval()
+            metrics = evaluate_student(student, teacher, eval_blocks, cfg.batch_size, precision, device)
+            student.train()
+            log_metrics({"step": done, "tokens": state["tokens"], **metrics})
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            window_start = time.perf_counter()
+        if done % cfg.save_every == 0 or done == total_steps:  # the last one lets --resume of a finished run no-op
+            if accelerator.is_main_process:
+                last_good = save_checkpoint(out, done, student, optimizer, cfg, state)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
+              "global_batch": global_batch, "processes": world, "precision": precision,
+              "final_loss": loss_value, "seconds": round(state["seconds"], 1)}
+    if accelerator.is_main_process:
+        _save_student(student, tokenizer, out, cfg, record)
+        from taille.distill.figures import plot_curves
+
+        plot_curves(metrics_path, out / "curves.png")
+    accelerator.wait_for_everyone()
+    return record
+
+
+def _save_student(student, tokenizer, out: Path, cfg: DistillConfig, record: dict) -> None:
+    source = Path(cfg.student) / "taille.json"
+    history = json.loads(source.read_text()) if source.is_file() else None
+    student.config.name_or_path = str(out)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "taille.json").write_text(json.dumps({"distill": record, "pruned_from": history}, indent=1))
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)

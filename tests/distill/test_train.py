@@ -1,0 +1,92 @@
+"""The distillation loop on tiny models: it learns, it resumes exactly, it refuses bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run_cli, save_tiny
+
+
+@pytest.fixture
+def setup(tmp_path):
+    teacher = save_tiny(tmp_path / "teacher", "llama", seed=1)
+    student = save_tiny(tmp_path / "student", "llama", seed=2)
+    data = tmp_path / "train.txt"
+    data.write_text("when shall we three meet again in thunder lightning or in rain upon the heath " * 200)
+    held = tmp_path / "held.txt"
+    held.write_text("the quick brown fox jumps over the lazy dog and the battle is lost and won " * 40)
+    return teacher, student, data, held
+
+
+def args(teacher, student, data, held, out, **extra):
+    base = {"--teacher": teacher, "--student": student, "--data": data, "--eval-data": held, "--out": out,
+            "--tokens": 4096, "--seq-len": 32, "--batch-size": 4, "--lr": 3e-3, "--warmup": 2, "--eval-every": 8,
+            "--save-every": 8, "--log-every": 1, "--precision": "fp32"}
+    base.update(extra)
+    return ["distill"] + [str(x) for kv in base.items() for x in kv]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distillation_reduces_kl_and_writes_everything(setup, tmp_path, capsys):
+    run_cli(capsys, *args(*setup, tmp_path / "run"))
+    out = tmp_path / "run"
+    rows = metrics(out)
+    train = [r for r in rows if "loss" in r]
+    held = [r for r in rows if "eval_kl" in r]
+    assert len(train) == 32 and train[-1]["tokens"] == 4096
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]
+    assert held[-1]["eval_kl"] < held[0]["eval_kl"]
+    assert {"config.json", "model.safetensors", "taille.json", "curves.png", "distill.yaml"} <= {p.name for p in out.iterdir()}
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
+    env = {**os.environ, "TAILLE_LOG": "WARNING"}
+    cmd = [sys.executable, "-m", "taille"]
+    full = subprocess.run(cmd + args(*setup, tmp_path / "full"), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    killed = subprocess.Popen(cmd + args(*setup, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "latest").exists():
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / "killed" / "checkpoints" / "latest").exists()
+    resumed = subprocess.run(cmd + args(*setup, tmp_path / "killed") + ["--resume"], env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    final = [r for r in metrics(tmp_path / "full") if "loss" in r][-1]
+    again = [r for r in metrics(tmp_path / "killed") if "loss" in r][-1]
+    assert again["step"] == final["step"] == 32
+    assert again["loss"] == pytest.approx(final["loss"], abs=1e-4)
+
+
+def test_resume_refuses_another_configuration(setup, tmp_path, capsys):
+    run_cli(capsys, *args(*setup, tmp_path / "run", **{"--tokens": 1024}))
+    _, err = run_cli(capsys, *args(*setup, tmp_path / "run", **{"--tokens": 1024, "--lr": 1e-3}), "--resume", code=2)
+    assert "written by another configuration" in err and "lr: 0.003 in the checkpoint vs 0.001 now" in err
+
+
+def test_tokenizer_mismatch(setup, tmp_path, capsys):
+    teacher, student, data, held = setup
+    from tests.conftest import make_tokenizer
+    other = make_tokenizer(bos=True)
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(teacher)
+    _, err = run_cli(capsys, *args(teacher, student, data, held, tmp_path / "o"), code=2)
+    assert "tokenizers differ" in err
+
+
+def test_nan_loss_stops_and_names_the_step(setup, tmp_path, capsys):
+    _, err = run_cli(capsys, *args(*setup, tmp_path / "o", **{"--lr": 1e30, "--warmup": 1}), code=2)
+    assert "the loss became nan" in err.lower() and "at step" in err
