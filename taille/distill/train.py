@@ -227,7 +227,11 @@ def distill(cfg: DistillConfig) -> dict:
     from taille.models.load import load_model
     from taille.models.precision import autocast, resolve_precision
 
-    accelerator = Accelerator()
+
+    from taille.models.load import resolve_device
+
+    # On a machine without an accelerator, cpu=True lets torchrun / accelerate launch form a gloo group.
+    accelerator = Accelerator(cpu=resolve_device("auto") == "cpu")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     precision = resolve_precision(cfg.precision, device.type if device.type != "cuda" else "cuda")
     out = Path(cfg.out)

@@ -90,3 +90,20 @@ def test_tokenizer_mismatch(setup, tmp_path, capsys):
 def test_nan_loss_stops_and_names_the_step(setup, tmp_path, capsys):
     _, err = run_cli(capsys, *args(*setup, tmp_path / "o", **{"--lr": 1e30, "--warmup": 1}), code=2)
     assert "the loss became nan" in err.lower() and "at step" in err
+
+
+def test_two_processes_match_one_at_the_same_global_batch(setup, tmp_path):
+    """DDP over gloo on the CPU: 2 processes x 2 blocks give the loss curve of 1 process x 4 blocks."""
+    env = {**os.environ, "TAILLE_LOG": "WARNING", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "taille"] + args(*setup, tmp_path / "one", **{"--tokens": 2048}),
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "-m", "taille"] + args(*setup, tmp_path / "two", **{"--tokens": 2048, "--batch-size": 2}),
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    curve = lambda out: [r["loss"] for r in metrics(out) if "loss" in r]  # noqa: E731
+    assert len(curve(tmp_path / "one")) == 16
+    assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-4)
+    record = json.loads((tmp_path / "two" / "taille.json").read_text())["distill"]
+    assert record["processes"] == 2 and record["global_batch"] == 4
