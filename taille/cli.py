@@ -251,11 +251,13 @@ def prune(
 @app.command()
 def distill(
     student: Annotated[str, typer.Option(help="The model to train (e.g. a `taille prune` output).", show_default=False)],
-    data: Annotated[str, typer.Option(help="Training text (shakespeare = its training plays; files; hf://...).",
-                                      show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder: the student, checkpoints/, metrics.jsonl, curves.png.",
                                       show_default=False)],
+    data: Annotated[Optional[str], typer.Option(
+        help="Training text (shakespeare = its training plays; files; hf://...).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="The frozen teacher (omit for CE-only training).")] = None,
+    teacher_cache: Annotated[Optional[str], typer.Option(
+        help="A `taille teacher-cache` folder to train from instead of a teacher in memory.")] = None,
     eval_data: Annotated[str, typer.Option(help="Held-out text; auto = shakespeare's held-out plays when training on "
                                            "shakespeare; 'none' to skip.")] = "auto",
     tokens: Annotated[str, typer.Option(help="Training budget in tokens (2M, 1.5B, ...).")] = "1M",
@@ -293,7 +295,7 @@ def distill(
     from taille.prune.shape import parse_params
 
     cfg = DistillConfig(
-        student=student, data=data, out=str(out), teacher=teacher,
+        student=student, data=data, out=str(out), teacher=teacher, teacher_cache=teacher_cache,
         eval_data=None if eval_data == "none" else eval_data, tokens=parse_params(tokens), seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
         clip=clip, loss=LossConfig(loss, beta, temperature, ce_weight, kd_weight), precision=precision, seed=seed,
@@ -301,6 +303,69 @@ def distill(
     record = run(cfg)
     print(f"distilled {record['tokens']:,} tokens in {record['steps']} steps ({record['precision']}, "
           f"{record['processes']} process(es)); final loss {record['final_loss']:.4f} -> {out}")
+
+
+@app.command()
+def correct(
+    teacher: Annotated[str, typer.Option(help="The teacher to correct.", show_default=False)],
+    data: Annotated[str, typer.Option(help="The distillation data.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder for the corrected teacher.", show_default=False)],
+    tokens: Annotated[str, typer.Option(help="Fine-tuning budget in tokens.")] = "1M",
+    lr: Annotated[float, typer.Option(help="Peak learning rate: low (Minitron: 1/5 of the original peak).")] = 2e-5,
+    min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.")] = 2e-6,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchOpt = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
+    precision: PrecisionOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of data order.")] = 1234,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/latest.")] = False,
+) -> None:
+    """Teacher correction: lightly fine-tune the teacher on the distillation data (cross-entropy, low LR).
+
+    When the teacher's own training data is out of reach, this adapts it to the data the student will be
+    distilled on (Minitron: >6% lower validation loss after distillation). Same loop as `distill`.
+    """
+    from taille.distill.losses import LossConfig
+    from taille.distill.train import DistillConfig, distill as run
+    from taille.prune.shape import parse_params
+
+    record = run(DistillConfig(
+        student=teacher, data=data, out=str(out), tokens=parse_params(tokens), seq_len=seq_len, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, loss=LossConfig(ce_weight=1.0, kd_weight=0.0),
+        precision=precision, seed=seed, resume=resume))
+    print(f"corrected teacher: {record['tokens']:,} tokens, final loss {record['final_loss']:.4f} -> {out}")
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    teacher: Annotated[str, typer.Option(help="The teacher model.", show_default=False)],
+    data: Annotated[str, typer.Option(help="Training text to cache the teacher on.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder for the cache.", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="Teacher log-probabilities kept per position (Minitron: K <= 100 hurt).")] = 128,
+    seq_len: SeqLenOpt = 512,
+    tokens: Annotated[Optional[str], typer.Option(help="Cache only the first N tokens of the data.")] = None,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Store a teacher's top-K next-token distributions over a corpus, once, for `distill --teacher-cache`.
+
+    Per position: the K largest log-probabilities (fp16), their token ids (int32) and the log of the
+    probability mass left outside them, in memory-mapped files with the token blocks themselves.
+    """
+    from taille.distill.cache import build_cache
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import resolve_precision
+    from taille.prune.shape import parse_params
+
+    model, tokenizer = load_model(teacher, dtype=dtype, device=device)
+    folder = build_cache(model, tokenizer, data, out, top_k, seq_len, parse_params(tokens) if tokens else None,
+                         batch_size, resolve_precision(precision, resolve_device(device)))
+    meta = json.loads((folder / "meta.json").read_text())
+    print(f"cached {meta['blocks']} blocks x {seq_len} tokens of {meta['data']}, top-{top_k}: "
+          f"{meta['bytes'] / 2**20:,.1f} MiB in {meta['seconds']} s -> {folder}")
 
 
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:

@@ -44,6 +44,9 @@ class DistillConfig:
     """Output folder: the trained student, checkpoints, metrics.jsonl, curves.png."""
     teacher: str | None = None
     """The frozen teacher; None trains on the data's next tokens only (needs --ce-weight > 0)."""
+    teacher_cache: str | None = None
+    """A `taille teacher-cache` folder: the teacher's top-K distributions and the blocks they cover,
+    used instead of a teacher in memory (and instead of --data)."""
     eval_data: str | None = "auto"
     """Held-out text; 'auto' = the held-out split for shakespeare, none otherwise."""
     tokens: int = 1_000_000
@@ -72,8 +75,15 @@ class DistillConfig:
     def __post_init__(self):
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
-        if self.teacher is None and self.loss.ce_weight == 0:
-            raise TailleError("without --teacher there is nothing to distil: give --teacher or --ce-weight > 0")
+        if self.teacher is None and self.teacher_cache is None and self.loss.ce_weight == 0:
+            raise TailleError("without --teacher there is nothing to distil: give --teacher, --teacher-cache or "
+                              "--ce-weight > 0")
+        if self.teacher_cache and self.teacher:
+            raise TailleError("give --teacher or --teacher-cache, not both")
+        if self.teacher_cache and self.loss.kind != "fkl":
+            raise TailleError("--teacher-cache stores top-K distributions for forward KL only (--loss fkl)")
+        if not self.data and not self.teacher_cache:
+            raise TailleError("give --data (or a --teacher-cache, which holds its own blocks)")
         for name in ("tokens", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise TailleError(f"--{name.replace('_', '-')} must be at least 1")
@@ -254,17 +264,27 @@ def distill(cfg: DistillConfig) -> dict:
         teacher.requires_grad_(False)
         check_tokenizers(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size)
 
+    cache = None
     with accelerator.main_process_first():
-        stream = load_tokens(cfg.data, tokenizer, split="train", progress=cfg.progress and accelerator.is_main_process)
+        if cfg.teacher_cache:
+            from taille.distill.cache import open_cache
+
+            cache = open_cache(cfg.teacher_cache, tokenizer)
+            if cache.meta["seq_len"] != cfg.seq_len:
+                raise TailleError(f"--seq-len {cfg.seq_len} differs from the teacher cache's {cache.meta['seq_len']}")
+            blocks = cache.blocks
+        else:
+            blocks = load_tokens(cfg.data, tokenizer, split="train",
+                                 progress=cfg.progress and accelerator.is_main_process).blocks(cfg.seq_len)
+        source = cfg.data or (cache.meta["data"] if cache else "")
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
-            eval_spec = "shakespeare:heldout" if cfg.data.split(":")[0] == "shakespeare" else None
+            eval_spec = "shakespeare:heldout" if source.split(":")[0] == "shakespeare" else None
         eval_blocks = None
         if eval_spec:
             eval_stream = load_tokens(eval_spec, tokenizer, split="heldout", max_tokens=cfg.eval_tokens + 1,
                                       progress=False)
             eval_blocks = eval_stream.blocks(min(cfg.seq_len, len(eval_stream) - 1))
-    blocks = stream.blocks(cfg.seq_len)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     tokens_per_step = global_batch * cfg.seq_len
     total_steps = max(1, cfg.tokens // tokens_per_step)
@@ -316,7 +336,9 @@ def distill(cfg: DistillConfig) -> dict:
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             first = (micro * world + rank) * cfg.batch_size
-            ids = torch.from_numpy(blocks[np.sort(order[first:first + cfg.batch_size])].astype(np.int64)).to(device)
+            rows = np.sort(order[first:first + cfg.batch_size])
+            ids = torch.from_numpy(blocks[rows].astype(np.int64)).to(device)
+            teacher_top = cache.batch(rows, device) if cache is not None else None
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
             with sync, autocast(precision, device.type):
                 hidden = trunk(ids)[:, :-1]  # (B, T-1, H): positions that predict the next token
@@ -329,7 +351,7 @@ def distill(cfg: DistillConfig) -> dict:
                 targets = ids[:, 1:].reshape(-1)
                 loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
                                            torch.ones_like(targets), cfg.loss, t_hidden, t_head,
-                                           softcap=softcap, teacher_softcap=t_softcap)
+                                           teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
                 # DDP averages gradients over processes: scale so the result is the global token mean.
                 loss = loss_sum * world / n_targets
                 accelerator.backward(loss)

@@ -107,3 +107,46 @@ def test_two_processes_match_one_at_the_same_global_batch(setup, tmp_path):
     assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-4)
     record = json.loads((tmp_path / "two" / "taille.json").read_text())["distill"]
     assert record["processes"] == 2 and record["global_batch"] == 4
+
+
+def test_teacher_cache_with_the_full_vocabulary_matches_the_teacher(setup, tmp_path, capsys):
+    teacher, student, data, held = setup
+    run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", data, "--out", tmp_path / "cache",
+            "--top-k", 320, "--seq-len", 32, "--precision", "fp32")
+    common = {"--tokens": 1024, "--eval-every": 100}
+    run_cli(capsys, *args(teacher, student, data, held, tmp_path / "live", **common))
+    cached = args(teacher, student, data, held, tmp_path / "cached", **common)
+    cached[cached.index("--teacher")] = "--teacher-cache"
+    cached[cached.index("--teacher-cache") + 1] = str(tmp_path / "cache")
+    run_cli(capsys, *cached)
+    live = [r["loss"] for r in metrics(tmp_path / "live") if "loss" in r]
+    from_cache = [r["loss"] for r in metrics(tmp_path / "cached") if "loss" in r]
+    assert from_cache == pytest.approx(live, rel=2e-3)  # fp16 log-probabilities in the cache
+
+
+def test_teacher_cache_small_k(setup, tmp_path, capsys):
+    teacher, student, data, held = setup
+    out, _ = run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", data, "--out", tmp_path / "c8",
+                     "--top-k", 8, "--seq-len", 32)
+    meta = json.loads((tmp_path / "c8" / "meta.json").read_text())
+    assert meta["top_k"] == 8 and meta["blocks"] > 10
+    from taille.distill.cache import open_cache
+    cache = open_cache(tmp_path / "c8")
+    logp, idx, rest = cache.batch([0], "cpu")
+    mass = logp.exp().sum(-1) + rest.exp()
+    assert torch_allclose(mass, 1.0)
+
+
+def torch_allclose(x, value):
+    import torch
+    return torch.allclose(x, torch.full_like(x, value), atol=2e-3)
+
+
+def test_teacher_correction_lowers_the_teachers_loss(setup, tmp_path, capsys):
+    teacher, _, data, _ = setup
+    run_cli(capsys, "correct", "--teacher", teacher, "--data", data, "--out", tmp_path / "t2", "--tokens", 2048,
+            "--seq-len", 32, "--batch-size", 4, "--lr", 1e-2, "--warmup", 1, "--precision", "fp32")
+    losses = [r["loss"] for r in metrics(tmp_path / "t2") if "loss" in r]
+    assert losses[-1] < losses[0]
+    record = json.loads((tmp_path / "t2" / "taille.json").read_text())["distill"]
+    assert record["config"]["loss"]["kd_weight"] == 0 and record["config"]["teacher"] is None

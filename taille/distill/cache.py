@@ -1,0 +1,114 @@
+"""The offline teacher: its top-K next-token distributions over a corpus, computed once.
+
+`taille teacher-cache` runs the teacher over every block of the data and stores, per predicted position,
+the K largest log-probabilities (fp16), their token ids (int32) and the log of the probability mass left
+outside them (fp32), in memory-mapped files beside the token blocks themselves. `distill --teacher-cache`
+then trains with no teacher in memory, which makes comparing many students cheap.
+
+Layout of DIR: meta.json, blocks.npy (N, T) token ids, top_logp.f16 (N, T-1, K), top_idx.i32 (N, T-1, K),
+rest_logp.f32 (N, T-1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from taille.errors import TailleError
+
+
+@dataclass
+class TeacherCache:
+    blocks: np.ndarray
+    """(N, T) token ids."""
+    top_logp: np.ndarray
+    """(N, T-1, K) fp16."""
+    top_idx: np.ndarray
+    """(N, T-1, K) int32."""
+    rest_logp: np.ndarray
+    """(N, T-1) fp32."""
+    meta: dict
+
+    def batch(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened (B*(T-1), K), (B*(T-1), K), (B*(T-1),) teacher tensors for blocks `rows`."""
+        K = self.top_logp.shape[-1]
+        return (torch.from_numpy(self.top_logp[rows].astype(np.float32)).reshape(-1, K).to(device),
+                torch.from_numpy(self.top_idx[rows].astype(np.int64)).reshape(-1, K).to(device),
+                torch.from_numpy(self.rest_logp[rows]).reshape(-1).to(device))
+
+
+def _paths(folder: Path) -> dict[str, Path]:
+    return {name: folder / name for name in ("meta.json", "blocks.npy", "top_logp.f16", "top_idx.i32", "rest_logp.f32")}
+
+
+@torch.no_grad()
+def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128, seq_len: int = 512,
+                max_tokens: int | None = None, batch_size: int = 8, precision: str = "fp32", progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+
+    from taille.data.tokens import load_tokens, tokenizer_fingerprint
+    from taille.models.lm import head_logits, hidden_states
+    from taille.models.precision import autocast
+
+    V = teacher.config.vocab_size
+    if not 1 <= top_k <= V:
+        raise TailleError(f"--top-k {top_k}: between 1 and the vocabulary size {V}")
+    stream = load_tokens(data, tokenizer, split="train", max_tokens=max_tokens, progress=progress)
+    blocks = np.ascontiguousarray(stream.blocks(seq_len))
+    N, T = blocks.shape
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = _paths(folder)
+    paths["meta.json"].unlink(missing_ok=True)  # the meta file appearing marks the cache complete
+    np.save(paths["blocks.npy"], blocks)
+    top_logp = np.memmap(paths["top_logp.f16"], dtype=np.float16, mode="w+", shape=(N, T - 1, top_k))
+    top_idx = np.memmap(paths["top_idx.i32"], dtype=np.int32, mode="w+", shape=(N, T - 1, top_k))
+    rest = np.memmap(paths["rest_logp.f32"], dtype=np.float32, mode="w+", shape=(N, T - 1))
+    device = next(teacher.parameters()).device
+    start = time.perf_counter()
+    for b in tqdm(range(0, N, batch_size), desc="teacher cache", unit="batch", disable=not progress):
+        ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)
+        with autocast(precision, device.type):
+            hidden = hidden_states(teacher, ids)[:, :-1]  # (B, T-1, H)
+        for i in range(hidden.shape[0]):  # one block at a time: (T-1, V) logits
+            logp = F.log_softmax(head_logits(teacher, hidden[i]), dim=-1)  # (T-1, V)
+            values, index = logp.topk(top_k, dim=-1)  # (T-1, K)
+            top_logp[b + i] = values.cpu().numpy().astype(np.float16)
+            top_idx[b + i] = index.cpu().numpy().astype(np.int32)
+            rest[b + i] = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)).clamp(min=-1e4).cpu().numpy()
+    for array in (top_logp, top_idx, rest):
+        array.flush()
+    meta = {"teacher": str(getattr(teacher.config, "name_or_path", "")), "data": stream.meta["source"],
+            "tokenizer": tokenizer_fingerprint(tokenizer), "top_k": top_k, "seq_len": seq_len, "blocks": N,
+            "vocab": V, "precision": precision, "seconds": round(time.perf_counter() - start, 1),
+            "bytes": sum(p.stat().st_size for p in paths.values() if p.exists())}
+    tmp = paths["meta.json"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, paths["meta.json"])
+    return folder
+
+
+def open_cache(folder: str | Path, tokenizer=None) -> TeacherCache:
+    from taille.data.tokens import tokenizer_fingerprint
+
+    paths = _paths(Path(folder))
+    if not paths["meta.json"].is_file():
+        raise TailleError(f"--teacher-cache {folder}: no complete cache here (build one with `taille teacher-cache`)")
+    meta = json.loads(paths["meta.json"].read_text())
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != meta["tokenizer"]:
+        raise TailleError(f"--teacher-cache {folder} was built with another tokenizer than the student's")
+    N, T, K = meta["blocks"], meta["seq_len"], meta["top_k"]
+    return TeacherCache(
+        blocks=np.load(paths["blocks.npy"], mmap_mode="r"),
+        top_logp=np.memmap(paths["top_logp.f16"], dtype=np.float16, mode="r", shape=(N, T - 1, K)),
+        top_idx=np.memmap(paths["top_idx.i32"], dtype=np.int32, mode="r", shape=(N, T - 1, K)),
+        rest_logp=np.memmap(paths["rest_logp.f32"], dtype=np.float32, mode="r", shape=(N, T - 1)),
+        meta=meta,
+    )
