@@ -21,18 +21,11 @@ import time
 from pathlib import Path
 
 
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child(mode: str, args) -> None:
-    import numpy as np
     import torch
 
-    from taille.data.tokens import load_tokens
+    from taille.data.tokens import batches, load_tokens
+    from taille.eval.speed import peak_memory, reset_peak_memory
     from taille.models.load import load_model
     from taille.models.precision import autocast
     from taille.prune.importance import activation_importance
@@ -40,21 +33,18 @@ def child(mode: str, args) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, dtype="fp32", device="cpu")
     blocks = load_tokens("shakespeare", tokenizer, split="calib", progress=False).blocks(args.seq_len)[: args.blocks]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _status("VmRSS:")
+    before = reset_peak_memory(torch.device("cpu"))  # peak RSS := current RSS
     start = time.perf_counter()
     with torch.no_grad():
         if mode == "importance":
             activation_importance(model, blocks, args.batch_size, args.precision, progress=False)
         else:
             run = model if mode == "forward" else model.model
-            for b in range(0, len(blocks), args.batch_size):
-                ids = torch.from_numpy(blocks[b:b + args.batch_size].astype(np.int64))
+            for ids in batches(blocks, args.batch_size):
                 with autocast(args.precision, "cpu"):
                     run(input_ids=ids, use_cache=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"mode": mode, "seconds": seconds, "peak_bytes": _status("VmHWM:") - before}))
+    print(json.dumps({"mode": mode, "seconds": seconds, "peak_bytes": peak_memory(torch.device("cpu")) - before}))
 
 
 def main() -> None:

@@ -54,6 +54,19 @@ class TokenStream:
         return self.tokens[: n * seq_len].reshape(n, seq_len)
 
 
+def as_ids(rows: np.ndarray, device="cpu"):
+    """Token blocks (B, T) of any unsigned dtype as an int64 tensor on `device`."""
+    import torch
+
+    return torch.from_numpy(np.asarray(rows).astype(np.int64)).to(device)
+
+
+def batches(blocks: np.ndarray, batch_size: int, device="cpu"):
+    """Consecutive (B, T) int64 batches of `blocks`, the last one possibly smaller."""
+    for b in range(0, len(blocks), batch_size):
+        yield as_ids(blocks[b:b + batch_size], device)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))

@@ -53,7 +53,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
                 max_tokens: int | None = None, batch_size: int = 8, precision: str = "fp32", progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
-    from taille.data.tokens import load_tokens, tokenizer_fingerprint
+    from taille.data.tokens import as_ids, load_tokens, tokenizer_fingerprint
     from taille.models.lm import head_logits, hidden_states
     from taille.models.precision import autocast
 
@@ -74,7 +74,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
     device = next(teacher.parameters()).device
     start = time.perf_counter()
     for b in tqdm(range(0, N, batch_size), desc="teacher cache", unit="batch", disable=not progress):
-        ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)
+        ids = as_ids(blocks[b:b + batch_size], device)  # (B, T)
         with autocast(precision, device.type):
             hidden = hidden_states(teacher, ids)[:, :-1]  # (B, T-1, H)
         for i in range(hidden.shape[0]):  # one block at a time: (T-1, V) logits

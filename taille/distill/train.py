@@ -209,13 +209,13 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 @torch.no_grad()
 def evaluate_student(student, teacher, blocks: np.ndarray, batch_size: int, precision: str, device) -> dict:
+    from taille.data.tokens import batches
     from taille.models.lm import token_kl, token_nll
     from taille.models.precision import autocast
 
     nll = torch.zeros((), dtype=torch.float64, device=device)
     kl = torch.zeros((), dtype=torch.float64, device=device)
-    for b in range(0, len(blocks), batch_size):
-        ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)
+    for ids in batches(blocks, batch_size, device):
         with autocast(precision, device.type):
             nll += token_nll(student, ids).sum(dtype=torch.float64)
             if teacher is not None:
@@ -233,7 +233,7 @@ def distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from taille.data.tokens import load_tokens
+    from taille.data.tokens import as_ids, load_tokens
     from taille.models.load import load_model
     from taille.models.precision import autocast, resolve_precision
 
@@ -337,7 +337,7 @@ def distill(cfg: DistillConfig) -> dict:
         for micro in range(cfg.grad_accum):
             first = (micro * world + rank) * cfg.batch_size
             rows = np.sort(order[first:first + cfg.batch_size])
-            ids = torch.from_numpy(blocks[rows].astype(np.int64)).to(device)
+            ids = as_ids(blocks[rows], device)  # (B, T)
             teacher_top = cache.batch(rows, device) if cache is not None else None
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
             with sync, autocast(precision, device.type):

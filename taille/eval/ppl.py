@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from taille.data.tokens import as_ids
 from taille.errors import TailleError
 from taille.models.lm import token_nll
 from taille.models.precision import autocast
@@ -78,7 +79,7 @@ def perplexity(
             groups.append([span])
     bar = tqdm(total=len(spans), desc=f"perplexity {source}".strip(), unit="win", disable=not progress)
     for group in groups:
-        ids = torch.from_numpy(np.stack([tokens[b:e] for b, e, _ in group]).astype(np.int64)).to(device)  # (B, T)
+        ids = as_ids(np.stack([tokens[b:e] for b, e, _ in group]), device)  # (B, T)
         with autocast(precision, device.type):
             nll = token_nll(model, ids)  # (B, T-1): entry t predicts token begin + t + 1
         positions = torch.arange(1, ids.shape[1], device=device)  # (T-1,) offsets of predicted tokens

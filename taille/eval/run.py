@@ -52,6 +52,7 @@ class EvalSettings:
 
 def mean_kl(reference, model, tokens: np.ndarray, window: int, batch_size: int, precision: str) -> float:
     """Mean KL(reference || model) per token over non-overlapping windows of `tokens`."""
+    from taille.data.tokens import batches
     from taille.models.lm import token_kl
     from taille.models.precision import autocast
 
@@ -60,8 +61,7 @@ def mean_kl(reference, model, tokens: np.ndarray, window: int, batch_size: int, 
         raise TailleError(f"--reference-data has {len(tokens)} tokens, fewer than one window of {window}")
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for b in range(0, len(blocks), batch_size):
-        ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)
+    for ids in batches(blocks, batch_size, device):
         with autocast(precision, device.type):
             total += token_kl(reference, model, ids).sum(dtype=torch.float64)
     return float(total) / blocks.size

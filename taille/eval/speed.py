@@ -16,7 +16,7 @@ import torch
 from taille.models.precision import autocast
 
 
-def _reset_peak(device: torch.device) -> int:
+def reset_peak_memory(device: torch.device) -> int:
     """Reset the peak-memory counter; return the current baseline in bytes."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -30,7 +30,7 @@ def _reset_peak(device: torch.device) -> int:
         return 0
 
 
-def _peak(device: torch.device) -> int | None:
+def peak_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
@@ -65,7 +65,7 @@ def measure_speed(model, batch_sizes=(1, 8), prompt_len: int = 256, new_tokens: 
     for batch in batch_sizes:
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
         prefill, total = float("inf"), float("inf")
-        baseline = _reset_peak(device)
+        baseline = reset_peak_memory(device)
         with autocast(precision, device.type):
             model(ids[:, :8], use_cache=False)  # warm-up
             for _ in range(repeats):  # best of `repeats`: the least disturbed run
@@ -79,7 +79,7 @@ def measure_speed(model, batch_sizes=(1, 8), prompt_len: int = 256, new_tokens: 
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
                 _sync(device)
                 total = min(total, time.perf_counter() - start)
-        peak = _peak(device)
+        peak = peak_memory(device)
         result[f"b{batch}"] = {
             "prefill_tok_s": round(batch * prompt_len / prefill, 1),
             "decode_tok_s": round(batch * new_tokens / max(total - prefill, 1e-9), 1),

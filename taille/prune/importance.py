@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from taille.data.tokens import batches
 from taille.errors import TailleError
 from taille.models.arch import get_arch, head_dim, kv_heads
 from taille.models.lm import token_nll
@@ -122,8 +123,8 @@ def activation_importance(model, blocks: np.ndarray, batch_size: int = 8, precis
 
     n_tokens, start = 0, time.perf_counter()
     try:
-        for b in tqdm(range(0, len(blocks), batch_size), desc="importance", unit="batch", disable=not progress):
-            ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)  # (B, T)
+        for ids in tqdm(batches(blocks, batch_size, device), total=-(-len(blocks) // batch_size), desc="importance",
+                        unit="batch", disable=not progress):  # ids: (B, T)
             with autocast(precision, device.type):
                 model.get_submodule(arch.base)(input_ids=ids, use_cache=False)
             # Sum over tokens of cos(state i, state j) for all pairs at once: one (L+1, L+1) Gram matrix.
@@ -207,8 +208,7 @@ def without_layers(model, drop: list[int]):
 def mean_loss(model, blocks: np.ndarray, batch_size: int, precision: str) -> float:
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for b in range(0, len(blocks), batch_size):
-        ids = torch.from_numpy(blocks[b:b + batch_size].astype(np.int64)).to(device)
+    for ids in batches(blocks, batch_size, device):
         with autocast(precision, device.type):
             total += token_nll(model, ids).sum(dtype=torch.float64)
     return float(total) / (len(blocks) * (blocks.shape[1] - 1))
