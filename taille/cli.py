@@ -368,6 +368,43 @@ def teacher_cache(
           f"{meta['bytes'] / 2**20:,.1f} MiB in {meta['seconds']} s -> {folder}")
 
 
+@app.command()
+def plan(
+    model: ModelArg,
+    params: Annotated[Optional[str], typer.Option(help="Parameter target (8B, 90M).")] = None,
+    memory: Annotated[Optional[str], typer.Option(help="Memory budget on the player's device (6GB), weights + KV cache.")] = None,
+    quant: Annotated[str, typer.Option(help="Quantization the memory budget assumes: bf16, q8_0, q4_k_m, q4_0.")] = "q4_k_m",
+    context: Annotated[int, typer.Option(help="Context length the KV cache must hold.")] = 4096,
+    tolerance: Annotated[float, typer.Option(help="How far from the target a candidate may land.")] = 0.05,
+    top: Annotated[int, typer.Option(help="Rows to print (the JSON has them all).")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every candidate as JSON.")] = False,
+) -> None:
+    """List the shapes a model could be pruned to for a budget, from its config alone (no weights).
+
+    Layers (down to half), hidden in multiples of 64 (or of the head count where transformers needs it),
+    MLP in multiples of 256, query heads per KV group; exact parameter counts, weight size per
+    quantization and the fp16 KV cache at --context. Sorted by how evenly the axes are cut (Minitron's
+    width recipe first); depth-heavy shapes follow.
+    """
+    from taille.models.load import load_config
+    from taille.prune.shape import parse_params
+    from taille.search.plan import plan as make_plan
+
+    if memory is not None:
+        gib = float(memory.upper().removesuffix("GB").removesuffix("GIB").strip())
+    candidates = make_plan(load_config(model), parse_params(params) if params else None,
+                           gib if memory is not None else None, quant, context, tolerance)
+    if json_out:
+        print(json.dumps([c.to_dict() for c in candidates], indent=1))
+        return
+    rows = [[c.shape.layers, c.shape.hidden, c.shape.ffn, f"{c.shape.heads}/{c.shape.kv_heads}", f"{c.params:,}",
+             *[f"{v:.2f}" for v in c.weights_gib.values()], f"{c.kv_cache_gib:.2f}", f"{c.balance:.2f}"]
+            for c in candidates[:top]]
+    _print_table(f"{len(candidates)} candidate shapes for {model} (first {min(top, len(candidates))})",
+                 ["layers", "hidden", "MLP", "heads/kv", "params", *[f"{q} GiB" for q in candidates[0].weights_gib],
+                  f"KV@{context} GiB", "max cut"], rows, right=set(range(11)))
+
+
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
     """Take `--config FILE` out of the arguments and return (args, click default_map for the verb)."""
     if "--config" not in args and not any(a.startswith("--config=") for a in args):

@@ -1,0 +1,103 @@
+"""`taille plan`: the shapes a model could be pruned to for a parameter or memory budget, from its config
+alone (no weights): exact parameter counts, weight size at each quantization and the KV cache.
+
+The grid follows Minitron's search space: layers (down to half), hidden in the model's own granularity
+(a multiple of 32 for GGUF blocks and of the head count where transformers requires it; of 64 at least
+for models wider than 2048), MLP in multiples of 256 (32 below 2048), query heads per KV group; KV heads
+and head_dim stay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from taille.errors import TailleError
+from taille.models.arch import get_arch, head_dim
+from taille.models.summary import QUANT_BITS
+from taille.prune.shape import Shape, count_params, hidden_step, shape_of
+
+GiB = 2**30
+
+
+@dataclass
+class Candidate:
+    shape: Shape
+    params: int
+    weights_gib: dict[str, float]
+    """Weight size per quantization (2-D tensors at the format's bits, 1-D at fp32)."""
+    kv_cache_gib: float
+    """fp16 K and V for one sequence of `context` tokens."""
+    balance: float
+    """Largest fraction any axis loses (the search prefers even cuts)."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = self.shape.to_dict()
+        return d
+
+
+def weight_bytes(config, s: Shape, quant: str) -> float:
+    """Bytes of the weights of `config` at shape `s` in format `quant`: norms (1-D) stay fp32."""
+    arch = get_arch(config)
+    total = count_params(config, s)
+    vectors = s.hidden * (1 + s.layers * len(arch.layer_norms)) + s.layers * 2 * head_dim(config) * arch.qk_norm
+    return (total - vectors) * QUANT_BITS[quant] / 8 + vectors * 4
+
+
+def kv_cache_bytes(config, s: Shape, context: int) -> int:
+    return 2 * s.layers * s.kv_heads * head_dim(config) * context * 2
+
+
+def _grid(config, base: Shape):
+    group = base.heads // base.kv_heads
+    for layers in range(max(1, base.layers // 2), base.layers + 1):
+        for per_group in range(1, group + 1):
+            heads = per_group * base.kv_heads
+            step = hidden_step(config, heads)  # the model's own granularity (heads rule, GGUF blocks)
+            step = math.lcm(step, 64) if base.hidden >= 2048 else step  # a coarser grid for large models
+            for hidden in range(step, base.hidden + 1, step):
+                if hidden >= base.hidden // 2 or hidden == base.hidden:
+                    yield layers, heads, hidden
+
+
+def plan(config, params: int | None = None, memory_gib: float | None = None, quant: str = "q4_k_m",
+         context: int = 4096, tolerance: float = 0.05) -> list[Candidate]:
+    """Every grid shape within `tolerance` of the parameter target, or using (1 - 2 tolerance) to 100% of
+    the memory budget at `quant` with the KV cache of `context` tokens; sorted by evenness of the cut."""
+    if (params is None) == (memory_gib is None):
+        raise TailleError("give a target: --params 8B or --memory 6GB (not both)")
+    if quant not in QUANT_BITS:
+        raise TailleError(f"--quant {quant}: use one of {', '.join(QUANT_BITS)}")
+    base = shape_of(config)
+    mlp_step = 256 if base.ffn >= 2048 else 32
+    out = []
+    for layers, heads, hidden in _grid(config, base):
+        partial = Shape(hidden, 0, heads, base.kv_heads, layers)
+        at0 = count_params(config, partial)
+        per_neuron = count_params(config, Shape(hidden, 1, heads, base.kv_heads, layers)) - at0
+        if params is not None:
+            lo, hi = params * (1 - tolerance), params * (1 + tolerance)
+        else:
+            kv = kv_cache_bytes(config, partial, context)
+            bits = QUANT_BITS[quant] / 8
+            lo = ((1 - 2 * tolerance) * memory_gib * GiB - kv) / bits
+            hi = (memory_gib * GiB - kv) / bits
+        first = max(mlp_step, math.ceil((lo - at0) / per_neuron / mlp_step) * mlp_step)
+        for ffn in range(first, base.ffn + 1, mlp_step):
+            s = Shape(hidden, ffn, heads, base.kv_heads, layers)
+            n = count_params(config, s)
+            if n > hi * 1.02:  # the memory bound is on bytes, checked exactly below
+                break
+            weights = {q: weight_bytes(config, s, q) / GiB for q in QUANT_BITS}
+            kv_gib = kv_cache_bytes(config, s, context) / GiB
+            if params is not None and not lo <= n <= hi:
+                continue
+            if memory_gib is not None and not (1 - 2 * tolerance) * memory_gib <= weights[quant] + kv_gib <= memory_gib:
+                continue
+            balance = max(1 - hidden / base.hidden, 1 - ffn / base.ffn, 1 - heads / base.heads, 1 - layers / base.layers)
+            out.append(Candidate(s, n, {q: round(v, 3) for q, v in weights.items()}, round(kv_gib, 3), round(balance, 4)))
+    if not out:
+        raise TailleError("no shape on the grid meets this target; widen --tolerance or change the target")
+    target = params if params is not None else None
+    return sorted(out, key=lambda c: (c.balance, abs(c.params - target) if target else -c.params))
