@@ -71,7 +71,7 @@ def evaluate(models: list[str], s: EvalSettings) -> dict:
     from taille.data.tokens import load_tokens
     from taille.eval.harness import check_tasks, headline, run_tasks
     from taille.eval.ppl import perplexity
-    from taille.eval.speed import measure_speed
+    from taille.eval.speed import measure_in_subprocess
     from taille.models.load import load_model
 
     if s.tasks:
@@ -96,7 +96,7 @@ def evaluate(models: list[str], s: EvalSettings) -> dict:
             accuracies = [headline(m)[1] for m in record["scores"].values() if headline(m)[0] != "perplexity"]
             row["average"] = float(np.mean(accuracies)) if accuracies else None
         if s.speed:
-            row["speed"] = measure_speed(model, precision=s.precision)
+            row["speed"] = measure_in_subprocess(spec, s.dtype, s.device, s.precision)
         if reference is not None:
             if tokenizer.get_vocab() != ref_tokenizer.get_vocab() and len(tokenizer) <= len(ref_tokenizer):
                 log.warning("%s and the reference %s have different vocabularies: KL compares token ids", spec, s.reference)

@@ -4,7 +4,8 @@ prefill  one forward pass over B prompts of `prompt_len` tokens: B * prompt_len 
 decode   greedy generation of `new_tokens` tokens with the KV cache after that prefill:
          B * new_tokens / (generate seconds - prefill seconds)
 memory   on CUDA the peak allocated by torch; on the CPU the rise of the process's peak RSS over the run
-         (Linux), beside the weights' own size
+         (Linux), beside the weights' own size. A process that already freed memory (an earlier model)
+         reuses it without its RSS rising, so `measure_in_subprocess` runs each model in a fresh process.
 """
 
 from __future__ import annotations
@@ -86,3 +87,29 @@ def measure_speed(model, batch_sizes=(1, 8), prompt_len: int = 256, new_tokens: 
             "peak_mib": round((peak - baseline) / 2**20, 1) if peak is not None else None,
         }
     return result
+
+
+def measure_in_subprocess(spec: str, dtype: str, device: str, precision: str) -> dict:
+    """`measure_speed` for model `spec` in a fresh Python process, so memory starts clean."""
+    import json
+    import subprocess
+    import sys
+
+    from taille.errors import TailleError
+
+    cmd = [sys.executable, "-m", "taille.eval.speed", spec, dtype, device, precision]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise TailleError(f"speed measurement of {spec} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from taille.models.load import load_model
+
+    spec, dtype, device, precision = sys.argv[1:5]
+    model, _ = load_model(spec, dtype=dtype, device=device)
+    print(json.dumps(measure_speed(model, precision=precision)))
