@@ -170,9 +170,9 @@ def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillCon
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, tmp / "student.safetensors")
+    save_model(student, str(tmp / "student.safetensors"))  # stores a tied weight once
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     torch.save(rng, tmp / "rng.pt")
@@ -297,11 +297,9 @@ def distill(cfg: DistillConfig) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start_step, state = 0, {"tokens": 0, "seconds": 0.0}
     if resume_from is not None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model as load_weights
 
-        student.load_state_dict(load_file(resume_from / "student.safetensors"), strict=False)
-        if student.config.tie_word_embeddings:
-            student.tie_weights()
+        load_weights(student, str(resume_from / "student.safetensors"), device=str(device))
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
         rng = torch.load(resume_from / "rng.pt", weights_only=False)
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])

@@ -12,15 +12,25 @@ import pytest
 from tests.conftest import run_cli, save_tiny
 
 
-@pytest.fixture
-def setup(tmp_path):
-    teacher = save_tiny(tmp_path / "teacher", "llama", seed=1)
-    student = save_tiny(tmp_path / "student", "llama", seed=2)
+def make_setup(tmp_path, tied: bool):
+    teacher = save_tiny(tmp_path / "teacher", "llama", seed=1, tied=tied)
+    student = save_tiny(tmp_path / "student", "llama", seed=2, tied=tied)
     data = tmp_path / "train.txt"
     data.write_text("when shall we three meet again in thunder lightning or in rain upon the heath " * 200)
     held = tmp_path / "held.txt"
     held.write_text("the quick brown fox jumps over the lazy dog and the battle is lost and won " * 40)
     return teacher, student, data, held
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return make_setup(tmp_path, tied=False)
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def any_setup(tmp_path, request):
+    """Tied embeddings share one tensor: checkpoints and resume must handle both layouts."""
+    return make_setup(tmp_path, tied=request.param)
 
 
 def args(teacher, student, data, held, out, **extra):
@@ -35,8 +45,8 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_distillation_reduces_kl_and_writes_everything(setup, tmp_path, capsys):
-    run_cli(capsys, *args(*setup, tmp_path / "run"))
+def test_distillation_reduces_kl_and_writes_everything(any_setup, tmp_path, capsys):
+    run_cli(capsys, *args(*any_setup, tmp_path / "run"))
     out = tmp_path / "run"
     rows = metrics(out)
     train = [r for r in rows if "loss" in r]
@@ -49,7 +59,8 @@ def test_distillation_reduces_kl_and_writes_everything(setup, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(any_setup, tmp_path):
+    setup = any_setup
     env = {**os.environ, "TAILLE_LOG": "WARNING"}
     cmd = [sys.executable, "-m", "taille"]
     full = subprocess.run(cmd + args(*setup, tmp_path / "full"), env=env, capture_output=True, text=True)
