@@ -379,16 +379,19 @@ def distill(cfg: DistillConfig) -> dict:
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         bar.update(1)
         if eval_blocks is not None and (done % cfg.eval_every == 0 or done == total_steps):
+            eval_start = time.perf_counter()
             student.eval()
             metrics = evaluate_student(student, teacher, eval_blocks, cfg.batch_size, precision, device)
             student.train()
             log_metrics({"step": done, "tokens": state["tokens"], **metrics})
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            window_start = time.perf_counter()
+            window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
         if done % cfg.save_every == 0 or done == total_steps:  # the last one lets --resume of a finished run no-op
+            save_start = time.perf_counter()
             if accelerator.is_main_process:
                 last_good = save_checkpoint(out, done, student, optimizer, cfg, state)
             accelerator.wait_for_everyone()
+            window_start += time.perf_counter() - save_start
     bar.close()
 
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
