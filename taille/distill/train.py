@@ -27,6 +27,7 @@ import torch
 
 from taille.distill.losses import LossConfig, distill_loss
 from taille.errors import TailleError
+from taille.models.lm import hidden_states, logit_softcap
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,14 @@ class Trunk(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids):
-        from taille.models.lm import hidden_states
-
-        return hidden_states(self.lm, input_ids)
+        return hidden_states(self.lm, input_ids)  # (B, T, H)
 
 
 def _head(model):
+    """(LM head weight (V, H), soft cap or None): what the sliced loss applies itself."""
     from taille.models.arch import get_arch
 
-    arch = get_arch(model.config)
-    cap_attr = arch.logit_softcap
-    return model.get_submodule(arch.lm_head).weight, (getattr(model.config, cap_attr, None) if cap_attr else None)
+    return model.get_submodule(get_arch(model.config).lm_head).weight, logit_softcap(model.config)
 
 
 def check_tokenizers(teacher_tok, student_tok, teacher_vocab: int, student_vocab: int) -> None:
@@ -243,7 +241,7 @@ def distill(cfg: DistillConfig) -> dict:
     # On a machine without an accelerator, cpu=True lets torchrun / accelerate launch form a gloo group.
     accelerator = Accelerator(cpu=resolve_device("auto") == "cpu")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = resolve_precision(cfg.precision, device.type if device.type != "cuda" else "cuda")
+    precision = resolve_precision(cfg.precision, device.type)
     out = Path(cfg.out)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -343,8 +341,6 @@ def distill(cfg: DistillConfig) -> dict:
                 t_hidden = None
                 if teacher is not None:
                     with torch.no_grad():
-                        from taille.models.lm import hidden_states
-
                         t_hidden = hidden_states(teacher, ids)[:, :-1].reshape(-1, teacher.config.hidden_size)
                 targets = ids[:, 1:].reshape(-1)
                 loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,

@@ -66,9 +66,10 @@ def measure_speed(model, batch_sizes=(1, 8), prompt_len: int = 256, new_tokens: 
     for batch in batch_sizes:
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
         prefill, total = float("inf"), float("inf")
+        with autocast(precision, device.type):
+            model(ids[:, :8], use_cache=False)  # warm-up; also pages in memory-mapped weights before the baseline
         baseline = reset_peak_memory(device)
         with autocast(precision, device.type):
-            model(ids[:, :8], use_cache=False)  # warm-up
             for _ in range(repeats):  # best of `repeats`: the least disturbed run
                 _sync(device)
                 start = time.perf_counter()

@@ -22,11 +22,16 @@ def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     return base(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def logit_softcap(config) -> float | None:
+    """The final-logit soft cap c (logits -> tanh(logits / c) * c) of families that have one."""
+    attr = get_arch(config).logit_softcap
+    return getattr(config, attr, None) if attr else None
+
+
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Logits (..., V) in fp32 for hidden states (..., H), with the family's soft cap if it has one."""
-    arch = get_arch(model.config)
-    logits = model.get_submodule(arch.lm_head)(hidden).float()
-    cap = getattr(model.config, arch.logit_softcap, None) if arch.logit_softcap else None
+    logits = model.get_submodule(get_arch(model.config).lm_head)(hidden).float()
+    cap = logit_softcap(model.config)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
