@@ -12,8 +12,9 @@ training plays by every variant below, each through the `taille distill` command
 Held-out perplexity (plays and WikiText-2) before and after, final loss, tokens/s; curves in one PNG.
 
 Run:  .venv/bin/python benchmarks/distill_recovery.py --wikitext2 PATH/wiki.test.raw [--tokens 512K]
-Writes benchmarks/results/distill_recovery.{json,md,png}. At ~300 tokens/s here, 512K tokens is about 30
-minutes a run.
+Writes benchmarks/results/distill_recovery.{json,md,png} from whatever has finished. At ~300 tokens/s here,
+512K tokens is about 30 minutes a bf16 run; all variants take hours, so each finished step is kept in the
+work folder and the command run again goes on from there (an interrupted distillation resumes exactly).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,6 +50,38 @@ def random_init(folder: Path, like: Path) -> Path:
     return folder
 
 
+VARIANT_ORDER = ("kd", "ce", "depth-kd", "scratch-kd", "cache-32", "cache-128", "cache-512", "kd-fp32")
+
+
+def done(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def remember(path: Path, compute) -> dict:
+    """Results are kept in the work folder as they come, so a stopped benchmark goes on where it was."""
+    if (cached := done(path)) is not None:
+        return cached
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1))
+    return value
+
+
+def run_summary(out: Path) -> dict:
+    """Final numbers of one finished run: the mean training loss of its last tenth (one step's loss is
+    noisy), the last held-out evaluation, the median logged tokens/s."""
+    record = json.loads((out / "taille.json").read_text())["distill"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "loss" in m]
+    tail = train[-max(1, len(train) // 10):]
+    speeds = sorted(m["tokens_per_s"] for m in train)
+    held = [m for m in metrics if "eval_loss" in m][-1]
+    return {"final_loss": round(sum(m["loss_avg"] for m in tail) / len(tail), 4),
+            "eval_loss": round(held["eval_loss"], 4), "eval_kl": round(held.get("eval_kl", float("nan")), 4),
+            "precision": record["precision"], "tokens": record["tokens"], "seconds": record["seconds"],
+            "tokens_per_s": round(speeds[len(speeds) // 2], 1), "metrics": str(out / "metrics.jsonl")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wikitext2", required=True)
@@ -59,21 +91,36 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--cache-k", default="32,128,512")
     parser.add_argument("--eval-tokens", type=int, default=65536)
-    parser.add_argument("--only", default=None, help="comma-separated variants to run")
-    parser.add_argument("--work", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated variants to run (default: all, in order)")
+    parser.add_argument("--work", default=None, help="work folder (default: TAILLE_CACHE/bench/distill_recovery); "
+                        "finished steps there are not redone, an interrupted run resumes from its checkpoint")
     args = parser.parse_args()
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="taille-recovery-"))
+    from taille.paths import cache_dir
+
+    work = Path(args.work) if args.work else cache_dir() / "bench" / "distill_recovery"
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("only", "work")}
+    if (old := done(work / "settings.json")) and old != settings:
+        sys.exit(f"{work} holds results of other settings ({old}); give another --work")
+    (work / "settings.json").write_text(json.dumps(settings, indent=1))
     texts = {"plays": "shakespeare:heldout", "wikitext2": f"wikitext2:{args.wikitext2}"}
-    taille("importance", "-m", TEACHER, "--data", "shakespeare", "--samples", 128, "--out", work / "importance")
     width, depth = work / "width-90m", work / "depth-90m"
-    taille("prune", "-m", TEACHER, "--scores", work / "importance", "--params", "90M", "--axes", "mlp,hidden,heads",
-           "--out", width)
-    taille("prune", "-m", TEACHER, "--scores", work / "importance", "--layers", 18, "--ffn", 1472, "--out", depth)
-    scratch = random_init(work / "scratch-90m", width)
+    if not (width / "taille.json").exists() or not (depth / "taille.json").exists():
+        if not (work / "importance" / "importance.json").exists():
+            taille("importance", "-m", TEACHER, "--data", "shakespeare", "--samples", 128, "--out", work / "importance")
+        if not (width / "taille.json").exists():
+            taille("prune", "-m", TEACHER, "--scores", work / "importance", "--params", "90M", "--axes",
+                   "mlp,hidden,heads", "--out", width)
+        if not (depth / "taille.json").exists():
+            taille("prune", "-m", TEACHER, "--scores", work / "importance", "--layers", 18, "--ffn", 1472,
+                   "--out", depth)
+    scratch = work / "scratch-90m"
+    if not (scratch / "config.json").exists():
+        random_init(scratch, width)
     common = ["--data", "shakespeare", "--tokens", args.tokens, "--seq-len", args.seq_len, "--batch-size",
               args.batch_size, "--lr", args.lr, "--min-lr", args.lr / 10, "--warmup", 10, "--eval-every", 50,
-              "--eval-tokens", 16384, "--save-every", 1000]
+              "--eval-tokens", 16384, "--save-every", 25]
     variants = {
         "kd": (width, ["--teacher", TEACHER]),
         "kd-fp32": (width, ["--teacher", TEACHER, "--precision", "fp32"]),
@@ -83,40 +130,48 @@ def main() -> None:
     }
     for k in (int(k) for k in args.cache_k.split(",") if k):
         variants[f"cache-{k}"] = (width, ["--teacher-cache", work / f"cache-{k}"])
-    chosen = args.only.split(",") if args.only else list(variants)
+    order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants if v not in VARIANT_ORDER]
+    chosen = args.only.split(",") if args.only else order
 
-    rows = [{"variant": "teacher", **ppl(TEACHER, texts, args.eval_tokens)}]
-    before = {}
+    teacher_row = remember(work / "rows" / "teacher.json",
+                           lambda: {"variant": "teacher", **ppl(TEACHER, texts, args.eval_tokens)})
     for name in chosen:
         student, extra = variants[name]
-        if str(student) not in before:
-            before[str(student)] = ppl(str(student), texts, args.eval_tokens)
+        before = remember(work / "before" / f"{student.name}.json", lambda: ppl(str(student), texts, args.eval_tokens))
         if name.startswith("cache-") and not (work / name / "meta.json").exists():
             # the first `tokens` of the training plays: as many unique tokens as the live-teacher runs see
             taille("teacher-cache", "--teacher", TEACHER, "--data", "shakespeare", "--top-k", name.split("-")[1],
                    "--seq-len", args.seq_len, "--tokens", args.tokens, "--out", work / name)
         out = work / "runs" / name
-        taille("distill", "--student", student, *common, *extra, "--out", out)
-        record = json.loads((out / "taille.json").read_text())["distill"]
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-        rows.append({"variant": name, "before": before[str(student)], **ppl(str(out), texts, args.eval_tokens),
-                     "final_loss": round(record["final_loss"], 4), "precision": record["precision"],
-                     "tokens": record["tokens"], "tokens_per_s": round(sorted(speeds)[len(speeds) // 2], 1),
-                     "metrics": str(out / "metrics.jsonl")})
-        print(json.dumps(rows[-1]), flush=True)
+        if not (out / "taille.json").exists():
+            taille("distill", "--student", student, *common, *extra, "--out", out, "--resume")
+        row = remember(work / "rows" / f"{name}.json", lambda: {"variant": name, "before": before,
+                                                               **ppl(str(out), texts, args.eval_tokens),
+                                                               **run_summary(out)})
+        print(json.dumps(row), flush=True)
 
-    lines = ["| variant | plays ppl before -> after | WikiText-2 ppl before -> after | final train loss | precision | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    rows = [teacher_row] + [r for v in order if (r := done(work / "rows" / f"{v}.json"))]
+    write_tables(rows, args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
+
+
+def write_tables(rows: list[dict], args, missing: list[str]) -> None:
+    lines = ["| variant | plays ppl before -> after | WikiText-2 ppl before -> after | train loss (last 10%) | "
+             "held-out loss / KL to teacher | precision | tokens/s | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["variant"] == "teacher":
-            lines.append(f"| teacher | {r['plays']} | {r['wikitext2']} | - | - | - |")
+            lines.append(f"| teacher | {r['plays']} | {r['wikitext2']} | - | - | - | - | - |")
         else:
             lines.append(f"| {r['variant']} | {r['before']['plays']} -> {r['plays']} | {r['before']['wikitext2']} -> "
-                         f"{r['wikitext2']} | {r['final_loss']} | {r['precision']} | {r['tokens_per_s']} |")
+                         f"{r['wikitext2']} | {r['final_loss']} | {r['eval_loss']} / {r['eval_kl']} | "
+                         f"{r['precision']} | {r['tokens_per_s']} | {r['seconds'] / 60:.1f} |")
     note = (f"Budget {args.tokens} tokens of shakespeare:train per run, seq {args.seq_len}, batch {args.batch_size}, "
-            f"lr {args.lr} -> {args.lr / 10} cosine; perplexity on the first {args.eval_tokens:,} held-out tokens, "
-            "window = stride = 1024.")
+            f"lr {args.lr} -> {args.lr / 10} cosine, 10 warm-up steps; perplexity on the first {args.eval_tokens:,} "
+            "held-out tokens, window = stride = 1024. The train loss is each run's own objective (KD: forward KL; "
+            "ce: cross-entropy; cache-K: KL to the top-K teacher with the rest folded into one bucket), so compare "
+            "it only within a kind; the held-out KL is to the full teacher (blank for runs without one).")
+    if missing:
+        note += " Not run yet: " + ", ".join(missing) + "."
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distill_recovery.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     (RESULTS / "distill_recovery.json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=1) + "\n")

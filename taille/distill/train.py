@@ -293,7 +293,7 @@ def distill(cfg: DistillConfig) -> dict:
     no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start_step, state = 0, {"tokens": 0, "seconds": 0.0}
+    start_step, state = 0, {"tokens": 0, "seconds": 0.0, "loss": None}
     if resume_from is not None:
         from safetensors.torch import load_model as load_weights
 
@@ -302,7 +302,7 @@ def distill(cfg: DistillConfig) -> dict:
         rng = torch.load(resume_from / "rng.pt", weights_only=False)
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         saved = json.loads((resume_from / "state.json").read_text())
-        start_step, state = saved["step"], {k: saved[k] for k in ("tokens", "seconds")}
+        start_step, state = saved["step"], {k: saved.get(k) for k in ("tokens", "seconds", "loss")}
         log.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
     trunk, optimizer = accelerator.prepare(trunk, optimizer)
     head, softcap = _head(student)
@@ -314,6 +314,9 @@ def distill(cfg: DistillConfig) -> dict:
         if start_step == 0:
             metrics_path.write_text("")
             (out / "distill.yaml").write_text(_yaml(cfg.to_dict()))
+        elif metrics_path.is_file():  # drop what was logged after the checkpoint: those steps run again
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            _atomic_write(metrics_path, "".join(line + "\n" for line in kept))
 
     def log_metrics(record: dict) -> None:
         if accelerator.is_main_process:
@@ -361,6 +364,7 @@ def distill(cfg: DistillConfig) -> dict:
             raise TailleError(f"the loss became {loss_value} at step {step + 1}; stopping ({where}); "
                               "try a lower --lr or --precision fp32")
         state["tokens"] += tokens_per_step
+        state["loss"] = loss_value
         window_loss += loss_value
         window_steps += 1
         window_tokens += tokens_per_step
@@ -392,7 +396,7 @@ def distill(cfg: DistillConfig) -> dict:
 
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
               "global_batch": global_batch, "processes": world, "precision": precision,
-              "final_loss": loss_value, "seconds": round(state["seconds"], 1)}
+              "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
     if accelerator.is_main_process:
         _save_student(student, tokenizer, out, cfg, record)
         from taille.distill.figures import plot_curves

@@ -76,10 +76,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(any_setup, tmp_path):
     resumed = subprocess.run(cmd + args(*setup, tmp_path / "killed") + ["--resume"], env=env, capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
-    final = [r for r in metrics(tmp_path / "full") if "loss" in r][-1]
-    again = [r for r in metrics(tmp_path / "killed") if "loss" in r][-1]
-    assert again["step"] == final["step"] == 32
-    assert again["loss"] == pytest.approx(final["loss"], abs=1e-4)
+    full_curve = [(r["step"], r["loss"]) for r in metrics(tmp_path / "full") if "loss" in r]
+    resumed_curve = [(r["step"], r["loss"]) for r in metrics(tmp_path / "killed") if "loss" in r]
+    assert [s for s, _ in resumed_curve] == [s for s, _ in full_curve] == list(range(1, 33))  # no step twice
+    assert resumed_curve[-1][1] == pytest.approx(full_curve[-1][1], abs=1e-4)
+    # --resume of a finished run does nothing and reports the same final loss
+    again = subprocess.run(cmd + args(*setup, tmp_path / "killed") + ["--resume"], env=env, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    record = json.loads((tmp_path / "killed" / "taille.json").read_text())["distill"]
+    assert record["final_loss"] == pytest.approx(full_curve[-1][1], abs=1e-4)
 
 
 def test_resume_refuses_another_configuration(setup, tmp_path, capsys):
