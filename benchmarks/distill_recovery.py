@@ -98,7 +98,7 @@ def main() -> None:
 
     from taille.paths import cache_dir
 
-    work = Path(args.work) if args.work else cache_dir() / "bench" / "distill_recovery"
+    work = Path(args.work) if args.work else cache_dir("bench") / "distill_recovery"
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("only", "work")}
     if (old := done(work / "settings.json")) and old != settings:
