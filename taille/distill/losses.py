@@ -1,9 +1,9 @@
 """Distillation losses on logits, computed in slices of tokens.
 
 A (B, T, V) logits tensor at V = 131k-256k does not fit next to a model, so losses take final hidden
-states and the heads, and apply the heads `chunk` tokens at a time. Each slice runs under activation
-checkpointing: its logits are rebuilt during backward instead of being kept, so memory holds one slice
-of logits at a time in both passes.
+states and the heads, and apply the heads `chunk` tokens at a time. The gradient of each slice is taken
+while its logits exist (in the forward pass, see _HeadLoss), so memory holds one slice of logits at a
+time and no head matmul runs twice.
 
 Per-token divergences between the teacher distribution p and the student distribution q (temperature t
 applied to both sets of logits):
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from taille.errors import TailleError
 
@@ -83,30 +82,69 @@ def topk_forward_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, rest_logp: to
     return kl + torch.where(rest_p > 0, rest_p * (rest_logp.float() - s_rest), torch.zeros_like(rest_p))
 
 
-def _slice_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, targets, mask,
-                cfg: LossConfig, softcap, teacher_softcap, top):
-    """Loss sum over one slice of tokens. The teacher's logits are built here, without gradient, so
-    checkpointing keeps only the slice's hidden states, never its logits."""
-    logits = student_hidden @ student_head_weight.T  # (N, V)
-    logits = logits.float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    total = logits.new_zeros(())
-    if cfg.kd_weight:
-        if top is not None:
-            kd = topk_forward_kl(*top, logits / cfg.temperature)
-        else:
-            with torch.no_grad():
-                teacher_logits = (teacher_hidden @ teacher_head_weight.T).float()  # (N, V')
-                if teacher_softcap:
-                    teacher_logits = torch.tanh(teacher_logits / teacher_softcap) * teacher_softcap
-            kd = divergence(teacher_logits[:, : logits.shape[-1]] / cfg.temperature, logits / cfg.temperature,
-                            cfg.kind, cfg.beta)
-        total = total + cfg.kd_weight * cfg.temperature**2 * (kd * mask).sum()
-    if cfg.ce_weight:
-        ce = F.cross_entropy(logits, targets, reduction="none")
-        total = total + cfg.ce_weight * (ce * mask).sum()
-    return total
+def _objective(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weight, top, softcap, teacher_softcap):
+    """loss(logits (n, V) of rows `rows`) -> the weighted loss summed over those rows, in fp32. The
+    teacher's logits for the same rows are built inside, without gradient, one slice at a time."""
+
+    def loss(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        logits = logits.float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        m = mask[rows]
+        total = logits.new_zeros(())
+        if cfg.kd_weight:
+            if top is not None:
+                kd = topk_forward_kl(*(t[rows] for t in top), logits / cfg.temperature)
+            else:
+                with torch.no_grad():
+                    teacher_logits = (teacher_hidden[rows] @ teacher_head_weight.T).float()  # (n, V')
+                    if teacher_softcap:
+                        teacher_logits = torch.tanh(teacher_logits / teacher_softcap) * teacher_softcap
+                kd = divergence(teacher_logits[:, : logits.shape[-1]] / cfg.temperature, logits / cfg.temperature,
+                                cfg.kind, cfg.beta)
+            total = total + cfg.kd_weight * cfg.temperature**2 * (kd * m).sum()
+        if cfg.ce_weight:
+            ce = F.cross_entropy(logits, targets[rows], reduction="none")
+            total = total + cfg.ce_weight * (ce * m).sum()
+        return total
+
+    return loss
+
+
+class _HeadLoss(torch.autograd.Function):
+    """sum over slices of rows of loss(hidden[rows] @ weight.T), with the gradients for `hidden` and
+    `weight` worked out in the forward pass, slice by slice, while each slice's logits exist: backward
+    only scales them. So no (N, V) logits are ever held, and none is computed twice (activation
+    checkpointing of the slices would run both heads' matmuls again in backward). Autocast applies to
+    the matmuls as to any others; gradients are returned in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss, chunk):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            h = hidden[rows]  # (n, H)
+            with torch.enable_grad():
+                logits = (h @ weight.T).detach().requires_grad_()  # (n, V)
+                value = loss(logits, rows)
+            (g,) = torch.autograd.grad(value, logits)  # (n, V): d loss / d logits
+            if grad_hidden is not None:
+                grad_hidden[rows] = g @ weight.to(g.dtype)
+            if grad_weight is not None:
+                grad_weight += g.T @ h.to(g.dtype)
+            total += value.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None
 
 
 def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, targets: torch.Tensor,
@@ -122,15 +160,10 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, targe
     V = student_head.shape[0]
     chunk = chunk or max(1, LOGIT_ELEMENTS // V)
     mask = mask.float()
+    loss = _objective(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top, softcap, teacher_softcap)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
+        return _HeadLoss.apply(student_hidden, student_head, loss, chunk), mask.sum()
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, student_hidden.shape[0], chunk):
-        s = slice(i, i + chunk)
-        top = tuple(t[s] for t in teacher_top) if teacher_top is not None else None
-        t_hidden = teacher_hidden[s] if teacher_hidden is not None else None
-        args = (student_hidden[s], student_head, t_hidden, teacher_head, targets[s], mask[s], cfg, softcap,
-                teacher_softcap, top)
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            total = total + checkpoint(_slice_loss, *args, use_reentrant=False)
-        else:
-            total = total + _slice_loss(*args)
+        total = total + loss(student_hidden[i:i + chunk] @ student_head.T, slice(i, i + chunk))
     return total, mask.sum()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from taille.distill.losses import LossConfig, distill_loss
 from taille.errors import TailleError
@@ -339,24 +340,29 @@ def distill(cfg: DistillConfig) -> dict:
             ids = as_ids(blocks[rows], device)  # (B, T)
             teacher_top = cache.batch(rows, device) if cache is not None else None
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
+            # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
             with sync, autocast(precision, device.type):
-                hidden = trunk(ids)[:, :-1]  # (B, T-1, H): positions that predict the next token
                 t_hidden = None
                 if teacher is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), record_function("taille.teacher_forward"):
                         t_hidden = hidden_states(teacher, ids)[:, :-1].reshape(-1, teacher.config.hidden_size)
+                with record_function("taille.student_forward"):
+                    hidden = trunk(ids)[:, :-1]  # (B, T-1, H): positions that predict the next token
                 targets = ids[:, 1:].reshape(-1)
-                loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
-                                           torch.ones_like(targets), cfg.loss, t_hidden, t_head,
-                                           teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
+                with record_function("taille.loss_forward"):
+                    loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
+                                               torch.ones_like(targets), cfg.loss, t_hidden, t_head,
+                                               teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
                 # DDP averages gradients over processes: scale so the result is the global token mean.
                 loss = loss_sum * world / n_targets
-                accelerator.backward(loss)
+                with record_function("taille.backward"):
+                    accelerator.backward(loss)
             step_loss += loss_sum.detach() / n_targets
-        if cfg.clip:
-            accelerator.clip_grad_norm_(trunk.parameters(), cfg.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("taille.optimizer"):
+            if cfg.clip:
+                accelerator.clip_grad_norm_(trunk.parameters(), cfg.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         step_loss = accelerator.reduce(step_loss, reduction="sum")
         loss_value = float(step_loss)  # one sync per optimizer step: also the NaN check
         if not math.isfinite(loss_value):

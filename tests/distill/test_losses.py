@@ -64,6 +64,40 @@ def test_unchunked_matches_a_direct_formula():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("cfg", [LossConfig(ce_weight=0.25), LossConfig("rkl"), LossConfig("jsd", beta=0.3),
+                                 LossConfig(ce_weight=1.0, kd_weight=0.0)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_gradients_taken_in_the_forward_pass_equal_autograd_on_full_logits(cfg, softcap):
+    """The sliced head loss computes its gradients while each slice's logits exist; they must be the
+    gradients of the plain formula on the whole (N, V) logits, for the hidden states and the head."""
+    mask = (torch.arange(N) % 4 != 0).float()
+    s_h, w = STUDENT_H.clone().requires_grad_(), STUDENT_W.clone().requires_grad_()
+    loss, _ = distill_loss(s_h, w, TARGETS, mask, cfg, TEACHER_H, TEACHER_W, softcap=softcap, teacher_softcap=softcap,
+                           chunk=6)
+    (2.5 * loss).backward()  # an upstream scale reaches both gradients
+    r_h, r_w = STUDENT_H.clone().requires_grad_(), STUDENT_W.clone().requires_grad_()
+    s, t = r_h @ r_w.T, TEACHER_H @ TEACHER_W.T
+    if softcap:
+        s, t = torch.tanh(s / softcap) * softcap, torch.tanh(t / softcap) * softcap
+    per_token = cfg.kd_weight * divergence(t, s, cfg.kind, cfg.beta) + cfg.ce_weight * F.cross_entropy(
+        s, TARGETS, reduction="none")
+    reference = (per_token * mask).sum()
+    (2.5 * reference).backward()
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(s_h.grad, r_h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, r_w.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sliced_loss_under_bf16_autocast_keeps_input_dtypes():
+    s_h, w = STUDENT_H.clone().requires_grad_(), STUDENT_W.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = distill_loss(s_h, w, TARGETS, torch.ones(N), LossConfig(), TEACHER_H, TEACHER_W, chunk=8)
+    loss.backward()
+    assert loss.dtype == s_h.grad.dtype == w.grad.dtype == torch.float32
+    reference, _ = distill_loss(STUDENT_H, STUDENT_W, TARGETS, torch.ones(N), LossConfig(), TEACHER_H, TEACHER_W)
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0.5)  # bf16 logits: same value, coarser
+
+
 def test_topk_cache_with_k_equal_vocab_is_the_full_loss():
     t, s = TEACHER_H @ TEACHER_W.T, STUDENT_H @ STUDENT_W.T
     t_logp = F.log_softmax(t, -1)
