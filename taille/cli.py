@@ -274,6 +274,11 @@ def distill(
     temperature: Annotated[float, typer.Option(help="Softmax temperature of both models.")] = 1.0,
     ce_weight: Annotated[float, typer.Option(help="Weight of cross-entropy on the data's next tokens.")] = 0.0,
     kd_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 1.0,
+    hidden_layers: Annotated[Optional[str], typer.Option(
+        help="Also match intermediate hidden states (1 - cosine): 'auto' (4 student layers up to the last, each with "
+             "the teacher layer it was pruned from) or STUDENT:TEACHER pairs like 8:14,17:29; a learned projection "
+             "maps a narrower student to the teacher's width.")] = None,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = 1.0,
     precision: PrecisionOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 1234,
     eval_every: Annotated[int, typer.Option(help="Optimizer steps between held-out evaluations.")] = 50,
@@ -281,6 +286,8 @@ def distill(
     save_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
     log_every: Annotated[int, typer.Option(help="Optimizer steps between metric lines.")] = 5,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/latest, exactly.")] = False,
+    report_to: Annotated[str, typer.Option(help="Also log to tensorboard (OUT/taille-distill) or wandb; none: "
+                                           "metrics.jsonl and curves.png only.")] = "none",
 ) -> None:
     """Distil a teacher into a student: forward KL on the logits at temperature 1 (Minitron).
 
@@ -298,8 +305,10 @@ def distill(
         student=student, data=data, out=str(out), teacher=teacher, teacher_cache=teacher_cache,
         eval_data=None if eval_data == "none" else eval_data, tokens=parse_params(tokens), seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
-        clip=clip, loss=LossConfig(loss, beta, temperature, ce_weight, kd_weight), precision=precision, seed=seed,
-        eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every, log_every=log_every, resume=resume)
+        clip=clip, loss=LossConfig(loss, beta, temperature, ce_weight, kd_weight), hidden_layers=hidden_layers,
+        hidden_weight=hidden_weight, precision=precision, seed=seed,
+        eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every, log_every=log_every, resume=resume,
+        report_to=report_to)
     record = run(cfg)
     print(f"distilled {record['tokens']:,} tokens in {record['steps']} steps ({record['precision']}, "
           f"{record['processes']} process(es)); final loss {record['final_loss']:.4f} -> {out}")
@@ -403,6 +412,110 @@ def plan(
     _print_table(f"{len(candidates)} candidate shapes for {model} (first {min(top, len(candidates))})",
                  ["layers", "hidden", "MLP", "heads/kv", "params", *[f"{q} GiB" for q in candidates[0].weights_gib],
                   f"KV@{context} GiB", "max cut"], rows, right=set(range(11)))
+
+
+@app.command()
+def search(
+    model: Annotated[str, typer.Option("--model", "-m", help="The teacher.", show_default=False)],
+    data: Annotated[str, typer.Option(help="Calibration and distillation text.", show_default=False)],
+    params: Annotated[str, typer.Option(help="Parameter target (90M, 4.5B).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder: leaderboard.{md,json,png}, winner.yaml, candidates.",
+                                      show_default=False)],
+    scores: Annotated[Optional[Path], typer.Option(help="Scores from `taille importance` (else computed here).")] = None,
+    candidates: Annotated[int, typer.Option(help="Shapes to try.")] = 12,
+    steps: Annotated[int, typer.Option(help="Distillation steps per candidate (the same for all).")] = 50,
+    tolerance: Annotated[float, typer.Option(help="How far from the target a shape may land.")] = 0.05,
+    seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of each short distillation.")] = 5e-4,
+    top_k: Annotated[int, typer.Option(help="Teacher-cache K.")] = 128,
+    samples: Annotated[int, typer.Option(help="Calibration blocks, when importance runs here.")] = 128,
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Architecture search (Minitron): prune each candidate shape near the target and distil each briefly
+    from one teacher cache, then rank by held-out loss.
+
+    Importance runs once (or comes from --scores); the teacher runs once, into a top-K cache; every
+    candidate gets the same steps. The default width shape is always among the candidates, so the
+    leaderboard says whether the search beat it. A search run again skips finished candidates.
+    """
+    from taille.prune.prune import Calibration, run_importance
+    from taille.search.search import SearchSettings, run_search
+
+    settings = SearchSettings(params=params, tolerance=tolerance, candidates=candidates, steps=steps, seq_len=seq_len,
+                              batch_size=batch_size, lr=lr, top_k=top_k, precision=precision)
+    if scores is None:
+        scores = out / "importance"
+        if not (scores / "importance.json").is_file():
+            run_importance(model, Calibration(data=data, samples=samples), scores)
+    board = run_search(model, data, scores, settings, out)
+    _print_table(f"architecture search: {len(board['rows'])} candidates", board["header"][:-1],
+                 [r[:-1] for r in board["rows"]], right=set(range(1, 9)))
+    print(board["summary"])
+    print(f"leaderboard: {out / 'leaderboard.md'}; winner as a recipe section: {out / 'winner.yaml'}")
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="A recipe YAML file, or a shipped recipe's name.",
+                                          show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's out, else runs/NAME).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage (correct, importance, search, prune, "
+                                                 "distill, eval, report).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Check the recipe and print the shapes it will produce, from the "
+                                          "teacher's config alone; run nothing.")] = False,
+) -> None:
+    """Run a recipe: (teacher correction) -> importance -> (search) -> prune -> distil -> evaluate -> report.
+
+    Every stage writes one folder of the run and is skipped when its output is there, so a killed run
+    started again goes on where it stopped (a distillation from its last checkpoint). Ends with
+    report.md and report.html.
+    """
+    if dry_run:
+        from taille.run.recipe import load_recipe, plan_recipe
+
+        planned = plan_recipe(load_recipe(recipe))
+        rows = [[name, *p["shape"].values(), f"{p['params']:,}"] for name, p in
+                (("teacher", planned["teacher"]), ("prune target", planned.get("prune"))) if p]
+        rows += [[f"search candidate{' (default)' if c['default'] else ''}", *c["shape"].values(), f"{c['params']:,}"]
+                 for c in planned.get("search", [])]
+        _print_table(f"recipe {recipe}: planned shapes", ["", "hidden", "MLP", "heads", "KV heads", "layers", "params"],
+                     rows, right=set(range(1, 7)))
+        return
+    _run_and_show(recipe, out, until)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+) -> None:
+    """The main job on the embedded default: SmolLM2-135M-Instruct pruned to ~90M on Shakespeare, distilled
+    from the teacher, and evaluated against it (about 15 minutes on a 2-core CPU). The shipped recipe
+    `smollm2-135m-to-90m`; prints the table and the report's path."""
+    _run_and_show("smollm2-135m-to-90m", out, None)
+
+
+def _run_and_show(recipe_spec: str, out: Optional[Path], until: Optional[str]) -> None:
+    import yaml
+
+    from taille.run.pipeline import run_recipe
+    from taille.run.recipe import load_recipe
+
+    recipe = load_recipe(recipe_spec)
+    raw = yaml.safe_load(Path(recipe.source).read_text())
+    run = run_recipe(recipe, raw, str(out) if out else None, until)
+    if (run / "eval" / "eval.json").is_file():
+        from taille.eval.run import table
+        from taille.run.report import recovery
+
+        report = json.loads((run / "eval" / "eval.json").read_text())
+        header, rows = table(report)
+        _print_table(f"{recipe.name}: teacher vs pruned vs distilled", header, rows, right=set(range(1, len(header))))
+        won = recovery(report)
+        if won is not None:
+            print(f"distillation won back {won:.0%} of the log-perplexity that pruning lost")
+    if (run / "report.html").is_file():
+        print(f"report: {run / 'report.html'} (and report.md)")
 
 
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:

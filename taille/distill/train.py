@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from taille.distill.hidden import cosine_loss_sum, layer_outputs
 from taille.distill.losses import LossConfig, distill_loss
 from taille.errors import TailleError
 from taille.models.lm import hidden_states, logit_softcap
@@ -33,7 +34,8 @@ from taille.models.lm import hidden_states, logit_softcap
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what it computes.
-RESUME_FREE = ("out", "resume", "eval_every", "save_every", "log_every", "progress")
+RESUME_FREE = ("out", "resume", "eval_every", "save_every", "log_every", "progress", "report_to")
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 
 
 @dataclass
@@ -65,6 +67,10 @@ class DistillConfig:
     clip: float = 1.0
     """Gradient-norm clipping (0: off)."""
     loss: LossConfig = field(default_factory=LossConfig)
+    hidden_layers: str | None = None
+    """Intermediate hidden-state loss (1 - cosine) on pairs of decoder-layer outputs: 'auto' or
+    'S:T,S:T' (student:teacher, 0-based); through a learned projection when the widths differ."""
+    hidden_weight: float = 1.0
     precision: str = "auto"
     seed: int = 1234
     eval_every: int = 50
@@ -73,6 +79,8 @@ class DistillConfig:
     log_every: int = 5
     resume: bool = False
     progress: bool = True
+    report_to: str = "none"
+    """Also log metrics to tensorboard (OUT/runs) or wandb, through accelerate's trackers; none: JSONL only."""
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
@@ -82,6 +90,11 @@ class DistillConfig:
                               "--ce-weight > 0")
         if self.teacher_cache and self.teacher:
             raise TailleError("give --teacher or --teacher-cache, not both")
+        if self.hidden_layers and not (self.teacher and self.loss.kd_weight):
+            raise TailleError("--hidden-layers compares the student's hidden states with a live --teacher's "
+                              "(a teacher cache holds only logits)")
+        if self.hidden_weight < 0:
+            raise TailleError(f"--hidden-weight {self.hidden_weight} must be non-negative")
         if self.teacher_cache and self.loss.kind != "fkl":
             raise TailleError("--teacher-cache stores top-K distributions for forward KL only (--loss fkl)")
         if not self.data and not self.teacher_cache:
@@ -89,6 +102,14 @@ class DistillConfig:
         for name in ("tokens", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise TailleError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.report_to != "none":
+            import importlib.util
+
+            if self.report_to not in TRACKERS:
+                raise TailleError(f"--report-to {self.report_to}: use none, {', '.join(TRACKERS)}")
+            module, install = TRACKERS[self.report_to]
+            if importlib.util.find_spec(module) is None:
+                raise TailleError(f"--report-to {self.report_to} needs the {module} package: {install}")
         if not 0 <= self.min_lr <= self.lr:
             raise TailleError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}")
 
@@ -118,14 +139,31 @@ def sample_order(n_blocks: int, seed: int, first: int, count: int) -> np.ndarray
 
 class Trunk(torch.nn.Module):
     """The student as DDP sees it: the whole causal LM (all parameters registered) whose forward
-    returns final hidden states; the LM head is applied by the loss, in slices."""
+    returns final hidden states (the LM head is applied by the loss, in slices), and the outputs of the
+    tapped layers through their projections to the teacher's width (for --hidden-layers)."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, taps: list[int] = (), projections: list[torch.nn.Module] = ()):
         super().__init__()
         self.lm = lm
+        self.taps = list(taps)
+        self.projections = torch.nn.ModuleList(projections)
 
     def forward(self, input_ids):
-        return hidden_states(self.lm, input_ids)  # (B, T, H)
+        from taille.distill.hidden import layer_outputs
+
+        captured = {}
+        with layer_outputs(self.lm, self.taps, captured):
+            final = hidden_states(self.lm, input_ids)  # (B, T, H)
+        return final, [proj(captured[i]) for proj, i in zip(self.projections, self.taps)]  # each (B, T, H_teacher)
+
+
+def prune_record(folder: str) -> dict:
+    """The `kept` part of a student's pruning record (taille.json of `prune`, or of a `distill` of one)."""
+    path = Path(folder) / "taille.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    while record and "kept" not in record:
+        record = record.get("pruned_from") or {}
+    return record.get("kept", {}) if record else {}
 
 
 def _head(model):
@@ -160,7 +198,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillConfig, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillConfig, state: dict, keep: int = 2,
+                    projections: torch.nn.Module | None = None) -> Path:
     """checkpoints/step-NNNNNN (written to a temp folder, then renamed) and checkpoints/latest. A crash
     while saving leaves the previous checkpoint and `latest` untouched."""
     root = folder / "checkpoints"
@@ -172,6 +211,8 @@ def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillCon
     from safetensors.torch import save_model
 
     save_model(student, str(tmp / "student.safetensors"))  # stores a tied weight once
+    if projections is not None and len(list(projections.parameters())):
+        save_model(projections, str(tmp / "projections.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     torch.save(rng, tmp / "rng.pt")
@@ -240,7 +281,8 @@ def distill(cfg: DistillConfig) -> dict:
     from taille.models.load import resolve_device
 
     # On a machine without an accelerator, cpu=True lets torchrun / accelerate launch form a gloo group.
-    accelerator = Accelerator(cpu=resolve_device("auto") == "cpu")
+    trackers = {} if cfg.report_to == "none" else {"log_with": cfg.report_to, "project_dir": cfg.out}
+    accelerator = Accelerator(cpu=resolve_device("auto") == "cpu", **trackers)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     precision = resolve_precision(cfg.precision, device.type)
     out = Path(cfg.out)
@@ -289,7 +331,18 @@ def distill(cfg: DistillConfig) -> dict:
     total_steps = max(1, cfg.tokens // tokens_per_step)
     n_targets = global_batch * (cfg.seq_len - 1)  # real tokens per optimizer step (full blocks, no padding)
 
-    trunk = Trunk(student)
+    pairs, projections = [], []
+    if cfg.hidden_layers:
+        from taille.distill.hidden import parse_pairs, projection
+
+        kept = prune_record(cfg.student)
+        pairs = parse_pairs(cfg.hidden_layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers,
+                            kept.get("layers"))
+        projections = [projection(student.config.hidden_size, teacher.config.hidden_size, kept.get("hidden")).to(device)
+                       for _ in pairs]
+        log.info("hidden-state loss on (student, teacher) layers %s, weight %s", pairs, cfg.hidden_weight)
+    trunk = Trunk(student, [s for s, _ in pairs], projections)
+    teacher_taps = sorted({t for _, t in pairs})
     decay = [p for n, p in trunk.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -299,6 +352,8 @@ def distill(cfg: DistillConfig) -> dict:
         from safetensors.torch import load_model as load_weights
 
         load_weights(student, str(resume_from / "student.safetensors"), device=str(device))
+        if (resume_from / "projections.safetensors").is_file():
+            load_weights(trunk.projections, str(resume_from / "projections.safetensors"), device=str(device))
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
         rng = torch.load(resume_from / "rng.pt", weights_only=False)
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
@@ -319,10 +374,15 @@ def distill(cfg: DistillConfig) -> dict:
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             _atomic_write(metrics_path, "".join(line + "\n" for line in kept))
 
+    if trackers:
+        accelerator.init_trackers("taille-distill", config=_flat(cfg.to_dict()))
+
     def log_metrics(record: dict) -> None:
         if accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if trackers:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -334,6 +394,7 @@ def distill(cfg: DistillConfig) -> dict:
             group["lr"] = lr
         order = sample_order(len(blocks), cfg.seed, step * global_batch, global_batch)
         step_loss = torch.zeros((), device=device)
+        step_hidden = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             first = (micro * world + rank) * cfg.batch_size
             rows = np.sort(order[first:first + cfg.batch_size])
@@ -342,17 +403,25 @@ def distill(cfg: DistillConfig) -> dict:
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
             # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
             with sync, autocast(precision, device.type):
-                t_hidden = None
+                t_hidden, t_layers = None, {}
                 if teacher is not None:
-                    with torch.no_grad(), record_function("taille.teacher_forward"):
+                    with torch.no_grad(), record_function("taille.teacher_forward"), \
+                            layer_outputs(teacher, teacher_taps, t_layers):
                         t_hidden = hidden_states(teacher, ids)[:, :-1].reshape(-1, teacher.config.hidden_size)
                 with record_function("taille.student_forward"):
-                    hidden = trunk(ids)[:, :-1]  # (B, T-1, H): positions that predict the next token
+                    hidden, s_layers = trunk(ids)
+                    hidden = hidden[:, :-1]  # (B, T-1, H): positions that predict the next token
                 targets = ids[:, 1:].reshape(-1)
                 with record_function("taille.loss_forward"):
                     loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
                                                torch.ones_like(targets), cfg.loss, t_hidden, t_head,
                                                teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
+                if pairs:
+                    with record_function("taille.hidden_loss"):  # the same positions as the logit loss
+                        hidden_sum = cosine_loss_sum([h[:, :-1] for h in s_layers],
+                                                     [t_layers[t][:, :-1] for _, t in pairs])
+                    loss_sum = loss_sum + cfg.hidden_weight * hidden_sum
+                    step_hidden += hidden_sum.detach() / n_targets
                 # DDP averages gradients over processes: scale so the result is the global token mean.
                 loss = loss_sum * world / n_targets
                 with record_function("taille.backward"):
@@ -364,6 +433,8 @@ def distill(cfg: DistillConfig) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step_loss = accelerator.reduce(step_loss, reduction="sum")
+        if pairs:
+            step_hidden = accelerator.reduce(step_hidden, reduction="sum")
         loss_value = float(step_loss)  # one sync per optimizer step: also the NaN check
         if not math.isfinite(loss_value):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -379,6 +450,8 @@ def distill(cfg: DistillConfig) -> dict:
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "tokens": state["tokens"], "loss": loss_value,
                       "loss_avg": window_loss / window_steps, "lr": lr, "tokens_per_s": window_tokens / elapsed}
+            if pairs:  # the hidden-state part of `loss` (1 - cosine per token and pair, weighted)
+                record["hidden_loss"] = cfg.hidden_weight * float(step_hidden)
             state["seconds"] += elapsed
             log_metrics(record)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -395,7 +468,8 @@ def distill(cfg: DistillConfig) -> dict:
         if done % cfg.save_every == 0 or done == total_steps:  # the last one lets --resume of a finished run no-op
             save_start = time.perf_counter()
             if accelerator.is_main_process:
-                last_good = save_checkpoint(out, done, student, optimizer, cfg, state)
+                last_good = save_checkpoint(out, done, student, optimizer, cfg, state,
+                                            projections=accelerator.unwrap_model(trunk).projections)
             accelerator.wait_for_everyone()
             window_start += time.perf_counter() - save_start
     bar.close()
@@ -408,6 +482,8 @@ def distill(cfg: DistillConfig) -> dict:
         from taille.distill.figures import plot_curves
 
         plot_curves(metrics_path, out / "curves.png")
+    if trackers:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return record
 
@@ -419,6 +495,17 @@ def _save_student(student, tokenizer, out: Path, cfg: DistillConfig, record: dic
     student.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "taille.json").write_text(json.dumps({"distill": record, "pruned_from": history}, indent=1))
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested config -> {"loss.kind": "fkl", ...} with scalar values, as trackers want hyper-parameters."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def _yaml(values: dict) -> str:

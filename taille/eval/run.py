@@ -110,6 +110,13 @@ def evaluate(models: list[str], s: EvalSettings) -> dict:
 
 
 def markdown(report: dict) -> str:
+    header, rows = table(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows of cells) of the report's table; a model's label (report["labels"]) names its row."""
     from taille.eval.harness import headline
 
     rows = report["rows"]
@@ -122,9 +129,9 @@ def markdown(report: dict) -> str:
         header += ["prefill tok/s b1 / b8", "decode tok/s b1 / b8", "peak MiB b8", "weights MiB"]
     if has_kl:
         header += ["KL to reference"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    labels, out = report.get("labels", {}), []
     for r in rows:
-        cells = [r["model"], f"{r['params'] / 1e6:.2f}M"] + [
+        cells = [labels.get(r["model"], r["model"]), f"{r['params'] / 1e6:.2f}M"] + [
             f"{r['ppl'][t]['ppl']:.2f}" if t in r["ppl"] else "-" for t in texts]
         cells += [_fmt(headline(r["tasks"][t])) if t in r["tasks"] else "-" for t in tasks]
         if tasks:
@@ -136,8 +143,8 @@ def markdown(report: dict) -> str:
                       f"{sp['b8']['peak_mib']}", f"{sp['weights_mib']}"] if sp else ["-"] * 4
         if has_kl:
             cells.append(f"{r['kl_to_reference']:.4f}" if "kl_to_reference" in r else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        out.append(cells)
+    return header, out
 
 
 def _fmt(metric: tuple[str, float]) -> str:

@@ -65,7 +65,9 @@ def test_unchunked_matches_a_direct_formula():
 
 
 @pytest.mark.parametrize("cfg", [LossConfig(ce_weight=0.25), LossConfig("rkl"), LossConfig("jsd", beta=0.3),
-                                 LossConfig(ce_weight=1.0, kd_weight=0.0)])
+                                 LossConfig(ce_weight=1.0, kd_weight=0.0), LossConfig(temperature=2.0),
+                                 LossConfig(ce_weight=0.5, temperature=2.0)],
+                         ids=["fkl+ce", "rkl", "jsd", "ce", "fkl-T2", "fkl+ce-T2"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_gradients_taken_in_the_forward_pass_equal_autograd_on_full_logits(cfg, softcap):
     """The sliced head loss computes its gradients while each slice's logits exist; they must be the
@@ -79,7 +81,8 @@ def test_gradients_taken_in_the_forward_pass_equal_autograd_on_full_logits(cfg, 
     s, t = r_h @ r_w.T, TEACHER_H @ TEACHER_W.T
     if softcap:
         s, t = torch.tanh(s / softcap) * softcap, torch.tanh(t / softcap) * softcap
-    per_token = cfg.kd_weight * divergence(t, s, cfg.kind, cfg.beta) + cfg.ce_weight * F.cross_entropy(
+    T = cfg.temperature
+    per_token = cfg.kd_weight * T * T * divergence(t / T, s / T, cfg.kind, cfg.beta) + cfg.ce_weight * F.cross_entropy(
         s, TARGETS, reduction="none")
     reference = (per_token * mask).sum()
     (2.5 * reference).backward()

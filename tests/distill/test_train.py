@@ -167,3 +167,23 @@ def test_teacher_correction_lowers_the_teachers_loss(setup, tmp_path, capsys):
     assert losses[-1] < losses[0]
     record = json.loads((tmp_path / "t2" / "taille.json").read_text())["distill"]
     assert record["config"]["loss"]["kd_weight"] == 0 and record["config"]["teacher"] is None
+
+
+def test_tensorboard_gets_the_same_scalars_as_the_jsonl(setup, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_cli(capsys, *args(*setup, out, **{"--tokens": 512}), "--report-to", "tensorboard")
+    (events,) = list(out.glob("taille-distill/events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("loss")]
+    expected = [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+    assert [s for s, _ in logged] == [s for s, _ in expected] and len(expected) == 4
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+    assert "eval_kl" in acc.Tags()["scalars"]
+
+
+def test_report_to_an_unknown_tracker(setup, tmp_path, capsys):
+    _, err = run_cli(capsys, *args(*setup, tmp_path / "o"), "--report-to", "mlflowish", code=2)
+    assert "--report-to mlflowish: use none, tensorboard, wandb" in err

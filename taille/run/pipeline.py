@@ -1,0 +1,134 @@
+"""`taille run RECIPE.yaml`: teacher correction -> importance -> search -> prune -> distil -> evaluate ->
+report, each stage writing one folder of the run and skipped when its output is already there. A killed
+run started again resumes: finished stages are not redone, and a distillation continues from its last
+checkpoint exactly.
+
+RUN/recipe.yaml        the recipe as given (a run folder refuses a different one)
+RUN/corrected/         the corrected teacher (when the recipe has `correct`)
+RUN/importance/        scores + figures
+RUN/search/            leaderboard.{md,json,png}, one folder per candidate
+RUN/pruned/            the pruned student (standard HF folder)
+RUN/distilled/         the distilled student, checkpoints, metrics, curves
+RUN/eval/              teacher vs pruned vs distilled
+RUN/report.md, RUN/report.html
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from taille.errors import TailleError
+from taille.run import recipe as R
+
+log = logging.getLogger(__name__)
+
+STAGES = ("correct", "importance", "search", "prune", "distill", "eval", "report")
+DONE = {"correct": "corrected/taille.json", "importance": "importance/importance.json",
+        "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
+        "eval": "eval/eval.json", "report": "report.md"}
+
+
+def _check_same_recipe(run: Path, recipe: R.Recipe, raw: dict) -> None:
+    import yaml
+
+    stored = run / "recipe.yaml"
+    if stored.is_file():
+        before = yaml.safe_load(stored.read_text())
+        if before != raw:
+            changed = sorted(k for k in set(before) | set(raw) if before.get(k) != raw.get(k))
+            raise TailleError(f"{run} holds a run of another recipe (sections that differ: {', '.join(changed)}); "
+                              "give another --out, or delete the stages to redo")
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        stored.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def run_recipe(recipe: R.Recipe, raw: dict, out: str | None = None, until: str | None = None) -> Path:
+    """Run every stage not yet done; returns the run folder."""
+    run = recipe.run_dir(out)
+    _check_same_recipe(run, recipe, raw)
+    if until is not None and until not in STAGES:
+        raise TailleError(f"--until {until}: use one of {', '.join(STAGES)}")
+    timings = _load_json(run / "timings.json") or {}
+    teacher = str(run / "corrected") if recipe.correct else recipe.teacher
+    for stage in STAGES:
+        if stage == "correct" and not recipe.correct or stage == "search" and not recipe.search:
+            continue
+        if (run / DONE[stage]).exists() and stage != "report":
+            log.info("stage %s: done already (%s)", stage, run / DONE[stage])
+        else:
+            log.info("stage %s ...", stage)
+            started = time.perf_counter()
+            STAGE_FUNCTIONS[stage](recipe, run, teacher)
+            timings[stage] = round(time.perf_counter() - started + timings.get(stage, 0.0) * (stage == "distill"), 1)
+            (run / "timings.json").write_text(json.dumps(timings, indent=1))
+        if stage == until:
+            break
+    return run
+
+
+def _load_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_correct(recipe, run: Path, teacher: str) -> None:
+    from taille.distill.train import distill
+
+    distill(R.correct_config(recipe, str(run / "corrected")))
+
+
+def stage_importance(recipe, run: Path, teacher: str) -> None:
+    from taille.prune.prune import run_importance
+
+    keys = recipe.importance
+    run_importance(teacher, R.calibration(recipe), run / "importance", depth_metric=keys.get("depth_metric", "bi"),
+                   block_sizes=tuple(keys.get("block_sizes", (1,))))
+
+
+def stage_search(recipe, run: Path, teacher: str) -> None:
+    from taille.search.search import SearchSettings, run_search
+
+    settings = SearchSettings(**{k: v for k, v in recipe.search.items()})
+    run_search(teacher, recipe.data, run / "importance", settings, run / "search")
+
+
+def stage_prune(recipe, run: Path, teacher: str) -> None:
+    from taille.prune.prune import run_prune
+
+    winner = _load_json(run / "search" / "leaderboard.json")
+    shape = winner["winner"]["shape"] if winner and not recipe.prune else None
+    if shape is not None:
+        shape = {k: v for k, v in shape.items()}
+    target = R.target(recipe, shape)
+    prune = recipe.prune or {}
+    run_prune(teacher, target, run / "pruned", scores_path=str(run / "importance"),
+              criterion=prune.get("criterion", "activation"),
+              depth_criterion=prune.get("depth_criterion", "block-importance"), seed=prune.get("seed", 0))
+
+
+def stage_distill(recipe, run: Path, teacher: str) -> None:
+    from taille.distill.train import distill
+
+    distill(R.distill_config(recipe, str(run / "pruned"), str(run / "distilled"), teacher=teacher))
+
+
+def stage_eval(recipe, run: Path, teacher: str) -> None:
+    from taille.eval.run import evaluate, write_report
+
+    models = [teacher, str(run / "pruned"), str(run / "distilled")]
+    report = evaluate(models, R.eval_settings(recipe))
+    report["labels"] = {teacher: "teacher", str(run / "pruned"): "pruned", str(run / "distilled"): "distilled"}
+    write_report(report, run / "eval")
+
+
+def stage_report(recipe, run: Path, teacher: str) -> None:
+    from taille.run.report import write_run_report
+
+    write_run_report(recipe, run, teacher)
+
+
+STAGE_FUNCTIONS = {"correct": stage_correct, "importance": stage_importance, "search": stage_search,
+                   "prune": stage_prune, "distill": stage_distill, "eval": stage_eval, "report": stage_report}
