@@ -510,7 +510,8 @@ def _run_and_show(recipe_spec: str, out: Optional[Path], until: Optional[str]) -
 
         report = json.loads((run / "eval" / "eval.json").read_text())
         header, rows = table(report)
-        _print_table(f"{recipe.name}: teacher vs pruned vs distilled", header, rows, right=set(range(1, len(header))))
+        print(f"{recipe.name}: teacher vs pruned vs distilled")  # a table title would wrap at the table's width
+        _print_table("", header, rows, right=set(range(1, len(header))))
         won = recovery(report)
         if won is not None:
             print(f"distillation won back {won:.0%} of the log-perplexity that pruning lost")
