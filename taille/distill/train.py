@@ -80,7 +80,8 @@ class DistillConfig:
     resume: bool = False
     progress: bool = True
     report_to: str = "none"
-    """Also log metrics to tensorboard (OUT/runs) or wandb, through accelerate's trackers; none: JSONL only."""
+    """Also log metrics to tensorboard (OUT/taille-distill) or wandb, through accelerate's trackers; none:
+    metrics.jsonl only."""
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
@@ -149,8 +150,6 @@ class Trunk(torch.nn.Module):
         self.projections = torch.nn.ModuleList(projections)
 
     def forward(self, input_ids):
-        from taille.distill.hidden import layer_outputs
-
         captured = {}
         with layer_outputs(self.lm, self.taps, captured):
             final = hidden_states(self.lm, input_ids)  # (B, T, H)

@@ -48,10 +48,10 @@ def _check_same_recipe(run: Path, recipe: R.Recipe, raw: dict) -> None:
 
 def run_recipe(recipe: R.Recipe, raw: dict, out: str | None = None, until: str | None = None) -> Path:
     """Run every stage not yet done; returns the run folder."""
-    run = recipe.run_dir(out)
-    _check_same_recipe(run, recipe, raw)
     if until is not None and until not in STAGES:
         raise TailleError(f"--until {until}: use one of {', '.join(STAGES)}")
+    run = recipe.run_dir(out)
+    _check_same_recipe(run, recipe, raw)
     timings = _load_json(run / "timings.json") or {}
     teacher = str(run / "corrected") if recipe.correct else recipe.teacher
     for stage in STAGES:
@@ -63,7 +63,8 @@ def run_recipe(recipe: R.Recipe, raw: dict, out: str | None = None, until: str |
             log.info("stage %s ...", stage)
             started = time.perf_counter()
             STAGE_FUNCTIONS[stage](recipe, run, teacher)
-            timings[stage] = round(time.perf_counter() - started + timings.get(stage, 0.0) * (stage == "distill"), 1)
+            # a stage that runs again did not finish before (a resumed distillation): its times add up
+            timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)
             (run / "timings.json").write_text(json.dumps(timings, indent=1))
         if stage == until:
             break
