@@ -10,6 +10,8 @@ Sources:
   hf://NAME[:CONFIG]:SPLIT[:FIELD]
                           a Hugging Face Hub dataset, streamed (needs `pip install datasets`)
 
+Several sources with weights (`a:0.3,b:0.7`) are a mixture of training blocks: taille/data/mixture.py.
+
 A document may arrive in pieces (a multi-GB text file is read 4 MiB at a time, cut at a line break):
 `documents()` yields (text, ends_document) so the tokenizer puts EOS only between real documents.
 """

@@ -55,13 +55,18 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
 
     from taille.data.tokens import as_ids, load_tokens, tokenizer_fingerprint
     from taille.models.lm import head_logits, hidden_states
+    from taille.data.mixture import load_blocks, parse_mixture
     from taille.models.precision import autocast
 
     V = teacher.config.vocab_size
     if not 1 <= top_k <= V:
         raise TailleError(f"--top-k {top_k}: between 1 and the vocabulary size {V}")
-    stream = load_tokens(data, tokenizer, split="train", max_tokens=max_tokens, progress=progress)
-    blocks = np.ascontiguousarray(stream.blocks(seq_len))
+    if parse_mixture(data) is not None:  # several weighted sources: the first blocks of their mixture
+        mixed = load_blocks(data, tokenizer, seq_len, progress=progress)
+        blocks, source = mixed[: (max_tokens // seq_len) if max_tokens else len(mixed)], data
+    else:
+        stream = load_tokens(data, tokenizer, split="train", max_tokens=max_tokens, progress=progress)
+        blocks, source = np.ascontiguousarray(stream.blocks(seq_len)), stream.meta["source"]
     N, T = blocks.shape
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
             rest[b + i] = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)).clamp(min=-1e4).cpu().numpy()
     for array in (top_logp, top_idx, rest):
         array.flush()
-    meta = {"teacher": str(getattr(teacher.config, "name_or_path", "")), "data": stream.meta["source"],
+    meta = {"teacher": str(getattr(teacher.config, "name_or_path", "")), "data": source,
             "tokenizer": tokenizer_fingerprint(tokenizer), "top_k": top_k, "seq_len": seq_len, "blocks": N,
             "vocab": V, "precision": precision, "seconds": round(time.perf_counter() - start, 1),
             "bytes": sum(p.stat().st_size for p in paths.values() if p.exists())}

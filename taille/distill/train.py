@@ -272,6 +272,7 @@ def distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from taille.data.mixture import load_blocks
     from taille.data.tokens import as_ids, load_tokens
     from taille.models.load import load_model
     from taille.models.precision import autocast, resolve_precision
@@ -314,8 +315,7 @@ def distill(cfg: DistillConfig) -> dict:
                 raise TailleError(f"--seq-len {cfg.seq_len} differs from the teacher cache's {cache.meta['seq_len']}")
             blocks = cache.blocks
         else:
-            blocks = load_tokens(cfg.data, tokenizer, split="train",
-                                 progress=cfg.progress and accelerator.is_main_process).blocks(cfg.seq_len)
+            blocks = load_blocks(cfg.data, tokenizer, cfg.seq_len, progress=cfg.progress and accelerator.is_main_process)
         source = cfg.data or (cache.meta["data"] if cache else "")
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
@@ -474,6 +474,8 @@ def distill(cfg: DistillConfig) -> dict:
     bar.close()
 
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
+              "data": blocks.describe() if hasattr(blocks, "describe") else [{"source": cfg.data or source,
+                                                                              "blocks": len(blocks)}],
               "global_batch": global_batch, "processes": world, "precision": precision,
               "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
     if accelerator.is_main_process:

@@ -1,0 +1,101 @@
+"""Several sources as one stream of training blocks: `--data shakespeare:0.3,gen.jsonl:0.7`.
+
+Each source is tokenized (and cached) on its own and cut into blocks; the mixture is a list of
+(source, block) pairs interleaved deterministically so that after any k blocks each source has given
+its weight's share (rounded): at each position the source furthest behind its share goes next. Its
+length is the sum of the sources' blocks; a source whose share is larger than its text repeats it
+(whole passes, in order), one whose share is smaller uses its first blocks. The same spec and tokenizer
+give the same blocks, in the same order, on every machine; `describe()` is what a run records.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from taille.errors import TailleError
+
+_WEIGHT = re.compile(r"^(?P<source>.+):(?P<weight>\d+(\.\d*)?|\.\d+)$")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]] | None:
+    """'a:0.3,b:0.7' -> [('a', 0.3), ('b', 0.7)]; None when `spec` is one plain source. Weights are
+    relative (normalised here); every item needs one."""
+    items = [item.strip() for item in str(spec).split(",")]
+    matches = [_WEIGHT.match(item) for item in items]
+    if not any(matches):
+        return None
+    if not all(matches):
+        bad = next(item for item, m in zip(items, matches) if not m)
+        raise TailleError(f"--data {spec}: in a mixture every source needs a weight (SOURCE:WEIGHT); '{bad}' has none")
+    parts = [(m["source"], float(m["weight"])) for m in matches]
+    total = sum(w for _, w in parts)
+    if total <= 0 or any(w < 0 for _, w in parts):
+        raise TailleError(f"--data {spec}: weights must be non-negative and not all 0")
+    return [(s, w / total) for s, w in parts if w > 0]
+
+
+def interleave(weights: list[float], length: int) -> np.ndarray:
+    """(length,) source index per position: each position goes to the source furthest behind its share."""
+    w = np.asarray(weights, dtype=np.float64)
+    taken = np.zeros(len(w))
+    out = np.empty(length, dtype=np.int64)
+    for k in range(length):
+        i = int(np.argmax(w * (k + 1) - taken))
+        out[k] = i
+        taken[i] += 1
+    return out
+
+
+class MixedBlocks:
+    """(N, seq_len) blocks drawn from several sources' block arrays; indexable like one array."""
+
+    def __init__(self, parts: list[tuple[str, float]], blocks: list[np.ndarray]):
+        self.parts = parts
+        self.sources = blocks
+        length = sum(len(b) for b in blocks)
+        self.which = interleave([w for _, w in parts], length)  # (N,) source of each mixed block
+        self.index = np.empty(length, dtype=np.int64)  # (N,) block within its source
+        for i, b in enumerate(blocks):
+            positions = np.flatnonzero(self.which == i)
+            self.index[positions] = np.arange(len(positions)) % len(b)  # repeats whole passes if needed
+        self.shape = (length, blocks[0].shape[1])
+        self.dtype = np.result_type(*[b.dtype for b in blocks])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.atleast_1d(np.asarray(rows))
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)  # (B, seq_len)
+        which = self.which[rows]
+        for i, source in enumerate(self.sources):
+            mine = which == i
+            if mine.any():
+                out[mine] = source[self.index[rows[mine]]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+    def describe(self) -> list[dict]:
+        """Per source: weight, its own blocks, blocks it gives the mixture, and passes over its text."""
+        out = []
+        for i, ((spec, weight), b) in enumerate(zip(self.parts, self.sources)):
+            used = int((self.which == i).sum())
+            out.append({"source": spec, "weight": round(weight, 6), "blocks": len(b), "mixture_blocks": used,
+                        "passes": round(used / len(b), 3)})
+        return out
+
+
+def load_blocks(spec: str, tokenizer, seq_len: int, split: str = "train", progress: bool = True):
+    """Training blocks of `spec`: one source's (N, seq_len) view, or a MixedBlocks for a weighted list."""
+    from taille.data.tokens import load_tokens
+
+    parts = parse_mixture(spec)
+    if parts is None:
+        return load_tokens(spec, tokenizer, split=split, progress=progress).blocks(seq_len)
+    blocks = [load_tokens(s, tokenizer, split=split, progress=progress).blocks(seq_len) for s, _ in parts]
+    return MixedBlocks(parts, blocks)
