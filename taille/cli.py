@@ -415,6 +415,44 @@ def plan(
 
 
 @app.command()
+def generate(
+    teacher: Annotated[str, typer.Option(help="The model whose answers make the corpus.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Chat JSONL to write (appended to; OUT.meta.json beside it).",
+                                      show_default=False)],
+    prompts: Annotated[str, typer.Option(help="'seed' (the shipped general set), or a .txt (a prompt a line) or "
+                                         ".jsonl ({\"prompt\": ...} or {\"messages\": [...]}) file.")] = "seed",
+    tokens: Annotated[str, typer.Option(help="Answer tokens to keep (300K, 2M).")] = "300K",
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
+    batch_size: Annotated[int, typer.Option(help="Prompts sampled together.")] = 16,
+    min_tokens: Annotated[int, typer.Option(help="Drop answers shorter than this.")] = 16,
+    near_duplicate: Annotated[float, typer.Option(help="Word 5-gram Jaccard above which an answer is a "
+                                                  "near-duplicate of an earlier one (1: exact only).")] = 0.7,
+    language: Annotated[str, typer.Option(help="Keep answers in this language: en, or none.")] = "en",
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Sample a distillation corpus from the teacher: prompts in, teacher answers out, as chat JSONL for --data.
+
+    Each prompt is answered in rounds until --tokens answer tokens are kept; answers too short, not in
+    --language, or exact / near duplicates of earlier ones are dropped. Records are appended as they come:
+    run it again to continue (done prompt rounds are skipped). A teacher without a chat template gets
+    plain continuations (text records), and says so. OUT.meta.json: engine, tokens/s, what was filtered.
+    """
+    from taille.generate.generate import GenerateSettings, generate as run
+    from taille.prune.shape import parse_params
+
+    meta = run(GenerateSettings(teacher=teacher, out=str(out), prompts=prompts, tokens=parse_params(tokens),
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, min_tokens=min_tokens, near_duplicate=near_duplicate,
+                                language=None if language == "none" else language, seed=seed, precision=precision))
+    print(f"{meta['records']:,} records, {meta['tokens_kept']:,} answer tokens -> {out} ({meta['engine']}; "
+          f"{meta['generation_tokens_per_s']} generated tokens/s this run; duplicate rate "
+          f"{meta['duplicate_rate_this_run']})")
+
+
+@app.command()
 def search(
     model: Annotated[str, typer.Option("--model", "-m", help="The teacher.", show_default=False)],
     data: Annotated[str, typer.Option(help="Calibration and distillation text.", show_default=False)],

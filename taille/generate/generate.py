@@ -1,0 +1,240 @@
+"""`taille generate`: a distillation corpus sampled from the teacher itself, for when its training data is
+out of reach (Minitron's teacher-correction setting; ../shared/MINITRON.md).
+
+Prompts in (the shipped general seed set, or the user's .txt / .jsonl), teacher answers out, as chat
+JSONL that `--data` reads. Each prompt is answered in rounds (round r samples with seed + r) until the
+token budget is met. Answers are filtered (too short, not in the language asked for) and de-duplicated
+(exact, and near: Jaccard similarity of word 5-gram shingles against earlier answers); everything kept
+is appended as it comes, so a stopped run started again skips the (prompt, round) pairs already done.
+OUT.meta.json says which engine produced it, how fast, and what was filtered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from taille.errors import TailleError
+
+log = logging.getLogger(__name__)
+
+SEED = "seed"
+"""--prompts value naming the shipped general seed set (taille/generate/seed_prompts.txt)."""
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+@dataclass
+class GenerateSettings:
+    teacher: str
+    out: str
+    prompts: str = SEED
+    tokens: int = 300_000
+    """Answer tokens to keep (after filtering)."""
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 16
+    min_tokens: int = 16
+    """Answers shorter than this are dropped."""
+    near_duplicate: float = 0.7
+    """Jaccard similarity of word 5-gram shingles above which an answer is a near-duplicate (1: exact only)."""
+    language: str | None = "en"
+    """Keep answers whose letters are mostly Latin script with common English words (None: no filter)."""
+    seed: int = 1234
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise TailleError("--tokens, --max-new-tokens and --batch-size must be at least 1")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise TailleError("--top-p must be in (0, 1] and --temperature positive")
+        if not 0 < self.near_duplicate <= 1:
+            raise TailleError("--near-duplicate must be in (0, 1]")
+        if self.language not in (None, "en"):
+            raise TailleError(f"--language {self.language}: only en (or none) is checked so far")
+
+
+def read_prompts(spec: str) -> list[str]:
+    """The seed set, or a .txt (one prompt a line) / .jsonl ({"prompt": ...} or {"messages": [...]}, the last
+    user message) file. Empty or malformed files are errors naming the line."""
+    path = Path(__file__).parent / "seed_prompts.txt" if spec == SEED else Path(spec)
+    if not path.is_file():
+        raise TailleError(f"--prompts {spec}: no such file (give a .txt or .jsonl file, or 'seed')")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TailleError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                prompts.append(record["prompt"].strip())
+            elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+                users = [m.get("content") for m in record["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+                if not users or not isinstance(users[-1], str):
+                    raise TailleError(f"{path}:{n}: 'messages' has no user message")
+                prompts.append(users[-1].strip())
+            else:
+                raise TailleError(f"{path}:{n}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+        else:
+            prompts.append(line.strip())
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise TailleError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def shingles(text: str, n: int = 5) -> set[int]:
+    words = _WORD.findall(text.lower())
+    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams if g}
+
+
+class Deduplicator:
+    """Exact (normalised text hash) and near (shingle Jaccard >= threshold) duplicates of earlier texts;
+    candidates come from an index of shingles, so each check touches only texts that share one."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.exact: set[str] = set()
+        self.docs: list[set[int]] = []
+        self.index: dict[int, list[int]] = {}
+
+    def check_and_add(self, text: str) -> str | None:
+        """None if `text` is new (and now remembered), else 'exact' or 'near'."""
+        key = hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
+        if key in self.exact:
+            return "exact"
+        mine = shingles(text)
+        if self.threshold < 1 and mine:
+            seen = {d for s in mine for d in self.index.get(s, ())}
+            for d in seen:
+                other = self.docs[d]
+                if len(mine & other) / len(mine | other) >= self.threshold:
+                    return "near"
+        self.exact.add(key)
+        doc = len(self.docs)
+        self.docs.append(mine)
+        for s in mine:
+            self.index.setdefault(s, []).append(doc)
+        return None
+
+
+_ENGLISH = frozenset("the of and to a in is it that for on with as was be are this by not or you at have from".split())
+
+
+def looks_like(text: str, language: str | None) -> bool:
+    """A cheap script-and-stopword test: mostly ASCII letters and some of the commonest English words."""
+    if language is None:
+        return True
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return False
+    words = _WORD.findall(text.lower())
+    ascii_share = sum(c.isascii() for c in letters) / len(letters)
+    common = sum(w in _ENGLISH for w in words) / max(1, len(words))
+    return ascii_share >= 0.9 and (len(words) < 8 or common >= 0.05)
+
+
+def _done_ids(out: Path, dedup: Deduplicator) -> tuple[set[str], int]:
+    """Ids already written (and their answers fed to the deduplicator) and their tokens, for resuming."""
+    done, tokens = set(), 0
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done.add(record["id"])
+                tokens += record["tokens"]
+                dedup.check_and_add(record["answer"])
+    return done, tokens
+
+
+def generate(s: GenerateSettings) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import autocast, resolve_precision
+
+    prompts = read_prompts(s.prompts)
+    device = resolve_device("auto")
+    precision = resolve_precision(s.precision, device)
+    model, tokenizer = load_model(s.teacher, device=device)
+    model.eval()
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if not chat:
+        log.warning("%s has no chat template: generating plain continuations of the prompts (records are text)",
+                    s.teacher)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out = Path(s.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dedup = Deduplicator(s.near_duplicate)
+    done, kept_tokens = _done_ids(out, dedup)
+    counts = {"kept": len(done), "exact_duplicate": 0, "near_duplicate": 0, "too_short": 0, "language": 0}
+    generated, seconds = 0, 0.0
+    bar = tqdm(total=s.tokens, initial=min(kept_tokens, s.tokens), desc="generate", unit="tok", unit_scale=True)
+    rounds = 0
+    with open(out, "a") as f:
+        while kept_tokens < s.tokens:
+            todo = [(i, p) for i, p in enumerate(prompts) if f"{i}-{rounds}" not in done]
+            for b in range(0, len(todo), s.batch_size):
+                if kept_tokens >= s.tokens:
+                    break
+                batch = todo[b:b + s.batch_size]
+                texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                       add_generation_prompt=True) if chat else p for _, p in batch]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+                torch.manual_seed(s.seed + rounds * 1_000_003 + b)
+                start = time.perf_counter()
+                with torch.no_grad(), autocast(precision, device):
+                    ids = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                                         max_new_tokens=s.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                seconds += time.perf_counter() - start
+                new = ids[:, enc["input_ids"].shape[1]:]  # (B, new)
+                for (i, prompt), row in zip(batch, new):
+                    length = int((row != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(row)
+                    generated += length
+                    answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+                    n = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+                    verdict = ("too_short" if n < s.min_tokens else "language" if not looks_like(answer, s.language)
+                               else None)
+                    if verdict is None:
+                        dup = dedup.check_and_add(answer)
+                        verdict = f"{dup}_duplicate" if dup else None
+                    if verdict is not None:
+                        counts[verdict] += 1
+                        continue
+                    record = {"id": f"{i}-{rounds}", "prompt": prompt, "answer": answer, "tokens": n}
+                    record.update({"messages": [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": answer}]} if chat
+                                  else {"text": f"{prompt} {answer}"})
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    counts["kept"] += 1
+                    kept_tokens += n
+                    bar.update(n)
+                bar.set_postfix(tok_s=f"{generated / max(seconds, 1e-9):.0f}")
+            rounds += 1
+            if rounds > 1000:
+                raise TailleError("1000 rounds over the prompts did not reach --tokens; the filters drop almost "
+                                  "everything (lower --min-tokens, raise --near-duplicate) or add prompts")
+    bar.close()
+    offered = sum(counts.values()) - len(done)
+    meta = {"engine": f"pytorch: transformers generate, batched ({device}, {precision})", "teacher": s.teacher,
+            "chat_template": chat, "settings": asdict(s), "prompts": len(prompts), "tokens_kept": kept_tokens,
+            "records": counts["kept"], "generated_tokens_this_run": generated,
+            "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
+            "filtered_this_run": {k: v for k, v in counts.items() if k != "kept"},
+            "duplicate_rate_this_run": round((counts["exact_duplicate"] + counts["near_duplicate"]) / offered, 4)
+            if offered else None}
+    Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta

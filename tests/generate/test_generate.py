@@ -1,0 +1,88 @@
+"""taille generate on a tiny model: chat records, resume, filters, de-duplication and bad input."""
+
+import json
+
+import pytest
+
+from taille.errors import TailleError
+from taille.generate.generate import Deduplicator, looks_like, read_prompts
+from tests.conftest import run_cli, save_tiny
+
+
+def gen_args(model, out, prompts, **extra):
+    base = {"--teacher": model, "--out": out, "--prompts": prompts, "--tokens": 40, "--max-new-tokens": 12,
+            "--batch-size": 2, "--min-tokens": 1, "--language": "none", "--near-duplicate": 1.0, "--precision": "fp32"}
+    base.update(extra)
+    return ["generate"] + [str(x) for kv in base.items() for x in kv]
+
+
+def test_seed_set_is_shipped_and_diverse():
+    prompts = read_prompts("seed")
+    assert len(prompts) >= 200 and len(set(prompts)) == len(prompts)
+
+
+def test_generates_chat_records_and_resumes(tmp_path, capsys):
+    model = save_tiny(tmp_path / "m", "llama", seed=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("tell me about the heath\n\nwhen shall we meet\nwhat is thunder\n")
+    out = tmp_path / "gen.jsonl"
+    run_cli(capsys, *gen_args(model, out, prompts))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sum(r["tokens"] for r in records) >= 40
+    assert all(r["messages"][0] == {"role": "user", "content": r["prompt"]} for r in records)
+    assert all(r["messages"][1]["role"] == "assistant" for r in records)
+    meta = json.loads((tmp_path / "gen.jsonl.meta.json").read_text())
+    assert meta["engine"].startswith("pytorch") and meta["chat_template"] and meta["generation_tokens_per_s"] > 0
+    # more tokens: the run continues, keeps what is there, adds new (prompt, round) ids only
+    run_cli(capsys, *gen_args(model, out, prompts, **{"--tokens": 80}))
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again[: len(records)] == records and sum(r["tokens"] for r in again) >= 80
+    assert len({r["id"] for r in again}) == len(again)
+    # the corpus is --data for distillation as it is
+    from taille.data.tokens import load_tokens
+    from taille.models.load import load_tokenizer
+    assert len(load_tokens(str(out), load_tokenizer(str(model)), progress=False)) > 80
+
+
+def test_a_teacher_without_chat_template_continues_plain_text(tmp_path, capsys, caplog):
+    model = save_tiny(tmp_path / "m", "llama", seed=1, chat_template=None)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("when shall we meet\n")
+    out = tmp_path / "gen.jsonl"
+    with caplog.at_level("WARNING"):
+        run_cli(capsys, *gen_args(model, out, prompts, **{"--tokens": 10}))
+    assert "no chat template" in caplog.text
+    record = json.loads(out.read_text().splitlines()[0])
+    assert "messages" not in record and record["text"].startswith("when shall we meet")
+    assert json.loads((tmp_path / "gen.jsonl.meta.json").read_text())["chat_template"] is False
+
+
+@pytest.mark.parametrize("content, message", [("", "no prompts"), ("\n  \n", "no prompts"),
+                                              ('{"prompt": "a"}\n{oops\n', ":2: not valid JSON"),
+                                              ('{"question": "a"}\n', "expected")])
+def test_bad_prompt_files(tmp_path, content, message):
+    path = tmp_path / ("p.jsonl" if "{" in content else "p.txt")
+    path.write_text(content)
+    with pytest.raises(TailleError, match=message):
+        read_prompts(str(path))
+
+
+def test_bad_prompt_file_from_the_cli(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("")
+    _, err = run_cli(capsys, *gen_args(tmp_path, tmp_path / "o.jsonl", tmp_path / "p.txt"), code=2)
+    assert "no prompts" in err
+
+
+def test_deduplicator_exact_and_near():
+    d = Deduplicator(0.7)
+    base = "the quick brown fox jumps over the lazy dog while the farmer sleeps under the old oak tree"
+    assert d.check_and_add(base) is None
+    assert d.check_and_add(base.upper() + "  ") == "exact"
+    assert d.check_and_add(base.replace("old oak", "old elm")) == "near"
+    assert d.check_and_add("an entirely different sentence about sailing ships crossing the cold northern sea") is None
+
+
+def test_language_filter():
+    assert looks_like("The cat sat on the mat and it was happy with the sun.", "en")
+    assert not looks_like("Кошка сидела на коврике и была очень довольна солнцем.", "en")
+    assert looks_like("anything at all", None)
