@@ -528,7 +528,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
 ) -> None:
     """The main job on the embedded default: SmolLM2-135M-Instruct pruned to ~90M on Shakespeare, distilled
-    from the teacher, and evaluated against it (about 15 minutes on a 2-core CPU). The shipped recipe
+    from the teacher, and evaluated against it (about 8 minutes on a 2-core CPU). The shipped recipe
     `smollm2-135m-to-90m`; prints the table and the report's path."""
     _run_and_show("smollm2-135m-to-90m", out, None)
 

@@ -164,3 +164,9 @@ def test_recovery_is_the_share_of_lost_log_perplexity_won_back():
     assert recovery(report) == pytest.approx(0.75)
     rows[1]["ppl"]["text"]["ppl"] = math.exp(1.0)  # pruning lost nothing: no share to speak of
     assert recovery(report) is None
+
+
+def test_dry_run_prints_the_planned_shapes_and_runs_nothing(tmp_path, capsys):
+    out, _ = run_cli(capsys, "run", tiny_recipe(tmp_path), "--dry-run")
+    assert "planned shapes" in out and "prune target" in out and "48" in out
+    assert not (tmp_path / "run").exists()
