@@ -29,7 +29,6 @@ CORRECT_KEYS = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "min_lr",
 IMPORTANCE_KEYS = ("samples", "seq_len", "batch_size", "depth_samples", "depth_metric", "block_sizes")
 PRUNE_KEYS = ("params", "ratio", "axes", "tolerance", "hidden", "ffn", "heads", "kv_heads", "layers", "drop_layers",
               "criterion", "depth_criterion", "seed")
-SEARCH_KEYS = ("params", "tolerance", "candidates", "steps", "seq_len", "batch_size", "lr", "top_k", "axes")
 DISTILL_SKIP = ("student", "data", "out", "teacher", "teacher_cache", "resume", "progress", "loss")
 LOSS_KEYS = ("kind", "beta", "temperature", "ce_weight", "kd_weight")
 
@@ -70,6 +69,12 @@ def distill_keys() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name not in DISTILL_SKIP) + ("loss",)
 
 
+def search_keys() -> tuple[str, ...]:
+    from taille.search.search import SearchSettings
+
+    return tuple(f.name for f in dataclasses.fields(SearchSettings))
+
+
 def eval_keys() -> tuple[str, ...]:
     from taille.eval.run import EvalSettings
 
@@ -94,11 +99,15 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         name=str(values["name"]), teacher=str(values["teacher"]), data=str(values["data"]), out=values.get("out"),
         correct=_check_keys("correct", values.get("correct"), CORRECT_KEYS),
         importance=_check_keys("importance", values.get("importance") or {}, IMPORTANCE_KEYS),
-        search=_check_keys("search", values.get("search"), SEARCH_KEYS),
+        search=_check_keys("search", values.get("search"), search_keys()),
         prune=_check_keys("prune", values.get("prune"), PRUNE_KEYS),
         distill=distill, eval=_check_keys("eval", values.get("eval") or {}, eval_keys()), source=source)
     # build every stage's settings now: a bad value fails before hours of work, not at that stage
     target(recipe)
+    if recipe.search:
+        from taille.search.search import SearchSettings
+
+        SearchSettings(**recipe.search)
     distill_config(recipe, "STUDENT", "OUT")
     if recipe.eval:
         eval_settings(recipe)
