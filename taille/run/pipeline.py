@@ -99,11 +99,8 @@ def stage_search(recipe, run: Path, teacher: str) -> None:
 def stage_prune(recipe, run: Path, teacher: str) -> None:
     from taille.prune.prune import run_prune
 
-    winner = _load_json(run / "search" / "leaderboard.json")
-    shape = winner["winner"]["shape"] if winner and not recipe.prune else None
-    if shape is not None:
-        shape = {k: v for k, v in shape.items()}
-    target = R.target(recipe, shape)
+    board = _load_json(run / "search" / "leaderboard.json") if recipe.search else None
+    target = R.target(recipe, board["winner"]["shape"] if board else None)
     prune = recipe.prune or {}
     run_prune(teacher, target, run / "pruned", scores_path=str(run / "importance"),
               criterion=prune.get("criterion", "activation"),

@@ -155,7 +155,10 @@ def target(recipe: Recipe, shape: dict | None = None):
         values["axes"] = tuple(axes.split(",") if isinstance(axes, str) else axes)
     if "params" in values:
         values["params"] = str(values["params"])
-    if not values and recipe.search:
+    if recipe.search:
+        if values:
+            raise TailleError("a recipe with 'search' prunes to the search's winner; its 'prune' section may only "
+                              f"set criterion, depth_criterion, seed (not {', '.join(sorted(values))})")
         return None  # the search decides the shape
     return Target(**values)
 

@@ -66,8 +66,9 @@ def test_a_shipped_recipe_is_found_by_name():
     ({"prune": {"params": "90M", "hidden": 480}}, "not both"),
     ({"distill": {"lr": 1e-4, "min_lr": 1e-3}}, "--min-lr"),
     ({"eval": {"windoww": 3}}, "section 'eval': unknown key(s) windoww"),
-    ({"search": {"params": "90M", "axes": "mlp"}}, "section 'search': unknown key(s) axes"),
-    ({"search": {"params": "90M", "candidates": 1}}, "--candidates must be at least 2"),
+    ({"search": {"params": "90M", "axes": "mlp"}, "prune": None}, "section 'search': unknown key(s) axes"),
+    ({"search": {"params": "90M", "candidates": 1}, "prune": None}, "--candidates must be at least 2"),
+    ({"search": {"params": "90M"}, "prune": {"params": "90M"}}, "may only set criterion"),
 ])
 def test_bad_recipes_say_what_is_wrong(change, message):
     values = {"name": "x", "teacher": "t", "data": "d", "prune": {"params": "90M"}, **change}
