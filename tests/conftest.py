@@ -125,3 +125,17 @@ def run_cli(capsys, *args, code: int = 0) -> tuple[str, str]:
     assert exit_info.value.code == code, err
     assert "Traceback" not in err
     return out, err
+
+
+def kill_when_exists(cmd: list[str], env: dict, path, timeout: float) -> None:
+    """Start `cmd`, SIGKILL it as soon as `path` exists (or after `timeout` seconds), and wait for it."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

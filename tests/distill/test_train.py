@@ -2,14 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import run_cli, save_tiny
+from tests.conftest import kill_when_exists, run_cli, save_tiny
 
 
 def make_setup(tmp_path, tied: bool):
@@ -65,13 +63,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(any_setup, tmp_path):
     cmd = [sys.executable, "-m", "taille"]
     full = subprocess.run(cmd + args(*setup, tmp_path / "full"), env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
-    killed = subprocess.Popen(cmd + args(*setup, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "latest").exists():
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_when_exists(cmd + args(*setup, tmp_path / "killed"), env, tmp_path / "killed" / "checkpoints" / "latest", 120)
     assert (tmp_path / "killed" / "checkpoints" / "latest").exists()
     resumed = subprocess.run(cmd + args(*setup, tmp_path / "killed") + ["--resume"], env=env, capture_output=True,
                              text=True)

@@ -3,10 +3,8 @@ goes through every stage, resumes after a kill without redoing finished stages, 
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from transformers import LlamaConfig
 
 from taille.errors import TailleError
 from taille.run.recipe import load_recipe, parse_recipe, plan_recipe
-from tests.conftest import run_cli, save_tiny
+from tests.conftest import kill_when_exists, run_cli, save_tiny
 from tests.search.test_plan import LLAMA_31_8B, NEMO_12B
 
 RECIPES = sorted((Path(__file__).parents[2] / "taille" / "recipes").glob("*.yaml"))
@@ -120,13 +118,8 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path):
                                             "eval_data": "none"})
     run = tmp_path / "run"
     env = {**os.environ, "TAILLE_LOG": "INFO"}
-    proc = subprocess.Popen([sys.executable, "-m", "taille", "run", str(recipe)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "distilled" / "checkpoints" / "latest").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists([sys.executable, "-m", "taille", "run", str(recipe)], env, run / "distilled" / "checkpoints" / "latest",
+                     300)
     assert (run / "distilled" / "checkpoints" / "latest").exists() and not (run / "distilled" / "taille.json").exists()
     stamps = {p: (run / p).stat().st_mtime_ns for p in ("importance/importance.json", "pruned/taille.json")}
     again = subprocess.run([sys.executable, "-m", "taille", "run", str(recipe)], env=env, capture_output=True, text=True)
