@@ -557,6 +557,182 @@ def _run_and_show(recipe_spec: str, out: Optional[Path], until: Optional[str]) -
         print(f"report: {run / 'report.html'} (and report.md)")
 
 
+@app.command()
+def export(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="The .gguf file (--format gguf) or folder (--format hf) to write.",
+                                      show_default=False)],
+    format: Annotated[str, typer.Option(help="gguf (llama.cpp) or hf (a clean safetensors folder).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="GGUF type: f16, q8_0, q4_k_m, q4_0 (also f32, bf16, q6_k, q5_k_m).")] = "q4_k_m",
+    verify: Annotated[bool, typer.Option(help="Run the file in llama.cpp against the PyTorch model: top-1 "
+                                         "agreement, mean KL, perplexity, tokenizer and chat template.")] = False,
+    verify_data: Annotated[str, typer.Option(help="Held-out text for --verify.")] = "shakespeare",
+    verify_blocks: Annotated[int, typer.Option(help="Blocks of --verify-len tokens compared.")] = 8,
+    verify_len: Annotated[int, typer.Option(help="Tokens per compared block.")] = 128,
+    name: Annotated[Optional[str], typer.Option(help="general.name in the file (default: the model's name).")] = None,
+    pre_tokenizer: Annotated[Optional[str], typer.Option(help="llama.cpp pre-tokenizer name to write when the "
+                                                         "converter does not recognize the tokenizer's (qwen2, llama-bpe...).")] = None,
+    dtype: Annotated[str, typer.Option(help="--format hf: weight dtype (auto keeps fp32; bf16, fp16).")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Write a model for on-device use: GGUF for llama.cpp, or a clean Hugging Face folder.
+
+    GGUF: llama.cpp's own converter writes the weights, tokenizer, special tokens and chat template at 16
+    bits, then llama.cpp's quantizer makes --quant. --verify then loads the file in llama.cpp and compares
+    it with the PyTorch model on held-out text; f16 must agree on >= 99% of next-token predictions,
+    bf16 and q8_0 on >= 97% (other types are reported only). Exit status 3 when verification fails.
+    """
+    if format == "hf":
+        from taille.export.hf import export_hf
+
+        record = export_hf(model, out, dtype)
+        print(json.dumps(record, indent=1) if json_out else f"wrote {out}: {', '.join(record['files'])}")
+        return
+    if format != "gguf":
+        raise TailleError(f"--format {format}: use gguf or hf")
+    from taille.export.gguf import export_gguf
+    from taille.models.quant import get_quant
+
+    record = export_gguf(model, out, quant, name=name, pre_tokenizer=pre_tokenizer)
+    if verify:
+        from taille.export.verify import verify_gguf
+
+        record["verify"] = verify_gguf(out, model, verify_data, verify_blocks, verify_len,
+                                       min_agreement=get_quant(quant).min_agreement)
+    if json_out:
+        print(json.dumps(record, indent=1))
+    else:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(record["tensor_types"].items(), key=lambda kv: -kv[1]))
+        print(f"wrote {out}: {record['bytes'] / 2**20:.1f} MiB, {quant}, tensors: {types} ({record['seconds']} s)")
+        if record["widths_kept_larger"]:
+            print(f"  widths not divisible by the {quant} block, kept at a larger type: "
+                  f"{', '.join(record['widths_kept_larger'])}")
+        if verify:
+            v = record["verify"]
+            need = f" (needs >= {v['min_agreement']:.0%})" if v["min_agreement"] else ""
+            print(f"verify on {v['positions']} positions of {v['data']}: top-1 agreement {v['top1_agreement']:.2%}"
+                  f"{need}, mean KL {v['mean_kl']:.5f}, perplexity PyTorch {v['ppl_pytorch']:.2f} / llama.cpp "
+                  f"{v['ppl_gguf']:.2f}; tokenizer same on {v['tokenizer_same']} texts; chat template "
+                  f"{ {True: 'same', False: 'DIFFERENT', None: 'absent'}[v['chat_template_same']] }")
+            print(f"verify: {'PASS' if v['passed'] else 'FAIL'}")
+    if verify and not record["verify"]["passed"]:
+        sys.exit(3)
+
+
+@app.command()
+def bench(
+    gguf: Annotated[Path, typer.Argument(metavar="MODEL.gguf", help="The GGUF file.", show_default=False)],
+    prompt: Annotated[int, typer.Option(help="Prompt tokens (prefill).")] = 256,
+    decode: Annotated[int, typer.Option(help="Tokens generated one by one (decode).")] = 64,
+    ctx: Annotated[int, typer.Option(help="Context window the model is loaded with.")] = 2048,
+    repeats: Annotated[int, typer.Option(help="Measured runs (the median is shown) after one warm-up.")] = 3,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")] = None,
+    budgets: Annotated[str, typer.Option(help="Memory budgets in GB for the fit table.")] = "4,6,8,12",
+    contexts: Annotated[str, typer.Option(help="Context lengths for the fit table.")] = "2048,4096,8192,32768",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """llama.cpp speed and memory of a GGUF file on this machine, and which PCs it fits.
+
+    Prefill and decode tokens/s come from llama.cpp's own counters (what llama-bench reports); memory is the
+    process's peak rise. The fit table adds the KV cache (f16) of each context length to the weights at
+    each quantization (this file's own type measured, the others estimated from its parameter count) and
+    names the smallest memory budget that holds it.
+    """
+    from taille.bench.bench import bench_gguf, fit_table, read_shape
+
+    try:
+        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+        context_list = [int(c) for c in contexts.split(",") if c.strip()]
+    except ValueError:
+        raise TailleError("--budgets and --contexts are comma-separated numbers (4,6,8,12 and 2048,8192)") from None
+    result = bench_gguf(gguf, prompt=prompt, decode=decode, n_ctx=ctx, repeats=repeats, threads=threads)
+    result["fit"] = fit_table(read_shape(gguf), context_list, budget_list, result["compute_bytes"], ctx)
+    if json_out:
+        print(json.dumps(result, indent=1))
+        return
+    r = result
+    _print_table(f"{gguf} ({r['arch']}, {r['quant']}, {r['params'] / 1e6:.1f}M params, {r['threads']} threads)",
+                 ["", "value"], [
+                     ["file", f"{r['file_bytes'] / 2**20:.1f} MiB"],
+                     [f"prefill ({r['prompt']} tokens)", f"{r['prefill_tok_s']:.1f} tokens/s"],
+                     [f"decode ({r['decode']} tokens)", f"{r['decode_tok_s']:.1f} tokens/s"],
+                     ["memory (peak rise)", f"{r['memory_rise_bytes'] / 2**20:.1f} MiB"],
+                     [f"KV cache at {r['n_ctx']}", f"{r['kv_bytes'] / 2**20:.1f} MiB"],
+                 ], right={1})
+    rows = []
+    for row in result["fit"]:
+        cells = [f"{c['bytes'] / 1e9:.2f} GB -> " + (f"{c['fits_gb']:g} GB" if c["fits_gb"] else "none")
+                 for c in row["contexts"].values()]
+        rows.append([row["quant"] + (" (est.)" if row["estimated"] else ""), *cells])
+    _print_table(f"memory needed -> smallest budget of {budgets} GB that holds it",
+                 ["quant", *[f"ctx {c}" for c in context_list]], rows, right=set(range(1, len(context_list) + 1)))
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    persona: Annotated[Optional[Path], typer.Option(help="Persona YAML (shipped: taille/personas/*.yaml).")] = None,
+    ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Longest reply (default: the persona's).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: the persona's).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for a repeatable conversation.")] = None,
+    quant: Annotated[str, typer.Option(help="GGUF type a Hugging Face model is exported to first (cached).")] = "f16",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")] = None,
+) -> None:
+    """Talk to a game character in the terminal, on llama.cpp.
+
+    MODEL is a GGUF file, or any model taille loads (exported to GGUF once, kept in the cache). Replies
+    stream; the oldest turns are dropped to stay inside --ctx; Ctrl-C stops a reply, Ctrl-C or Ctrl-D at
+    the prompt leaves; /reset starts over. Without --persona: the shipped blacksmith.
+    """
+    from taille.chat.chat import ChatSettings, chat_loop
+    from taille.chat.engine import gguf_for
+    from taille.chat.persona import load_persona, shipped_personas
+    from taille.models.llamacpp import open_gguf
+
+    character = load_persona(persona or shipped_personas() / "blacksmith.yaml")
+    path = gguf_for(model, quant)
+    logging.getLogger().setLevel(logging.WARNING)  # the conversation, not the log, on the terminal
+    llm = open_gguf(path, n_ctx=ctx, threads=threads)
+    try:
+        import readline  # noqa: F401  line editing and history for input()
+    except ImportError:
+        pass
+    chat_loop(llm, character, ChatSettings(max_tokens=max_tokens, temperature=temperature, seed=seed))
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    personas: Annotated[Optional[Path], typer.Option(help="Folder of persona YAML files (default: the shipped ones).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    ctx: Annotated[int, typer.Option(help="Context window in tokens (prompt and reply).")] = 2048,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 1 << 20,
+    queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option(envvar="TAILLE_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+    quant: Annotated[str, typer.Option(help="GGUF type a Hugging Face model is exported to first (cached).")] = "f16",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")] = None,
+) -> None:
+    """Serve characters over an OpenAI-compatible API: /v1/models, /v1/chat/completions (plain and streaming).
+
+    `model` in a request names a persona (its name in lower case with dashes, e.g. brenna-ironhand), or the
+    bare model file's name for no persona. Requests are answered one at a time from a queue; malformed
+    JSON, an unknown persona, a body or max_tokens over the limits, or a prompt over the context get a 4xx
+    JSON error. Binds to 127.0.0.1 unless --host says otherwise.
+    """
+    from taille.chat.persona import load_personas, shipped_personas
+    from taille.serve.server import ServeSettings, serve as run
+
+    settings = ServeSettings(host=host, port=port, n_ctx=ctx, max_tokens=max_tokens, max_body=max_body,
+                             queue_size=queue, api_key=api_key, threads=threads)
+    characters = load_personas(personas or shipped_personas())
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it", host)
+    run(model, characters, settings, quant)
+
+
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
     """Take `--config FILE` out of the arguments and return (args, click default_map for the verb)."""
     if "--config" not in args and not any(a.startswith("--config=") for a in args):

@@ -161,6 +161,20 @@ def _location(spec: str) -> tuple[str, str | None]:
     return source.location, source.revision
 
 
+def model_folder(spec: str) -> Path:
+    """A local Hugging Face folder holding `spec`: the folder itself, the dequantized GGUF in the cache, or
+    the Hub snapshot (config, tokenizer and safetensors weights only) downloaded into the Hub cache."""
+    source = resolve_model(spec)
+    if source.kind == "folder":
+        return Path(source.location)
+    if source.kind == "gguf":
+        return gguf_as_folder(source.location)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+    return Path(_hub_call(snapshot_download, source.location, source.revision, allow_patterns=patterns))
+
+
 def _hub_call(fn, location: str, revision: str | None, **kwargs):
     """Call a transformers loader, turning network and missing-file failures into one clear message."""
     try:

@@ -10,11 +10,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from taille.models.arch import Arch, get_arch, head_dim, kv_heads, tied
+from taille.models.quant import QUANTS
 
-# Bits per weight of a 2-D tensor in each format: q8_0 and q4_0 store 32 weights per block with one
-# fp16 scale (34 and 18 bytes); q4_k_m mixes 4- and 6-bit k-quant blocks, ~4.85 bits on average
-# (an estimate: the mix depends on the model). 1-D tensors (norms, biases) stay fp32 in GGUF.
-QUANT_BITS = {"bf16": 16.0, "q8_0": 8.5, "q4_k_m": 4.85, "q4_0": 4.5}
+# Bits per weight of a 2-D tensor in the formats taille plans for (from models/quant.py); 1-D tensors
+# (norms, biases) stay fp32 in GGUF.
+QUANT_BITS = {name: QUANTS[name].bits for name in ("bf16", "q8_0", "q4_k_m", "q4_0")}
 WEIGHT_BITS = {k: QUANT_BITS[k] for k in ("bf16", "q8_0", "q4_0")}
 """The formats `taille info` reports."""
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from taille.errors import TailleError
+from taille.models import quant as formats
 from taille.models.arch import get_arch, head_dim
 from taille.models.summary import QUANT_BITS
 from taille.prune.shape import Shape, count_params, hidden_step, shape_of
@@ -42,11 +43,11 @@ def weight_bytes(config, s: Shape, quant: str) -> float:
     arch = get_arch(config)
     total = count_params(config, s)
     vectors = s.hidden * (1 + s.layers * len(arch.layer_norms)) + s.layers * 2 * head_dim(config) * arch.qk_norm
-    return (total - vectors) * QUANT_BITS[quant] / 8 + vectors * 4
+    return formats.weight_bytes(total - vectors, vectors, quant)
 
 
 def kv_cache_bytes(config, s: Shape, context: int) -> int:
-    return 2 * s.layers * s.kv_heads * head_dim(config) * context * 2
+    return formats.kv_cache_bytes(s.layers, s.kv_heads, head_dim(config), context)
 
 
 def _grid(config, base: Shape):

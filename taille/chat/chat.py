@@ -1,0 +1,90 @@
+"""`taille chat MODEL --persona FILE`: talk to a game character in the terminal.
+
+Replies stream as llama.cpp samples them. The conversation keeps to the context window by dropping its
+oldest turns (the character's system prompt always stays). Ctrl-C during a reply stops that reply and
+keeps what was said; Ctrl-C or Ctrl-D at the prompt ends the chat. Commands: /reset, /help, /quit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from taille.chat.engine import ContextFull, Reply, fit_messages, stream_reply
+from taille.chat.persona import Persona
+
+log = logging.getLogger(__name__)
+
+HELP = "/reset starts over, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply."
+
+
+@dataclass
+class ChatSettings:
+    max_tokens: int | None = None
+    """Longest reply in tokens (default: the persona's)."""
+    temperature: float | None = None
+    """Sampling temperature (default: the persona's)."""
+    top_p: float | None = None
+    seed: int | None = None
+    """Fix the sampling for a repeatable conversation."""
+
+
+def chat_loop(llm, persona: Persona, settings: ChatSettings, read: Callable[[str], str] = input,
+              out: TextIO = sys.stdout) -> int:
+    """Run the conversation until the player leaves; return the number of replies given."""
+    max_tokens = settings.max_tokens or persona.max_tokens
+    system = {"role": "system", "content": persona.system_prompt()}
+    messages = [system]
+    if persona.greeting:
+        messages.append({"role": "assistant", "content": persona.greeting})
+        out.write(f"{persona.name}> {persona.greeting}\n")
+    out.write(f"({HELP})\n")
+    out.flush()
+    replies = 0
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\nbye\n")
+            return replies
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            out.write("bye\n")
+            return replies
+        if line == "/help":
+            out.write(HELP + "\n")
+            continue
+        if line == "/reset":
+            messages = messages[:2] if persona.greeting else [system]
+            out.write("(conversation reset)\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            kept, ids, dropped = fit_messages(llm, messages, max_tokens)
+        except ContextFull as e:
+            messages.pop()
+            out.write(f"(message too long: {e})\n")
+            continue
+        if dropped:
+            messages = kept
+            out.write(f"(the {dropped} oldest turns were dropped to fit the {llm.n_ctx()}-token context)\n")
+        out.write(f"{persona.name}> ")
+        out.flush()
+        reply = Reply()
+        try:
+            for piece in stream_reply(
+                llm, ids, reply, max_tokens,
+                temperature=persona.temperature if settings.temperature is None else settings.temperature,
+                top_p=settings.top_p or persona.top_p, never=persona.never, seed=settings.seed,
+            ):
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": reply.text.strip()})
+        replies += 1

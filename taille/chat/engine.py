@@ -1,0 +1,188 @@
+"""Replies from a GGUF model in llama.cpp: chat template, context window, sampling, streaming, guard.
+
+Used by `taille chat` (one conversation in a terminal) and `taille serve` (one request at a time from a
+queue). Plain functions over a `llama_cpp.Llama`:
+
+  prompt_ids(llm, messages)          the conversation rendered with the file's own chat template
+  fit_messages(llm, messages, room)  drop the oldest turns until the prompt leaves `room` tokens
+  stream_reply(llm, ids, ...)        text pieces as llama.cpp samples them, cut before forbidden phrases
+
+llama.cpp keeps the KV cache of the previous prompt and re-evaluates only what changed, so a
+conversation that grows by one turn costs one turn of prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from taille.errors import TailleError
+
+log = logging.getLogger(__name__)
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+"""Plain turns for a model whose file has no chat template."""
+
+
+class ContextFull(TailleError):
+    """The newest message alone (with the system prompt) does not fit the context window."""
+
+
+@dataclass
+class Reply:
+    """What stream_reply leaves behind once it is exhausted."""
+
+    text: str = ""
+    tokens: int = 0
+    """Length of the reply in tokens (its text tokenized again)."""
+    finish_reason: str = "stop"
+    """stop (end of turn or a stop string), length (max_tokens), content_filter (a forbidden phrase)."""
+
+
+def gguf_for(model: str, quant: str = "f16") -> Path:
+    """A GGUF file for `model`: the file itself when it is one (or an embedded GGUF), else an export kept
+    in the cache (keyed by the model folder's contents), made once."""
+    import hashlib
+
+    from taille.export.gguf import export_gguf
+    from taille.models.load import model_folder, resolve_model
+    from taille.paths import cache_dir
+
+    source = resolve_model(model)
+    if source.kind == "gguf":
+        return Path(source.location)
+    folder = model_folder(model)
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file())
+    key = hashlib.sha256(f"{folder.resolve()}|{stamp}|{quant}".encode()).hexdigest()[:16]
+    path = cache_dir("gguf") / f"{folder.name}-{key}-{quant}.gguf"
+    if not path.is_file():
+        log.info("exporting %s to GGUF (%s) once: %s", model, quant, path)
+        export_gguf(model, path, quant)
+    return path
+
+
+def _template(llm) -> str:
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        if not getattr(llm, "_taille_warned", False):
+            log.warning("the model file has no chat template; using plain 'User: / Assistant:' turns")
+            llm._taille_warned = True
+        return FALLBACK_TEMPLATE
+    return template
+
+
+def _special(llm, token_id: int) -> str:
+    if token_id < 0:
+        return ""
+    return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+
+def render(llm, messages: list[dict]) -> str:
+    """The prompt text: the file's chat template (Jinja, as transformers and llama.cpp render it)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TailleError(f"the model's chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(_template(llm)).render(
+        messages=messages, add_generation_prompt=True,
+        bos_token=_special(llm, llm.token_bos()), eos_token=_special(llm, llm.token_eos()),
+    )
+
+
+def prompt_ids(llm, messages: list[dict]) -> list[int]:
+    text = render(llm, messages)
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    bos = _special(llm, llm.token_bos())
+    if add_bos and bos and text.startswith(bos):
+        add_bos = False  # the template wrote it already
+    return llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+
+def fit_messages(llm, messages: list[dict], room: int) -> tuple[list[dict], list[int], int]:
+    """Drop the oldest turns after the system messages until the prompt leaves `room` tokens of the
+    context for the reply. Returns (messages kept, their prompt ids, how many were dropped)."""
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    budget = llm.n_ctx() - room
+    dropped = 0
+    while True:
+        kept = system + turns[dropped:]
+        ids = prompt_ids(llm, kept)
+        if len(ids) <= budget:
+            return kept, ids, dropped
+        if dropped >= len(turns) - 1:
+            raise ContextFull(
+                f"the prompt needs {len(ids)} tokens with only the newest message kept; the context window is "
+                f"{llm.n_ctx()} tokens and {room} are reserved for the reply"
+            )
+        dropped += 1
+        if turns[dropped]["role"] == "assistant":  # keep a conversation starting with the user
+            dropped += 1 if dropped < len(turns) - 1 else 0
+
+
+def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature: float = 0.7,
+                 top_p: float = 0.9, stop: list[str] | None = None, never: tuple[str, ...] = (),
+                 seed: int | None = None) -> Iterator[str]:
+    """Text pieces of the reply to prompt `ids`, as they are sampled. Text that could be the start of a
+    phrase in `never` is held back until it cannot; a reply reaching such a phrase ends before it
+    (finish_reason content_filter). `reply` is filled in as the stream goes."""
+    chunks = llm.create_completion(
+        prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop or [],
+        stream=True, seed=seed,
+    )
+    guard = PhraseGuard(never)
+    try:
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            safe, blocked = guard.feed(choice["text"])
+            if safe:
+                reply.text += safe
+                yield safe
+            if blocked:
+                reply.finish_reason = "content_filter"
+                return
+            if choice.get("finish_reason"):
+                reply.finish_reason = choice["finish_reason"]
+        rest = guard.flush()
+        if rest:
+            reply.text += rest
+            yield rest
+    finally:
+        chunks.close()  # stops llama.cpp sampling when the caller stops early (Ctrl-C, client gone)
+        reply.tokens = len(llm.tokenize(reply.text.encode(), add_bos=False, special=False))
+
+
+class PhraseGuard:
+    """Streams text while making sure none of `phrases` (case-insensitive) is ever emitted."""
+
+    def __init__(self, phrases: tuple[str, ...]):
+        self.phrases = [p.lower() for p in phrases if p.strip()]
+        self.hold = max((len(p) for p in self.phrases), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a phrase was reached)."""
+        self.pending += text
+        low = self.pending.lower()
+        hits = [low.find(p) for p in self.phrases if p in low]
+        if hits:
+            safe, self.pending = self.pending[: min(hits)], ""
+            return safe.rstrip(), True
+        if not self.phrases:
+            safe, self.pending = self.pending, ""
+            return safe, False
+        cut = max(0, len(self.pending) - self.hold)
+        safe, self.pending = self.pending[:cut], self.pending[cut:]
+        return safe, False
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending, ""
+        return rest
