@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +234,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
+    """Settings that differ between a checkpoint and this run. A setting the checkpoint does not record
+    (an option added since it was written) counts as its default, which is what that run used."""
+    defaults = {f.name: f.default for f in fields(DistillConfig) if f.default is not MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in current}, **saved}
     out = []
     for key in sorted(set(saved) | set(current)):
         if key in RESUME_FREE:
