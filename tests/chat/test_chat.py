@@ -1,0 +1,106 @@
+"""Personas, the reply engine (context window, forbidden phrases) and `taille chat` driven through a
+terminal by pexpect, on the embedded SmolLM2 GGUF in llama.cpp."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from taille.chat.engine import PhraseGuard
+from taille.chat.persona import load_persona, load_personas, shipped_personas
+from taille.errors import TailleError
+
+
+def test_shipped_personas_load_with_ids():
+    personas = load_personas(shipped_personas())
+    assert set(personas) == {"brenna-ironhand", "old-tam", "halcyon"}
+    brenna = personas["brenna-ironhand"]
+    prompt = brenna.system_prompt()
+    assert "You are Brenna Ironhand" in prompt and "Ashpit mine" in prompt and '"as an AI"' in prompt
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: X\n", "missing role"),
+    ("name: X\nrole: smith\nmood: grim\n", "unknown keys mood"),
+    ("- a list\n", "a mapping"),
+    ("name: X\nrole: smith\nknowledge: {a: 1}\n", "'knowledge' must be a list"),
+    ("name: X\nrole: smith\ntemperature: 5\n", "temperature must be in [0, 2]"),
+    ("name: [X\n", "not valid YAML"),
+])
+def test_bad_persona_files_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(TailleError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_persona(path)
+
+
+def test_two_files_with_one_id_are_refused(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text("name: Old Tam\nrole: innkeeper\n")
+    with pytest.raises(TailleError, match="already taken"):
+        load_personas(tmp_path)
+
+
+def test_guard_cuts_before_a_forbidden_phrase_split_across_pieces():
+    guard = PhraseGuard(("as an AI",))
+    out, blocked = "", False
+    for piece in ["Well, trav", "eller, speaking as", " an a", "i, I think"]:
+        safe, blocked = guard.feed(piece)
+        out += safe
+        if blocked:
+            break
+    assert blocked and out.rstrip() == "Well, traveller, speaking"
+    guard = PhraseGuard(("as an AI",))
+    text = "".join(guard.feed(p)[0] for p in ["no phrase ", "here, as a", "n aside"]) + guard.flush()
+    assert text == "no phrase here, as an aside"
+
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[export])")
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    from taille.chat.engine import gguf_for
+    from taille.models.llamacpp import open_gguf
+
+    return open_gguf(gguf_for(smollm2), n_ctx=256)
+
+
+def test_old_turns_are_dropped_to_fit_the_context(llm):
+    from taille.chat.engine import ContextFull, fit_messages
+
+    system = {"role": "system", "content": "You are a smith."}
+    turns = []
+    for i in range(12):
+        turns += [{"role": "user", "content": f"Question {i}: what do you think of the weather today?"},
+                  {"role": "assistant", "content": f"Answer {i}: cold, grey and windy, like every day here."}]
+    messages = [system, *turns, {"role": "user", "content": "And tomorrow?"}]
+    kept, ids, dropped = fit_messages(llm, messages, room=64)
+    assert dropped > 0 and len(ids) <= 256 - 64
+    assert kept[0] == system and kept[-1]["content"] == "And tomorrow?" and kept[1]["role"] == "user"
+    with pytest.raises(ContextFull, match="context window is 256"):
+        fit_messages(llm, [system, {"role": "user", "content": "word " * 400}], room=64)
+
+
+@pytest.mark.slow
+def test_three_turn_terminal_chat(smollm2, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "TAILLE_CACHE": os.environ["TAILLE_CACHE"], "HF_HUB_OFFLINE": "1"}
+    child = pexpect.spawn(
+        sys.executable, ["-m", "taille", "chat", smollm2, "--persona", str(shipped_personas() / "blacksmith.yaml"),
+                         "--max-tokens", "24", "--seed", "3"],
+        env=env, encoding="utf-8", timeout=120)
+    child.expect_exact("Brenna Ironhand> Traveller. Need something mended")
+    for question in ("Can you mend my sword?", "Where is the coal?", "What sings in the mine?"):
+        child.expect_exact("you> ")
+        child.sendline(question)
+        child.expect(r"Brenna Ironhand> (.*)\r\n")
+        assert child.match.group(1).strip(), f"no reply to {question!r}"
+    child.expect_exact("you> ")
+    child.sendintr()  # Ctrl-C at the prompt leaves cleanly
+    child.expect_exact("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
