@@ -499,11 +499,12 @@ def run_cmd(
                                           show_default=False)],
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's out, else runs/NAME).")] = None,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage (correct, importance, search, prune, "
-                                                 "distill, eval, report).")] = None,
+                                                 "distill, eval, export, report).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Check the recipe and print the shapes it will produce, from the "
                                           "teacher's config alone; run nothing.")] = False,
 ) -> None:
-    """Run a recipe: (teacher correction) -> importance -> (search) -> prune -> distil -> evaluate -> report.
+    """Run a recipe: (teacher correction) -> importance -> (search) -> prune -> distil -> evaluate -> (GGUF
+    export, verified in llama.cpp) -> report.
 
     Every stage writes one folder of the run and is skipped when its output is there, so a killed run
     started again goes on where it stopped (a distillation from its last checkpoint). Ends with
@@ -553,6 +554,12 @@ def _run_and_show(recipe_spec: str, out: Optional[Path], until: Optional[str]) -
         won = recovery(report)
         if won is not None:
             print(f"distillation won back {won:.0%} of the log-perplexity that pruning lost")
+    if (run / "export" / "export.json").is_file():
+        for r in json.loads((run / "export" / "export.json").read_text()):
+            v = r.get("verify")
+            agreement = f", top-1 agreement with PyTorch {v['top1_agreement']:.1%}" if v else ""
+            print(f"on-device: {r['out']} ({r['quant']}, {r['bytes'] / 2**20:.1f} MiB{agreement}); talk to it: "
+                  f"taille chat {r['out']}")
     if (run / "report.html").is_file():
         print(f"report: {run / 'report.html'} (and report.md)")
 

@@ -84,6 +84,26 @@ def save_tiny(path, family: str = "llama", tied: bool = False, seed: int = 0, bo
     return path
 
 
+def save_tiny_with(path, family: str, tokenizer, tied: bool = False, seed: int = 0, head_scale: float = 1.0):
+    """A tiny random-init `family` model carrying a given (real) tokenizer, e.g. SmolLM2's, which llama.cpp's
+    converter knows. `head_scale` spreads the logits (top-1 then does not hang on rounding noise)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, tied=tied, vocab=len(tokenizer))
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if family == "gemma3":
+        config.query_pre_attn_scalar = 16  # = head_dim, as in Gemma 3 1B-12B (llama.cpp derives it)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param

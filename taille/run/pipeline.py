@@ -10,6 +10,7 @@ RUN/search/            leaderboard.{md,json,png}, one folder per candidate
 RUN/pruned/            the pruned student (standard HF folder)
 RUN/distilled/         the distilled student, checkpoints, metrics, curves
 RUN/eval/              teacher vs pruned vs distilled
+RUN/export/            GGUF files of the distilled student, verified in llama.cpp (when the recipe has `export`)
 RUN/report.md, RUN/report.html
 """
 
@@ -25,10 +26,12 @@ from taille.run import recipe as R
 
 log = logging.getLogger(__name__)
 
-STAGES = ("correct", "importance", "search", "prune", "distill", "eval", "report")
+STAGES = ("correct", "importance", "search", "prune", "distill", "eval", "export", "report")
 DONE = {"correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
-        "eval": "eval/eval.json", "report": "report.md"}
+        "eval": "eval/eval.json", "export": "export/export.json", "report": "report.md"}
+OPTIONAL = {"correct": "correct", "search": "search", "export": "export"}
+"""Stages that run only when the recipe has their section."""
 
 
 def _check_same_recipe(run: Path, recipe: R.Recipe, raw: dict) -> None:
@@ -55,7 +58,7 @@ def run_recipe(recipe: R.Recipe, raw: dict, out: str | None = None, until: str |
     timings = _load_json(run / "timings.json") or {}
     teacher = str(run / "corrected") if recipe.correct else recipe.teacher
     for stage in STAGES:
-        if stage == "correct" and not recipe.correct or stage == "search" and not recipe.search:
+        if stage in OPTIONAL and not getattr(recipe, OPTIONAL[stage]):
             continue
         if (run / DONE[stage]).exists() and stage != "report":
             log.info("stage %s: done already (%s)", stage, run / DONE[stage])
@@ -122,6 +125,24 @@ def stage_eval(recipe, run: Path, teacher: str) -> None:
     write_report(report, run / "eval")
 
 
+def stage_export(recipe, run: Path, teacher: str) -> None:
+    from taille.export.gguf import export_gguf
+    from taille.export.verify import verify_gguf
+    from taille.models.quant import get_quant
+
+    student, records = str(run / "distilled"), []
+    for quant in R.export_quants(recipe):
+        record = export_gguf(student, run / "export" / f"{recipe.name}-{quant}.gguf", quant,
+                             name=recipe.name, pre_tokenizer=recipe.export.get("pre_tokenizer"))
+        if recipe.export.get("verify", True):
+            record["verify"] = verify_gguf(record["out"], student, min_agreement=get_quant(quant).min_agreement)
+            if not record["verify"]["passed"]:
+                log.warning("%s: llama.cpp agrees with PyTorch on %.1f%% of positions, below %s's %.0f%%", record["out"],
+                            100 * record["verify"]["top1_agreement"], quant, 100 * (get_quant(quant).min_agreement or 0))
+        records.append(record)
+    (run / "export" / "export.json").write_text(json.dumps(records, indent=1))
+
+
 def stage_report(recipe, run: Path, teacher: str) -> None:
     from taille.run.report import write_run_report
 
@@ -129,4 +150,5 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
 
 
 STAGE_FUNCTIONS = {"correct": stage_correct, "importance": stage_importance, "search": stage_search,
-                   "prune": stage_prune, "distill": stage_distill, "eval": stage_eval, "report": stage_report}
+                   "prune": stage_prune, "distill": stage_distill, "eval": stage_eval, "export": stage_export,
+                   "report": stage_report}

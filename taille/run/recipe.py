@@ -24,12 +24,13 @@ from pathlib import Path
 
 from taille.errors import TailleError
 
-SECTIONS = ("name", "teacher", "data", "out", "correct", "importance", "search", "prune", "distill", "eval")
+SECTIONS = ("name", "teacher", "data", "out", "correct", "importance", "search", "prune", "distill", "eval", "export")
 CORRECT_KEYS = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "precision", "seed")
 IMPORTANCE_KEYS = ("samples", "seq_len", "batch_size", "depth_samples", "depth_metric", "block_sizes")
 PRUNE_KEYS = ("params", "ratio", "axes", "tolerance", "hidden", "ffn", "heads", "kv_heads", "layers", "drop_layers",
               "criterion", "depth_criterion", "seed")
 DISTILL_SKIP = ("student", "data", "out", "teacher", "teacher_cache", "resume", "progress", "loss")
+EXPORT_KEYS = ("quants", "verify", "pre_tokenizer")
 LOSS_KEYS = ("kind", "beta", "temperature", "ce_weight", "kd_weight")
 
 
@@ -45,6 +46,8 @@ class Recipe:
     prune: dict | None = None
     distill: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
+    export: dict | None = None
+    """GGUF files of the distilled student: {quants: [q4_k_m, ...], verify: true, pre_tokenizer: null}."""
     source: str | None = None
     """The file it was read from."""
 
@@ -101,7 +104,8 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         importance=_check_keys("importance", values.get("importance") or {}, IMPORTANCE_KEYS),
         search=_check_keys("search", values.get("search"), search_keys()),
         prune=_check_keys("prune", values.get("prune"), PRUNE_KEYS),
-        distill=distill, eval=_check_keys("eval", values.get("eval") or {}, eval_keys()), source=source)
+        distill=distill, eval=_check_keys("eval", values.get("eval") or {}, eval_keys()),
+        export=_check_keys("export", values.get("export"), EXPORT_KEYS), source=source)
     # build every stage's settings now: a bad value fails before hours of work, not at that stage
     target(recipe)
     if recipe.search:
@@ -111,7 +115,23 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     distill_config(recipe, "STUDENT", "OUT")
     if recipe.eval:
         eval_settings(recipe)
+    export_quants(recipe)
     return recipe
+
+
+def export_quants(recipe: Recipe) -> list[str]:
+    """The GGUF types the export stage writes (checked names; none without an 'export' section)."""
+    if not recipe.export:
+        return []
+    from taille.models.quant import get_quant
+
+    quants = recipe.export.get("quants", ["q4_k_m"])
+    quants = [quants] if isinstance(quants, str) else quants
+    if not isinstance(quants, list) or not quants:
+        raise TailleError("recipe section 'export': 'quants' is a list of GGUF types (f16, q8_0, q4_k_m, q4_0)")
+    for quant in quants:
+        get_quant(str(quant))
+    return [str(q).lower() for q in quants]
 
 
 def load_recipe(path: str | Path) -> Recipe:

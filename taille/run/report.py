@@ -49,6 +49,16 @@ def blocks(recipe, run: Path, teacher: str) -> list[tuple]:
                       "of training.")]
         if (run / "distilled" / "curves.png").is_file():
             out.append(("img", "distilled/curves.png", "training loss, held-out perplexity and KL to the teacher"))
+    exported = _json(run / "export" / "export.json")
+    if exported:
+        rows = []
+        for r in exported:
+            v = r.get("verify") or {}
+            rows.append([Path(r["out"]).name, r["quant"], f"{r['bytes'] / 2**20:.1f}",
+                         f"{v['top1_agreement']:.2%}" if v else "-", f"{v['mean_kl']:.5f}" if v else "-"])
+        out += [("h2", "On-device files (GGUF, llama.cpp)"),
+                ("table", ["file", "quant", "MiB", "top-1 agreement with PyTorch", "mean KL"], rows),
+                ("p", f"Talk to it: taille chat {exported[-1]['out']}")]
     board = _json(run / "search" / "leaderboard.json")
     if board:
         out += [("h2", "Architecture search"), ("table", board["header"], board["rows"]),

@@ -11,7 +11,7 @@ import json
 import pytest
 from transformers import AutoConfig
 
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, save_tiny_with
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[export])")
 
@@ -32,21 +32,7 @@ def heldout(tmp_path_factory):
 
 def tiny_student(tmp_path, family: str, tokenizer, capsys, heldout):
     """A tiny random-init `family` model with SmolLM2's tokenizer, pruned by `taille prune`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = tiny_config(family, tied=family == "gemma3", vocab=len(tokenizer))
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    if family == "gemma3":
-        config.query_pre_attn_scalar = 16  # = head_dim, as in Gemma 3 1B-12B (llama.cpp derives it)
-    full = tmp_path / "full"
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # logits far from uniform, so top-1 is not decided by rounding noise
-        model.get_output_embeddings().weight.mul_(40)
-    model.save_pretrained(full)
-    tokenizer.save_pretrained(full)
+    full = save_tiny_with(tmp_path / "full", family, tokenizer, tied=family == "gemma3", head_scale=40)
     pruned = tmp_path / "pruned"
     run_cli(capsys, "prune", "--model", full, "--criterion", "magnitude", "--hidden", 32, "--ffn", 64,
             "--heads", 2, "--kv-heads", 1, "--out", pruned)

@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 
 from taille.errors import TailleError
 from taille.run.recipe import load_recipe, parse_recipe, plan_recipe
-from tests.conftest import kill_when_exists, run_cli, save_tiny
+from tests.conftest import kill_when_exists, run_cli, save_tiny, save_tiny_with
 from tests.search.test_plan import LLAMA_31_8B, NEMO_12B
 
 RECIPES = sorted((Path(__file__).parents[2] / "taille" / "recipes").glob("*.yaml"))
@@ -110,6 +110,27 @@ def test_run_goes_through_every_stage_and_reports(tmp_path, capsys):
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(values))
     _, err = run_cli(capsys, "run", tmp_path / "other.yaml", code=2)
     assert "another recipe" in err and "distill" in err
+
+
+def test_export_stage_writes_verified_gguf_files(tmp_path, capsys, smollm2):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[export])")
+    from taille.models.load import load_tokenizer
+
+    path = tiny_recipe(tmp_path, export={"quants": ["f16", "q8_0"]})
+    values = yaml.safe_load(path.read_text())
+    values["teacher"] = str(save_tiny_with(tmp_path / "teacher-smol", "llama", load_tokenizer(smollm2), tied=True,
+                                           head_scale=40))
+    path.write_text(yaml.safe_dump(values))
+    out, _ = run_cli(capsys, "run", path)
+    run = tmp_path / "run"
+    records = json.loads((run / "export" / "export.json").read_text())
+    assert [r["quant"] for r in records] == ["f16", "q8_0"]
+    assert all((run / "export" / f"tiny-{q}.gguf").is_file() for q in ("f16", "q8_0"))
+    assert records[0]["verify"]["top1_agreement"] >= 0.99 and records[0]["verify"]["passed"]
+    assert "on-device:" in out and "taille chat" in out
+    assert "On-device files (GGUF, llama.cpp)" in (run / "report.md").read_text()
+    with pytest.raises(TailleError, match="unknown --quant 'q9'"):
+        parse_recipe({**values, "export": {"quants": ["q9"]}})
 
 
 def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path):
