@@ -432,6 +432,10 @@ def generate(
     language: Annotated[str, typer.Option(help="Keep answers in this language: en, or none.")] = "en",
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
     precision: PrecisionOpt = "auto",
+    engine: Annotated[str, typer.Option(help="auto (llama.cpp for a GGUF teacher without a GPU, else PyTorch), "
+                                        "torch or llama.cpp.")] = "auto",
+    self_instruct: Annotated[int, typer.Option(help="New prompts the teacher writes from the seed set first "
+                                               "(kept in OUT.prompts.jsonl).")] = 0,
 ) -> None:
     """Sample a distillation corpus from the teacher: prompts in, teacher answers out, as chat JSONL for --data.
 
@@ -446,7 +450,8 @@ def generate(
     meta = run(GenerateSettings(teacher=teacher, out=str(out), prompts=prompts, tokens=parse_params(tokens),
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 batch_size=batch_size, min_tokens=min_tokens, near_duplicate=near_duplicate,
-                                language=None if language == "none" else language, seed=seed, precision=precision))
+                                language=None if language == "none" else language, seed=seed, precision=precision,
+                                engine=engine, self_instruct=self_instruct))
     print(f"{meta['records']:,} records, {meta['tokens_kept']:,} answer tokens -> {out} ({meta['engine']}; "
           f"{meta['generation_tokens_per_s']} generated tokens/s this run; duplicate rate "
           f"{meta['duplicate_rate_this_run']})")

@@ -3,7 +3,7 @@
 Used by `taille chat` (one conversation in a terminal) and `taille serve` (one request at a time from a
 queue). Plain functions over a `llama_cpp.Llama`:
 
-  prompt_ids(llm, messages)          the conversation rendered with the file's own chat template
+  prompt_ids(llm, messages)          the conversation rendered with the file's own chat template (models/)
   fit_messages(llm, messages, room)  drop the oldest turns until the prompt leaves `room` tokens
   stream_reply(llm, ids, ...)        text pieces as llama.cpp samples them, cut before forbidden phrases
 
@@ -19,15 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 from taille.errors import TailleError
+from taille.models.llamacpp import prompt_ids
 
 log = logging.getLogger(__name__)
-
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-"""Plain turns for a model whose file has no chat template."""
-
 
 class ContextFull(TailleError):
     """The newest message alone (with the system prompt) does not fit the context window."""
@@ -64,46 +58,6 @@ def gguf_for(model: str, quant: str = "f16") -> Path:
         log.info("exporting %s to GGUF (%s) once: %s", model, quant, path)
         export_gguf(model, path, quant)
     return path
-
-
-def _template(llm) -> str:
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        if not getattr(llm, "_taille_warned", False):
-            log.warning("the model file has no chat template; using plain 'User: / Assistant:' turns")
-            llm._taille_warned = True
-        return FALLBACK_TEMPLATE
-    return template
-
-
-def _special(llm, token_id: int) -> str:
-    if token_id < 0:
-        return ""
-    return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
-
-
-def render(llm, messages: list[dict]) -> str:
-    """The prompt text: the file's chat template (Jinja, as transformers and llama.cpp render it)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TailleError(f"the model's chat template refused the conversation: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(_template(llm)).render(
-        messages=messages, add_generation_prompt=True,
-        bos_token=_special(llm, llm.token_bos()), eos_token=_special(llm, llm.token_eos()),
-    )
-
-
-def prompt_ids(llm, messages: list[dict]) -> list[int]:
-    text = render(llm, messages)
-    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
-    bos = _special(llm, llm.token_bos())
-    if add_bos and bos and text.startswith(bos):
-        add_bos = False  # the template wrote it already
-    return llm.tokenize(text.encode(), add_bos=add_bos, special=True)
 
 
 def fit_messages(llm, messages: list[dict], room: int) -> tuple[list[dict], list[int], int]:

@@ -7,6 +7,12 @@ token budget is met. Answers are filtered (too short, not in the language asked 
 (exact, and near: Jaccard similarity of word 5-gram shingles against earlier answers); everything kept
 is appended as it comes, so a stopped run started again skips the (prompt, round) pairs already done.
 OUT.meta.json says which engine produced it, how fast, and what was filtered.
+
+Engines: batched PyTorch generation (`transformers` generate), or llama.cpp when the teacher is a GGUF file
+(`--engine auto` picks llama.cpp for a GGUF teacher on a machine without a GPU, PyTorch otherwise).
+Self-instruct (`--self-instruct N`): the teacher first writes N new prompts, each from a few seed prompts
+shown as examples; they are filtered and de-duplicated like answers, kept in OUT.prompts.jsonl (so a
+resumed run answers the same pool), and answered after the seed prompts.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import json
 import logging
 import re
 import time
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from taille.errors import TailleError
 
@@ -47,8 +55,16 @@ class GenerateSettings:
     """Keep answers whose letters are mostly Latin script with common English words (None: no filter)."""
     seed: int = 1234
     precision: str = "auto"
+    engine: str = "auto"
+    """auto, torch (batched transformers generate) or llama.cpp (a GGUF teacher)."""
+    self_instruct: int = 0
+    """New prompts the teacher writes from the seed set before answering (0: none)."""
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise TailleError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
+        if self.self_instruct < 0:
+            raise TailleError("--self-instruct must be 0 or more")
         if self.tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise TailleError("--tokens, --max-new-tokens and --batch-size must be at least 1")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
@@ -127,6 +143,152 @@ class Deduplicator:
         return None
 
 
+ENGINES = ("auto", "torch", "llama.cpp")
+
+
+@dataclass
+class Engine:
+    """A teacher that answers a batch of rendered prompts."""
+
+    name: str
+    """What OUT.meta.json records."""
+    chat: bool
+    """The teacher has a chat template (records are chat; else plain continuations)."""
+    render: Callable[[str], str | list[int]]
+    """user message -> what `sample` takes (the chat-templated prompt)."""
+    render_text: Callable[[str], str | list[int]]
+    """plain text to continue -> what `sample` takes (no chat template)."""
+    sample: Callable[[list, int, int], list[tuple[str, int]]]
+    """(rendered prompts, max_new_tokens, seed) -> [(answer text, tokens generated)]."""
+    count: Callable[[str], int]
+    """Tokens of a text."""
+
+
+def torch_engine(s: GenerateSettings) -> Engine:
+    import torch
+
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import autocast, resolve_precision
+
+    device = resolve_device("auto")
+    precision = resolve_precision(s.precision, device)
+    model, tokenizer = load_model(s.teacher, device=device)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def render(prompt: str) -> str:
+        if not chat:
+            return prompt
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    @torch.no_grad()
+    def sample(texts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+        torch.manual_seed(seed)
+        with autocast(precision, device):
+            ids = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        new = ids[:, enc["input_ids"].shape[1]:]  # (B, new)
+        return [(tokenizer.decode(row, skip_special_tokens=True).strip(), int((row != tokenizer.pad_token_id).sum()))
+                for row in new]
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return Engine(f"pytorch: transformers generate, batched ({device}, {precision})", chat, render,
+                  lambda text: text, sample, count)
+
+
+def llama_engine(s: GenerateSettings, path: Path) -> Engine:
+    """llama.cpp running the GGUF teacher, one prompt at a time (its own sampler: temperature, top-p)."""
+    from taille.models.llamacpp import open_gguf, prompt_ids
+
+    llm = open_gguf(path, n_ctx=2048)
+    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+
+    def render_text(text: str) -> list[int]:
+        return llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                            special=False)
+
+    def render(prompt: str) -> list[int]:
+        return prompt_ids(llm, [{"role": "user", "content": prompt}]) if chat else render_text(prompt)
+
+    def sample(prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
+        out = []
+        for k, ids in enumerate(prompts):
+            room = min(max_new_tokens, llm.n_ctx() - len(ids))
+            reply = llm.create_completion(prompt=ids[: llm.n_ctx() - 1], max_tokens=max(1, room),
+                                          temperature=s.temperature, top_p=s.top_p, top_k=0, min_p=0.0,
+                                          repeat_penalty=1.0, seed=seed + k)
+            out.append((reply["choices"][0]["text"].strip(), reply["usage"]["completion_tokens"]))
+        return out
+
+    def count(text: str) -> int:
+        return len(llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    return Engine(f"llama.cpp: {path.name}, one sequence at a time (cpu)", chat, render, render_text, sample, count)
+
+
+def pick_engine(s: GenerateSettings) -> Engine:
+    from taille.models.load import resolve_device, resolve_model
+
+    source = resolve_model(s.teacher)
+    engine = s.engine
+    if engine == "auto":
+        engine = "llama.cpp" if source.kind == "gguf" and resolve_device("auto") == "cpu" else "torch"
+    if engine == "llama.cpp":
+        if source.kind != "gguf":
+            raise TailleError(f"--engine llama.cpp needs a GGUF teacher; {s.teacher} is a {source.kind} model "
+                              "(export it first: taille export MODEL --quant f16 --out teacher.gguf)")
+        return llama_engine(s, Path(source.location))
+    return torch_engine(s)
+
+
+SELF_INSTRUCT = "Questions and requests that people send to an assistant, one per line:\n{examples}\n{next}."
+"""The text the teacher continues to write a new prompt (self-instruct): a numbered list of seed prompts
+ending at the next number. A plain continuation, not a chat turn: small teachers asked in a chat turn
+answer the request instead of writing a new one."""
+_NOT_A_REQUEST = re.compile(r"^(i |i'm |i am |sure|certainly|of course|here |as an )", re.IGNORECASE)
+
+
+def self_instruct(engine: Engine, s: GenerateSettings, seeds: list[str], path: Path) -> list[str]:
+    """Grow OUT.prompts.jsonl to `s.self_instruct` new prompts written by the teacher; return them all."""
+    written = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()] \
+        if path.is_file() else []
+    dedup = Deduplicator(s.near_duplicate)
+    for p in seeds + written:
+        dedup.check_and_add(p)
+    rng = random.Random(s.seed + len(written))
+    attempts = 0
+    with open(path, "a") as f:
+        while len(written) < s.self_instruct:
+            attempts += 1
+            if attempts > 20 * s.self_instruct + 100:
+                log.warning("self-instruct: %d of %d prompts after %d attempts; going on with those",
+                            len(written), s.self_instruct, attempts)
+                break
+            batch = []
+            for _ in range(s.batch_size):
+                shown = rng.sample(seeds, min(4, len(seeds)))
+                examples = "\n".join(f"{k}. {p}" for k, p in enumerate(shown, 1))
+                batch.append(engine.render_text(SELF_INSTRUCT.format(examples=examples, next=len(shown) + 1)))
+            for text, _ in engine.sample(batch, 64, s.seed + 7919 * attempts):
+                prompt = text.strip().splitlines()[0].strip().strip('"') if text.strip() else ""
+                words = len(prompt.split())
+                if (not 4 <= words <= 60 or _NOT_A_REQUEST.match(prompt) or not looks_like(prompt, s.language)
+                        or dedup.check_and_add(prompt)):
+                    continue
+                written.append(prompt)
+                f.write(json.dumps({"prompt": prompt}) + "\n")
+                f.flush()
+                if len(written) >= s.self_instruct:
+                    break
+    return written
+
+
 _ENGLISH = frozenset("the of and to a in is it that for on with as was be are this by not or you at have from".split())
 
 
@@ -157,26 +319,19 @@ def _done_ids(out: Path, dedup: Deduplicator) -> tuple[set[str], int]:
 
 
 def generate(s: GenerateSettings) -> dict:
-    import torch
     from tqdm.auto import tqdm
 
-    from taille.models.load import load_model, resolve_device
-    from taille.models.precision import autocast, resolve_precision
-
     prompts = read_prompts(s.prompts)
-    device = resolve_device("auto")
-    precision = resolve_precision(s.precision, device)
-    model, tokenizer = load_model(s.teacher, device=device)
-    model.eval()
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    if not chat:
+    engine = pick_engine(s)
+    if not engine.chat:
         log.warning("%s has no chat template: generating plain continuations of the prompts (records are text)",
                     s.teacher)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if s.self_instruct:
+        written = self_instruct(engine, s, prompts, Path(f"{out}.prompts.jsonl"))
+        log.info("self-instruct: %d prompts written by the teacher (%s.prompts.jsonl)", len(written), out)
+        prompts = prompts + written
     dedup = Deduplicator(s.near_duplicate)
     done, kept_tokens = _done_ids(out, dedup)
     counts = {"kept": len(done), "exact_duplicate": 0, "near_duplicate": 0, "too_short": 0, "language": 0}
@@ -190,21 +345,13 @@ def generate(s: GenerateSettings) -> dict:
                 if kept_tokens >= s.tokens:
                     break
                 batch = todo[b:b + s.batch_size]
-                texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                       add_generation_prompt=True) if chat else p for _, p in batch]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-                torch.manual_seed(s.seed + rounds * 1_000_003 + b)
                 start = time.perf_counter()
-                with torch.no_grad(), autocast(precision, device):
-                    ids = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
-                                         max_new_tokens=s.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                answers = engine.sample([engine.render(p) for _, p in batch], s.max_new_tokens,
+                                        s.seed + rounds * 1_000_003 + b)
                 seconds += time.perf_counter() - start
-                new = ids[:, enc["input_ids"].shape[1]:]  # (B, new)
-                for (i, prompt), row in zip(batch, new):
-                    length = int((row != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(row)
+                for (i, prompt), (answer, length) in zip(batch, answers):
                     generated += length
-                    answer = tokenizer.decode(row, skip_special_tokens=True).strip()
-                    n = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+                    n = engine.count(answer)
                     verdict = ("too_short" if n < s.min_tokens else "language" if not looks_like(answer, s.language)
                                else None)
                     if verdict is None:
@@ -215,7 +362,7 @@ def generate(s: GenerateSettings) -> dict:
                         continue
                     record = {"id": f"{i}-{rounds}", "prompt": prompt, "answer": answer, "tokens": n}
                     record.update({"messages": [{"role": "user", "content": prompt},
-                                                {"role": "assistant", "content": answer}]} if chat
+                                                {"role": "assistant", "content": answer}]} if engine.chat
                                   else {"text": f"{prompt} {answer}"})
                     f.write(json.dumps(record) + "\n")
                     f.flush()
@@ -229,9 +376,9 @@ def generate(s: GenerateSettings) -> dict:
                                   "everything (lower --min-tokens, raise --near-duplicate) or add prompts")
     bar.close()
     offered = sum(counts.values()) - len(done)
-    meta = {"engine": f"pytorch: transformers generate, batched ({device}, {precision})", "teacher": s.teacher,
-            "chat_template": chat, "settings": asdict(s), "prompts": len(prompts), "tokens_kept": kept_tokens,
-            "records": counts["kept"], "generated_tokens_this_run": generated,
+    meta = {"engine": engine.name, "teacher": s.teacher, "chat_template": engine.chat, "settings": asdict(s),
+            "prompts": len(prompts), "self_instruct_prompts": len(prompts) - len(read_prompts(s.prompts)),
+            "tokens_kept": kept_tokens, "records": counts["kept"], "generated_tokens_this_run": generated,
             "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
             "filtered_this_run": {k: v for k, v in counts.items() if k != "kept"},
             "duplicate_rate_this_run": round((counts["exact_duplicate"] + counts["near_duplicate"]) / offered, 4)

@@ -1,7 +1,8 @@
 """llama.cpp, the on-device runtime, through llama-cpp-python: one place that opens a GGUF file.
 
-`export --verify`, `bench`, `chat` and `serve` all run GGUF files through `open_gguf`, so thread count,
-logging and the missing-package message are the same everywhere.
+`export --verify`, `bench`, `chat`, `serve` and `generate` all run GGUF files through `open_gguf`, so thread
+count, logging and the missing-package message are the same everywhere; `prompt_ids` renders a
+conversation with the file's own chat template.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pathlib import Path
 from taille.errors import TailleError
 
 log = logging.getLogger(__name__)
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+"""Plain turns for a model whose file has no chat template."""
 
 INSTALL = 'pip install -e ".[export]"  (llama-cpp-python builds llama.cpp from source, ~5 min on 2 cores)'
 
@@ -112,3 +119,43 @@ def last_logits(llm):
 
     lc = llama_cpp()
     return np.ctypeslib.as_array(lc.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def _template(llm) -> str:
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        if not getattr(llm, "_taille_warned", False):
+            log.warning("the model file has no chat template; using plain 'User: / Assistant:' turns")
+            llm._taille_warned = True
+        return FALLBACK_TEMPLATE
+    return template
+
+
+def _special(llm, token_id: int) -> str:
+    if token_id < 0:
+        return ""
+    return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+
+def render(llm, messages: list[dict]) -> str:
+    """The prompt text: the file's chat template (Jinja, as transformers and llama.cpp render it)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TailleError(f"the model's chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(_template(llm)).render(
+        messages=messages, add_generation_prompt=True,
+        bos_token=_special(llm, llm.token_bos()), eos_token=_special(llm, llm.token_eos()),
+    )
+
+
+def prompt_ids(llm, messages: list[dict]) -> list[int]:
+    text = render(llm, messages)
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    bos = _special(llm, llm.token_bos())
+    if add_bos and bos and text.startswith(bos):
+        add_bos = False  # the template wrote it already
+    return llm.tokenize(text.encode(), add_bos=add_bos, special=True)

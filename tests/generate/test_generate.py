@@ -86,3 +86,35 @@ def test_language_filter():
     assert looks_like("The cat sat on the mat and it was happy with the sun.", "en")
     assert not looks_like("Кошка сидела на коврике и была очень довольна солнцем.", "en")
     assert looks_like("anything at all", None)
+
+
+def test_llama_cpp_engine_on_the_embedded_gguf_teacher_with_self_instruct(tmp_path, capsys, smollm2):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[export])")
+    out = tmp_path / "gen.jsonl"
+    args = gen_args(smollm2, out, "seed", **{"--tokens": 60, "--max-new-tokens": 24, "--batch-size": 4,
+                                              "--min-tokens": 4, "--language": "en", "--near-duplicate": 0.7,
+                                              "--self-instruct": 3})
+    args.remove("--precision"), args.remove("fp32")
+    run_cli(capsys, *args)
+    meta = json.loads((tmp_path / "gen.jsonl.meta.json").read_text())
+    assert meta["engine"].startswith("llama.cpp") and meta["chat_template"]  # auto: a GGUF teacher on a CPU
+    written = [json.loads(line)["prompt"] for line in (tmp_path / "gen.jsonl.prompts.jsonl").read_text().splitlines()]
+    assert len(written) == 3 and meta["self_instruct_prompts"] == 3
+    assert not set(written) & set(read_prompts("seed"))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    kept = sum(r["tokens"] for r in records)
+    assert kept >= 60 and all(r["messages"][1]["content"] for r in records)
+    # run again for more: the same prompt pool (no new self-instruct prompts), done ids skipped
+    run_cli(capsys, *[a if a != "60" else str(kept + 40) for a in args])
+    assert len((tmp_path / "gen.jsonl.prompts.jsonl").read_text().splitlines()) == 3
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again[: len(records)] == records and len(again) > len(records)
+    assert len({r["id"] for r in again}) == len(again)
+
+
+def test_llama_cpp_engine_needs_a_gguf_teacher(tmp_path, capsys):
+    model = save_tiny(tmp_path / "m", "llama", seed=1)
+    _, err = run_cli(capsys, *gen_args(model, tmp_path / "g.jsonl", "seed", **{"--engine": "llama.cpp"}), code=2)
+    assert "needs a GGUF teacher" in err
+    _, err = run_cli(capsys, *gen_args(model, tmp_path / "g.jsonl", "seed", **{"--engine": "vllm"}), code=2)
+    assert "--engine vllm" in err
