@@ -4,7 +4,9 @@ terminal by pexpect, on the embedded SmolLM2 GGUF in llama.cpp."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 
 import pytest
 
@@ -99,7 +101,8 @@ def test_three_turn_terminal_chat(smollm2, tmp_path):
         child.expect(r"Brenna Ironhand> (.*)\r\n")
         assert child.match.group(1).strip(), f"no reply to {question!r}"
     child.expect_exact("you> ")
-    child.sendintr()  # Ctrl-C at the prompt leaves cleanly
+    time.sleep(0.5)  # let input() block first
+    child.kill(signal.SIGINT)  # Ctrl-C at the prompt leaves cleanly
     child.expect_exact("bye")
     child.expect(pexpect.EOF)
     child.close()
