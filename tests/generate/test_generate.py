@@ -93,11 +93,11 @@ def test_llama_cpp_engine_on_the_embedded_gguf_teacher_with_self_instruct(tmp_pa
     out = tmp_path / "gen.jsonl"
     args = gen_args(smollm2, out, "seed", **{"--tokens": 60, "--max-new-tokens": 24, "--batch-size": 4,
                                               "--min-tokens": 4, "--language": "en", "--near-duplicate": 0.7,
-                                              "--self-instruct": 3})
+                                              "--self-instruct": 3, "--engine": "llama.cpp"})
     args.remove("--precision"), args.remove("fp32")
     run_cli(capsys, *args)
     meta = json.loads((tmp_path / "gen.jsonl.meta.json").read_text())
-    assert meta["engine"].startswith("llama.cpp") and meta["chat_template"]  # auto: a GGUF teacher on a CPU
+    assert meta["engine"].startswith("llama.cpp") and meta["chat_template"]
     written = [json.loads(line)["prompt"] for line in (tmp_path / "gen.jsonl.prompts.jsonl").read_text().splitlines()]
     assert len(written) == 3 and meta["self_instruct_prompts"] == 3
     assert not set(written) & set(read_prompts("seed"))
