@@ -9,8 +9,8 @@ is appended as it comes, so a stopped run started again skips the (prompt, round
 OUT.meta.json says which engine produced it, how fast, and what was filtered.
 
 Engines: batched PyTorch generation (`transformers` generate), or llama.cpp running a GGUF teacher one
-sequence at a time. `--engine auto` takes PyTorch: on SmolLM2-135M on the 2-core CPU it sampled 159
-tokens/s at batch 64 against llama.cpp's 55 (benchmarks/generate_engines.py; batch 16: 72); llama.cpp is
+sequence at a time. `--engine auto` takes PyTorch: on SmolLM2-135M on the 2-core CPU it sampled 169
+tokens/s at batch 64 against llama.cpp's 53 (benchmarks/generate_engines.py; batch 16: 81); llama.cpp is
 for GGUF teachers transformers cannot load, or too little memory for unquantized weights.
 Self-instruct (`--self-instruct N`): the teacher first writes N new prompts, each from a few seed prompts
 shown as examples; they are filtered and de-duplicated like answers, kept in OUT.prompts.jsonl (so a
@@ -49,7 +49,7 @@ class GenerateSettings:
     temperature: float = 0.8
     top_p: float = 0.95
     batch_size: int = 64
-    """Prompts sampled together by the PyTorch engine (on a 2-core CPU, 64 doubled 16's tokens/s)."""
+    """Prompts sampled together by the PyTorch engine (on a 2-core CPU, 64 doubled the tokens/s of 16)."""
     min_tokens: int = 16
     """Answers shorter than this are dropped."""
     near_duplicate: float = 0.7
