@@ -79,6 +79,7 @@ def chat_loop(llm, persona: Persona, settings: ChatSettings, read: Callable[[str
                 llm, ids, reply, max_tokens,
                 temperature=persona.temperature if settings.temperature is None else settings.temperature,
                 top_p=settings.top_p or persona.top_p, never=persona.never, seed=settings.seed,
+                repeat_penalty=persona.repeat_penalty,
             ):
                 out.write(piece)
                 out.flush()

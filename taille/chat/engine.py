@@ -84,13 +84,15 @@ def fit_messages(llm, messages: list[dict], room: int) -> tuple[list[dict], list
 
 def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature: float = 0.7,
                  top_p: float = 0.9, stop: list[str] | None = None, never: tuple[str, ...] = (),
-                 seed: int | None = None) -> Iterator[str]:
+                 seed: int | None = None, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> Iterator[str]:
     """Text pieces of the reply to prompt `ids`, as they are sampled. Text that could be the start of a
     phrase in `never` is held back until it cannot; a reply reaching such a phrase ends before it
     (finish_reason content_filter). `reply` is filled in as the stream goes."""
     chunks = llm.create_completion(
         prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop or [],
-        stream=True, seed=seed,
+        stream=True, seed=seed, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )
     guard = PhraseGuard(never)
     try:

@@ -8,7 +8,7 @@
     goals: [what the character wants from the conversation]
     never: [phrases the character must never say; replies are cut before them]
     greeting: the first line, shown before the player speaks (optional)
-    temperature / top_p / max_tokens: sampling defaults for this character (optional)
+    temperature / top_p / max_tokens / repeat_penalty: sampling defaults for this character (optional)
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class Persona:
     top_p: float = 0.9
     max_tokens: int = 160
     """Longest reply in tokens."""
+    repeat_penalty: float = 1.1
+    """llama.cpp's penalty on recently used tokens (1: none); small models loop without one."""
 
     def __post_init__(self):
         if not self.name.strip() or not self.role.strip():
             raise TailleError("a persona needs a non-empty 'name' and 'role'")
-        if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1 or self.max_tokens < 1:
-            raise TailleError(f"persona {self.name}: temperature must be in [0, 2], top_p in (0, 1], max_tokens >= 1")
+        if (not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1 or self.max_tokens < 1
+                or not 1 <= self.repeat_penalty <= 2):
+            raise TailleError(f"persona {self.name}: temperature must be in [0, 2], top_p in (0, 1], max_tokens >= 1, "
+                              "repeat_penalty in [1, 2]")
 
     @property
     def id(self) -> str:
@@ -99,7 +103,7 @@ def load_persona(path: str | Path) -> Persona:
             if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
                 raise TailleError(f"{path}: '{key}' must be a list of strings")
             value = tuple(str(v) for v in value)
-        elif key in ("temperature", "top_p"):
+        elif key in ("temperature", "top_p", "repeat_penalty"):
             value = float(value)
         elif key == "max_tokens":
             value = int(value)

@@ -80,6 +80,9 @@ class Job:
     top_p: float
     stop: list[str]
     seed: int | None
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     events: queue.Queue = field(default_factory=queue.Queue)
     """('piece', text) ... then ('done', Reply, prompt_tokens) or ('error', ApiError)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -116,7 +119,8 @@ class Worker(threading.Thread):
             return
         reply = Reply()
         pieces = stream_reply(self.llm, ids, reply, job.max_tokens, job.temperature, job.top_p, job.stop,
-                              job.persona.never if job.persona else (), job.seed)
+                              job.persona.never if job.persona else (), job.seed, job.repeat_penalty,
+                              job.frequency_penalty, job.presence_penalty)
         for piece in pieces:
             if job.cancelled.is_set():
                 pieces.close()
@@ -190,6 +194,9 @@ def parse_request(body: dict, models: dict[str, Persona | None], settings: Serve
         temperature=_number(body, "temperature", persona.temperature if persona else 0.7, 0, 2),
         top_p=_number(body, "top_p", persona.top_p if persona else 1.0, 0, 1),
         stop=stop, seed=_number(body, "seed", None, -(2**63), 2**63 - 1, int),
+        repeat_penalty=persona.repeat_penalty if persona else 1.0,
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
     )
     if job.top_p == 0:
         job.top_p = 1e-6  # OpenAI accepts 0 (greedy in effect); llama.cpp needs a positive top_p

@@ -30,6 +30,7 @@ def test_shipped_personas_load_with_ids():
     ("name: X\nrole: smith\nknowledge: {a: 1}\n", "'knowledge' must be a list"),
     ("name: X\nrole: smith\ntemperature: 5\n", "temperature must be in [0, 2]"),
     ("name: [X\n", "not valid YAML"),
+    ("name: X\nrole: smith\nrepeat_penalty: 0.5\n", "repeat_penalty in [1, 2]"),
 ])
 def test_bad_persona_files_say_what_is_wrong(tmp_path, text, message):
     path = tmp_path / "p.yaml"
