@@ -710,6 +710,11 @@ def chat(
         import readline  # noqa: F401  line editing and history for input()
     except ImportError:
         pass
+    import signal
+
+    # Ctrl-C is part of the chat's interface; a parent that ignored SIGINT (a launcher, a test runner) would
+    # pass that on, and Python keeps an inherited "ignore", leaving no way to stop a reply
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     chat_loop(llm, character, ChatSettings(max_tokens=max_tokens, temperature=temperature, seed=seed))
 
 
