@@ -23,6 +23,7 @@ from taille.models.llamacpp import prompt_ids
 
 log = logging.getLogger(__name__)
 
+
 class ContextFull(TailleError):
     """The newest message alone (with the system prompt) does not fit the context window."""
 
