@@ -47,8 +47,8 @@ class GgufShape:
     tensor_bytes: int
 
 
-FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16", 2: "q4_0", 15: "q4_k_m", 17: "q5_k_m", 18: "q6_k"}
-"""general.file_type values (llama.cpp's LLAMA_FTYPE_*) of the formats taille exports."""
+FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16", 2: "q4_0", 3: "q4_1", 15: "q4_k_m", 17: "q5_k_m", 18: "q6_k"}
+"""general.file_type values (llama.cpp's LLAMA_FTYPE_*) taille names: what it exports, and q4_1 (the embedded model)."""
 
 
 def read_shape(path: str | Path) -> GgufShape:
