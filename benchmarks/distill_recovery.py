@@ -50,6 +50,37 @@ def random_init(folder: Path, like: Path) -> Path:
     return folder
 
 
+def pruned_students(work: Path) -> tuple[Path, Path]:
+    """The 90M width student and the 90M depth student of the teacher (made once, kept in `work`)."""
+    width, depth = work / "width-90m", work / "depth-90m"
+    if not (work / "importance" / "importance.json").exists() and not (
+            (width / "taille.json").exists() and (depth / "taille.json").exists()):
+        taille("importance", "-m", TEACHER, "--data", "shakespeare", "--samples", 128, "--out", work / "importance")
+    if not (width / "taille.json").exists():
+        taille("prune", "-m", TEACHER, "--scores", work / "importance", "--params", "90M", "--axes",
+               "mlp,hidden,heads", "--out", width)
+    if not (depth / "taille.json").exists():
+        taille("prune", "-m", TEACHER, "--scores", work / "importance", "--layers", 18, "--ffn", 1472,
+               "--out", depth)
+    return width, depth
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The training budget and schedule every compared run shares."""
+    parser.add_argument("--tokens", default="512K")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-tokens", type=int, default=65536)
+
+
+def train_args(args, data: str = "shakespeare") -> list:
+    """`taille distill` options of one compared run; the held-out curve is always the plays'."""
+    return ["--data", data, "--tokens", args.tokens, "--seq-len", args.seq_len, "--batch-size", args.batch_size,
+            "--lr", args.lr, "--min-lr", args.lr / 10, "--warmup", 10, "--eval-every", 50,
+            "--eval-data", "shakespeare:heldout", "--eval-tokens", 16384, "--save-every", 25]
+
+
 VARIANT_ORDER = ("kd", "ce", "depth-kd", "scratch-kd", "cache-32", "cache-128", "cache-512", "kd-fp32")
 
 
@@ -85,12 +116,8 @@ def run_summary(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wikitext2", required=True)
-    parser.add_argument("--tokens", default="512K")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    add_train_options(parser)
     parser.add_argument("--cache-k", default="32,128,512")
-    parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--only", default=None, help="comma-separated variants to run (default: all, in order)")
     parser.add_argument("--work", default=None, help="work folder (default: TAILLE_CACHE/bench/distill_recovery); "
                         "finished steps there are not redone, an interrupted run resumes from its checkpoint")
@@ -105,22 +132,11 @@ def main() -> None:
         sys.exit(f"{work} holds results of other settings ({old}); give another --work")
     (work / "settings.json").write_text(json.dumps(settings, indent=1))
     texts = {"plays": "shakespeare:heldout", "wikitext2": f"wikitext2:{args.wikitext2}"}
-    width, depth = work / "width-90m", work / "depth-90m"
-    if not (width / "taille.json").exists() or not (depth / "taille.json").exists():
-        if not (work / "importance" / "importance.json").exists():
-            taille("importance", "-m", TEACHER, "--data", "shakespeare", "--samples", 128, "--out", work / "importance")
-        if not (width / "taille.json").exists():
-            taille("prune", "-m", TEACHER, "--scores", work / "importance", "--params", "90M", "--axes",
-                   "mlp,hidden,heads", "--out", width)
-        if not (depth / "taille.json").exists():
-            taille("prune", "-m", TEACHER, "--scores", work / "importance", "--layers", 18, "--ffn", 1472,
-                   "--out", depth)
+    width, depth = pruned_students(work)
     scratch = work / "scratch-90m"
     if not (scratch / "config.json").exists():
         random_init(scratch, width)
-    common = ["--data", "shakespeare", "--tokens", args.tokens, "--seq-len", args.seq_len, "--batch-size",
-              args.batch_size, "--lr", args.lr, "--min-lr", args.lr / 10, "--warmup", 10, "--eval-every", 50,
-              "--eval-tokens", 16384, "--save-every", 25]
+    common = train_args(args)
     variants = {
         "kd": (width, ["--teacher", TEACHER]),
         "kd-fp32": (width, ["--teacher", TEACHER, "--precision", "fp32"]),

@@ -34,7 +34,7 @@ from taille.models.lm import hidden_states, logit_softcap
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what it computes.
-RESUME_FREE = ("out", "resume", "eval_every", "save_every", "log_every", "progress", "report_to")
+RESUME_FREE = ("out", "resume", "eval_every", "eval_data", "eval_tokens", "save_every", "log_every", "progress", "report_to")
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 
 

@@ -169,7 +169,8 @@ def plot(report: dict, path: Path) -> Path:
     for ax, (kind, names) in zip(axes[0], panels):
         for i, r in enumerate(rows):
             values = [100 * headline(r["tasks"][n])[1] if kind == "tasks" else r["ppl"][n]["ppl"] for n in names]
-            ax.bar(np.arange(len(names)) + i * width, values, width, label=Path(r["model"]).name or r["model"])
+            label = report.get("labels", {}).get(r["model"]) or Path(r["model"]).name or r["model"]
+            ax.bar(np.arange(len(names)) + i * width, values, width, label=label)
         ax.set_xticks(np.arange(len(names)) + width * (len(rows) - 1) / 2, names, rotation=20, ha="right")
         ax.set_ylabel("accuracy (%)" if kind == "tasks" else "perplexity (log)")
         if kind == "ppl":
