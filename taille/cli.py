@@ -348,9 +348,11 @@ def correct(
 
 @app.command("teacher-cache")
 def teacher_cache(
-    teacher: Annotated[str, typer.Option(help="The teacher model.", show_default=False)],
-    data: Annotated[str, typer.Option(help="Training text to cache the teacher on.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Folder for the cache.", show_default=False)],
+    teacher: Annotated[Optional[str], typer.Option(help="The teacher model.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training text to cache the teacher on.", show_default=False)] = None,
+    from_cache: Annotated[Optional[Path], typer.Option("--from", help="Cut a smaller --top-k out of this cache instead "
+                                                       "(no teacher, no data: the same blocks).", show_default=False)] = None,
     top_k: Annotated[int, typer.Option(help="Teacher log-probabilities kept per position (Minitron: K <= 100 hurt).")] = 128,
     seq_len: SeqLenOpt = 512,
     tokens: Annotated[Optional[str], typer.Option(help="Cache only the first N tokens of the data.")] = None,
@@ -362,18 +364,26 @@ def teacher_cache(
     """Store a teacher's top-K next-token distributions over a corpus, once, for `distill --teacher-cache`.
 
     Per position: the K largest log-probabilities (fp16), their token ids (int32) and the log of the
-    probability mass left outside them, in memory-mapped files with the token blocks themselves.
+    probability mass left outside them, in memory-mapped files with the token blocks themselves. With
+    --from, a cache of a larger K gives one of a smaller K in seconds (compare several K for one teacher pass).
     """
-    from taille.distill.cache import build_cache
+    from taille.distill.cache import build_cache, shrink_cache
     from taille.models.load import load_model, resolve_device
     from taille.models.precision import resolve_precision
     from taille.prune.shape import parse_params
 
-    model, tokenizer = load_model(teacher, dtype=dtype, device=device)
-    folder = build_cache(model, tokenizer, data, out, top_k, seq_len, parse_params(tokens) if tokens else None,
-                         batch_size, resolve_precision(precision, resolve_device(device)))
+    if from_cache is not None:
+        if teacher or data or tokens:
+            raise TailleError("--from reuses a cache's teacher, data and blocks: leave out --teacher, --data and --tokens")
+        folder = shrink_cache(from_cache, out, top_k)
+    elif not teacher or not data:
+        raise TailleError("give --teacher and --data (or --from CACHE to cut a smaller K out of an existing cache)")
+    else:
+        model, tokenizer = load_model(teacher, dtype=dtype, device=device)
+        folder = build_cache(model, tokenizer, data, out, top_k, seq_len, parse_params(tokens) if tokens else None,
+                             batch_size, resolve_precision(precision, resolve_device(device)))
     meta = json.loads((folder / "meta.json").read_text())
-    print(f"cached {meta['blocks']} blocks x {seq_len} tokens of {meta['data']}, top-{top_k}: "
+    print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, top-{top_k}: "
           f"{meta['bytes'] / 2**20:,.1f} MiB in {meta['seconds']} s -> {folder}")
 
 

@@ -3,7 +3,8 @@
 `taille teacher-cache` runs the teacher over every block of the data and stores, per predicted position,
 the K largest log-probabilities (fp16), their token ids (int32) and the log of the probability mass left
 outside them (fp32), in memory-mapped files beside the token blocks themselves. `distill --teacher-cache`
-then trains with no teacher in memory, which makes comparing many students cheap.
+then trains with no teacher in memory, which makes comparing many students cheap. `--from` cuts a
+smaller-K cache out of a larger one without the teacher.
 
 Layout of DIR: meta.json, blocks.npy (N, T) token ids, top_logp.f16 (N, T-1, K), top_idx.i32 (N, T-1, K),
 rest_logp.f32 (N, T-1).
@@ -94,6 +95,43 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
             "tokenizer": tokenizer_fingerprint(tokenizer), "top_k": top_k, "seq_len": seq_len, "blocks": N,
             "vocab": V, "precision": precision, "seconds": round(time.perf_counter() - start, 1),
             "bytes": sum(p.stat().st_size for p in paths.values() if p.exists())}
+    tmp = paths["meta.json"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, paths["meta.json"])
+    return folder
+
+
+def shrink_cache(source: str | Path, out: str | Path, top_k: int, rows_per_chunk: int = 64) -> Path:
+    """A top-`top_k` cache cut from a larger one, with no teacher: its first K columns (top-k keeps them
+    sorted), and the mass outside them = the source's remaining mass + its dropped columns, summed in log space
+    (exact, not 1 - kept, which cancels when the kept mass is near 1). One teacher pass then serves every K."""
+    src = open_cache(source)
+    K = src.meta["top_k"]
+    if not 1 <= top_k <= K:
+        raise TailleError(f"--top-k {top_k}: a cache of top-{K} can give 1 to {K} log-probabilities per position")
+    folder = Path(out)
+    if folder.resolve() == Path(source).resolve():
+        raise TailleError("--out must be another folder than --from")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = _paths(folder)
+    paths["meta.json"].unlink(missing_ok=True)
+    start = time.perf_counter()
+    np.save(paths["blocks.npy"], np.asarray(src.blocks))
+    N, T1 = src.rest_logp.shape
+    top_logp = np.memmap(paths["top_logp.f16"], dtype=np.float16, mode="w+", shape=(N, T1, top_k))
+    top_idx = np.memmap(paths["top_idx.i32"], dtype=np.int32, mode="w+", shape=(N, T1, top_k))
+    rest = np.memmap(paths["rest_logp.f32"], dtype=np.float32, mode="w+", shape=(N, T1))
+    for b in range(0, N, rows_per_chunk):
+        rows = slice(b, b + rows_per_chunk)
+        top_logp[rows] = src.top_logp[rows, :, :top_k]
+        top_idx[rows] = src.top_idx[rows, :, :top_k]
+        dropped = torch.from_numpy(src.top_logp[rows, :, top_k:].astype(np.float32))  # (n, T-1, K - k)
+        kept_out = torch.from_numpy(np.array(src.rest_logp[rows]))[..., None]  # (n, T-1, 1)
+        rest[rows] = torch.logsumexp(torch.cat([kept_out, dropped], dim=-1), dim=-1).clamp(min=-1e4).numpy()
+    for array in (top_logp, top_idx, rest):
+        array.flush()
+    meta = {**src.meta, "top_k": top_k, "from": str(Path(source).resolve()), "seconds": round(time.perf_counter() - start, 1)}
+    meta["bytes"] = sum(p.stat().st_size for name, p in paths.items() if name != "meta.json")
     tmp = paths["meta.json"].with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, paths["meta.json"])

@@ -146,6 +146,29 @@ def test_teacher_cache_small_k(setup, tmp_path, capsys):
     assert torch_allclose(mass, 1.0)
 
 
+def test_teacher_cache_cut_to_a_smaller_k_equals_one_built_at_that_k(setup, tmp_path, capsys):
+    import numpy as np
+
+    from taille.distill.cache import open_cache
+
+    teacher, _, data, _ = setup
+    for k in (64, 16):
+        run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", data, "--out", tmp_path / f"c{k}",
+                "--top-k", k, "--seq-len", 32, "--precision", "fp32")
+    out, _ = run_cli(capsys, "teacher-cache", "--from", tmp_path / "c64", "--top-k", 16, "--out", tmp_path / "cut")
+    assert "top-16" in out
+    built, cut = open_cache(tmp_path / "c16"), open_cache(tmp_path / "cut")
+    assert np.array_equal(cut.blocks, built.blocks) and np.array_equal(cut.top_idx, built.top_idx)
+    assert np.array_equal(cut.top_logp, built.top_logp)
+    # the mass outside: direct 1 - kept (fp32) vs the source's rest + its dropped fp16 columns
+    assert np.allclose(cut.rest_logp, built.rest_logp, atol=2e-3)
+    assert cut.meta["top_k"] == 16 and cut.meta["from"].endswith("c64")
+    _, err = run_cli(capsys, "teacher-cache", "--from", tmp_path / "c64", "--top-k", 128, "--out", tmp_path / "x", code=2)
+    assert "1 to 64" in err
+    _, err = run_cli(capsys, "teacher-cache", "--top-k", 8, "--out", tmp_path / "y", code=2)
+    assert "--teacher and --data" in err
+
+
 def torch_allclose(x, value):
     import torch
     return torch.allclose(x, torch.full_like(x, value), atol=2e-3)
