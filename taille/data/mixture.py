@@ -5,7 +5,7 @@ Each source is tokenized (and cached) on its own and cut into blocks; the mixtur
 its weight's share (rounded): at each position the source furthest behind its share goes next. Its
 length is the sum of the sources' blocks; a source whose share is larger than its text repeats it
 (whole passes, in order), one whose share is smaller uses its first blocks. The same spec and tokenizer
-give the same blocks, in the same order, on every machine; `describe()` is what a run records.
+give the same blocks, in the same order, on every machine; a run records `trained_on()`: what it drew of each.
 """
 
 from __future__ import annotations
@@ -81,13 +81,29 @@ class MixedBlocks:
         return out.astype(dtype) if dtype is not None else out
 
     def describe(self) -> list[dict]:
-        """Per source: weight, its own blocks, blocks it gives the mixture, and passes over its text."""
+        """Per source: weight, its own blocks, blocks it gives the mixture, and the passes over its text
+        that the whole mixture holds."""
         out = []
         for i, ((spec, weight), b) in enumerate(zip(self.parts, self.sources)):
             used = int((self.which == i).sum())
             out.append({"source": spec, "weight": round(weight, 6), "blocks": len(b), "mixture_blocks": used,
-                        "passes": round(used / len(b), 3)})
+                        "mixture_passes": round(used / len(b), 3)})
         return out
+
+
+def trained_on(blocks, order: np.ndarray, source: str) -> list[dict]:
+    """What a run drew, per source, given its samples `order` (indices into `blocks`, the whole run):
+    blocks drawn (repeats counted), distinct blocks, passes over the source's text (drawn / its blocks).
+    A run shorter than its mixture samples from all of it, so these, not the mixture's, are what it saw."""
+    if not isinstance(blocks, MixedBlocks):
+        return [{"source": source, "blocks": len(blocks), "drawn": len(order),
+                 "distinct": len(np.unique(order)), "passes": round(len(order) / len(blocks), 3)}]
+    out = blocks.describe()
+    which = blocks.which[order]  # (S,) source of each drawn sample
+    for i, part in enumerate(out):
+        mine = blocks.index[order[which == i]]  # (S_i,) block within source i
+        part |= {"drawn": len(mine), "distinct": len(np.unique(mine)), "passes": round(len(mine) / part["blocks"], 3)}
+    return out
 
 
 def load_blocks(spec: str, tokenizer, seq_len: int, split: str = "train", progress: bool = True):

@@ -276,7 +276,7 @@ def distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from taille.data.mixture import load_blocks
+    from taille.data.mixture import load_blocks, trained_on
     from taille.data.tokens import as_ids, load_tokens
     from taille.models.load import load_model
     from taille.models.precision import autocast, resolve_precision
@@ -478,8 +478,7 @@ def distill(cfg: DistillConfig) -> dict:
     bar.close()
 
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
-              "data": blocks.describe() if hasattr(blocks, "describe") else [{"source": cfg.data or source,
-                                                                              "blocks": len(blocks)}],
+              "data": trained_on(blocks, sample_order(len(blocks), cfg.seed, 0, total_steps * global_batch), source),
               "global_batch": global_batch, "processes": world, "precision": precision,
               "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
     if accelerator.is_main_process:

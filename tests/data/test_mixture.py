@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from taille.data.mixture import MixedBlocks, interleave, parse_mixture
+from taille.data.mixture import MixedBlocks, interleave, parse_mixture, trained_on
 from taille.errors import TailleError
 
 
@@ -43,8 +43,18 @@ def test_mixed_blocks_repeat_a_small_source_and_truncate_a_large_one():
     np.testing.assert_array_equal(mixed[[7, 2, 7]], rows[[7, 2, 7]])  # any order, repeats
     np.testing.assert_array_equal(mixed[2:5], rows[2:5])
     assert mixed.describe() == [
-        {"source": "a", "weight": 0.5, "blocks": 2, "mixture_blocks": 5, "passes": 2.5},
-        {"source": "b", "weight": 0.5, "blocks": 8, "mixture_blocks": 5, "passes": 0.625}]
+        {"source": "a", "weight": 0.5, "blocks": 2, "mixture_blocks": 5, "mixture_passes": 2.5},
+        {"source": "b", "weight": 0.5, "blocks": 8, "mixture_blocks": 5, "mixture_passes": 0.625}]
+
+
+def test_trained_on_counts_what_a_run_drew_of_each_source():
+    a, b = np.zeros((2, 4)), np.ones((8, 4))
+    mixed = MixedBlocks([("a", 0.5), ("b", 0.5)], [a, b])  # positions: a b a b ...; a's blocks 0 1 0 1 0
+    order = np.array([0, 2, 4, 1, 3, 0])  # a's blocks 0 1 0 0, b's blocks 0 1
+    parts = trained_on(mixed, order, "a:0.5,b:0.5")
+    assert [(p["drawn"], p["distinct"], p["passes"]) for p in parts] == [(4, 2, 2.0), (2, 2, 0.25)]
+    assert trained_on(b, np.array([3, 3, 5]), "b") == [
+        {"source": "b", "blocks": 8, "drawn": 3, "distinct": 2, "passes": 0.375}]
 
 
 def test_distillation_on_a_mixture_records_it(tmp_path, capsys):
@@ -64,6 +74,7 @@ def test_distillation_on_a_mixture_records_it(tmp_path, capsys):
     assert parts[str(one)]["weight"] == 0.25 and parts[str(two)]["weight"] == 0.75
     total = sum(d["mixture_blocks"] for d in record["data"])
     assert parts[str(one)]["mixture_blocks"] == round(0.25 * total)
+    assert sum(d["drawn"] for d in record["data"]) == record["steps"] * record["global_batch"]
 
 
 def test_teacher_cache_over_a_mixture(tmp_path, capsys):
