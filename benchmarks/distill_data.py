@@ -38,6 +38,20 @@ def measure(model: str, args) -> dict:
     return {"row": row, "n_samples": report.get("n_samples"), "config": report.get("config")}
 
 
+def drawn(run: Path, student: Path) -> list[dict]:
+    """Per source, what the run drew: recomputed from its data spec, seed and length (runs recorded before
+    taille wrote this into taille.json are read the same way)."""
+    from taille.data.mixture import load_blocks, trained_on
+    from taille.distill.train import sample_order
+    from taille.models.load import load_tokenizer
+
+    record = json.loads((run / "taille.json").read_text())["distill"]
+    cfg = record["config"]
+    blocks = load_blocks(cfg["data"], load_tokenizer(str(student)), cfg["seq_len"], progress=False)
+    return trained_on(blocks, sample_order(len(blocks), cfg["seed"], 0, record["steps"] * record["global_batch"]),
+                      cfg["data"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wikitext2", required=True)
@@ -71,8 +85,7 @@ def main() -> None:
         measured[label] = remember(work / "data-rows" / f"{Path(model).name}-{tag}.json",
                                    lambda model=model: measure(model, args))
     trained = {f"distilled on {name}": {"data": sources[name], **run_summary(runs[name]),
-                                         "trained_on": json.loads((runs[name] / "taille.json").read_text())["distill"]["data"]}
-               for name in sources}
+                                         "trained_on": drawn(runs[name], width)} for name in sources}
     write_tables(measured, trained, args)
 
 
@@ -81,10 +94,12 @@ def write_tables(measured: dict, trained: dict, args) -> None:
 
     report = {"rows": [m["row"] for m in measured.values()],
               "labels": {m["row"]["model"]: label for label, m in measured.items()}}
-    runs = ["| student | data | train KL (last 10%) | held-out KL to teacher (plays) | tokens/s |", "|---|---|---|---|---|"]
+    runs = ["| student | data | blocks drawn (distinct) / passes per source | train KL (last 10%) | "
+            "held-out KL to teacher (plays) | tokens/s |", "|---|---|---|---|---|---|"]
     for label, t in trained.items():
-        runs.append(f"| {label} | `{t['data'].replace(str(Path.home()), '~')}` | {t['final_loss']} | {t['eval_kl']} | "
-                    f"{t['tokens_per_s']} |")
+        seen = "; ".join(f"{Path(p['source']).name}: {p['drawn']} ({p['distinct']}) / {p['passes']}" for p in t["trained_on"])
+        runs.append(f"| {label} | `{t['data'].replace(str(Path.home()), '~')}` | {seen} | {t['final_loss']} | "
+                    f"{t['eval_kl']} | {t['tokens_per_s']} |")
     n = next(iter(measured.values()))["n_samples"]
     note = (f"Budget {args.tokens} tokens per run (seq {args.seq_len}, batch {args.batch_size}, lr {args.lr} -> "
             f"{args.lr / 10} cosine, forward KL from the live teacher, bf16-mixed). Perplexity: the first "
