@@ -41,14 +41,13 @@ def measure(model: str, args) -> dict:
 def drawn(run: Path, student: Path) -> list[dict]:
     """Per source, what the run drew: recomputed from its data spec, seed and length (runs recorded before
     taille wrote this into taille.json are read the same way)."""
-    from taille.data.mixture import load_blocks, trained_on
-    from taille.distill.train import sample_order
+    from taille.data.mixture import load_blocks, run_order, trained_on
     from taille.models.load import load_tokenizer
 
     record = json.loads((run / "taille.json").read_text())["distill"]
     cfg = record["config"]
-    blocks = load_blocks(cfg["data"], load_tokenizer(str(student)), cfg["seq_len"], progress=False)
-    return trained_on(blocks, sample_order(len(blocks), cfg["seed"], 0, record["steps"] * record["global_batch"]),
+    blocks = load_blocks(cfg["data"], load_tokenizer(str(student)), cfg["seq_len"], progress=False, seed=cfg["seed"])
+    return trained_on(blocks, run_order(blocks, cfg["seed"], 0, record["steps"] * record["global_batch"]),
                       cfg["data"])
 
 

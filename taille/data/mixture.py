@@ -2,10 +2,13 @@
 
 Each source is tokenized (and cached) on its own and cut into blocks; the mixture is a list of
 (source, block) pairs interleaved deterministically so that after any k blocks each source has given
-its weight's share (rounded): at each position the source furthest behind its share goes next. Its
-length is the sum of the sources' blocks; a source whose share is larger than its text repeats it
-(whole passes, in order), one whose share is smaller uses its first blocks. The same spec and tokenizer
-give the same blocks, in the same order, on every machine; a run records `trained_on()`: what it drew of each.
+its weight's share (rounded): at each position the source furthest behind its share goes next. Within a
+source the blocks come in a seeded shuffle, a fresh one per pass, so no block comes twice before all of
+its source has come once. The mixture's length is the sum of the sources' blocks; a source whose share is
+larger than its text makes several passes, one whose share is smaller gives part of one. A run reads the
+mixture in sequence (it is shuffled already), so every prefix of a run holds the shares too. The same
+spec, tokenizer and seed give the same blocks in the same order on every machine; a run records
+`trained_on()`: what it drew of each source.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def interleave(weights: list[float], length: int) -> np.ndarray:
 class MixedBlocks:
     """(N, seq_len) blocks drawn from several sources' block arrays; indexable like one array."""
 
-    def __init__(self, parts: list[tuple[str, float]], blocks: list[np.ndarray]):
+    def __init__(self, parts: list[tuple[str, float]], blocks: list[np.ndarray], seed: int = 0):
         self.parts = parts
         self.sources = blocks
         length = sum(len(b) for b in blocks)
@@ -59,7 +62,9 @@ class MixedBlocks:
         self.index = np.empty(length, dtype=np.int64)  # (N,) block within its source
         for i, b in enumerate(blocks):
             positions = np.flatnonzero(self.which == i)
-            self.index[positions] = np.arange(len(positions)) % len(b)  # repeats whole passes if needed
+            passes = -(-len(positions) // len(b))
+            shuffled = [np.random.default_rng([seed, i, p]).permutation(len(b)) for p in range(passes)]
+            self.index[positions] = np.concatenate(shuffled)[:len(positions)]  # a fresh shuffle per pass
         self.shape = (length, blocks[0].shape[1])
         self.dtype = np.result_type(*[b.dtype for b in blocks])
 
@@ -91,6 +96,21 @@ class MixedBlocks:
         return out
 
 
+def run_order(blocks, seed: int, first: int, count: int) -> np.ndarray:
+    """(count,) indices into `blocks` of a run's global samples first..first+count-1. A mixture is shuffled
+    already and read in sequence (a later epoch reads it again); one source's blocks are visited in a fresh
+    seeded permutation per epoch, so any sample's block is known without replaying the run."""
+    if isinstance(blocks, MixedBlocks):
+        return np.arange(first, first + count) % len(blocks)
+    out = np.empty(count, dtype=np.int64)
+    for j, g in enumerate(range(first, first + count)):
+        epoch, pos = divmod(g, len(blocks))
+        if j == 0 or pos == 0:
+            perm = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+        out[j] = perm[pos]
+    return out
+
+
 def trained_on(blocks, order: np.ndarray, source: str) -> list[dict]:
     """What a run drew, per source, given its samples `order` (indices into `blocks`, the whole run):
     blocks drawn (repeats counted), distinct blocks, passes over the source's text (drawn / its blocks).
@@ -106,7 +126,7 @@ def trained_on(blocks, order: np.ndarray, source: str) -> list[dict]:
     return out
 
 
-def load_blocks(spec: str, tokenizer, seq_len: int, split: str = "train", progress: bool = True):
+def load_blocks(spec: str, tokenizer, seq_len: int, split: str = "train", progress: bool = True, seed: int = 0):
     """Training blocks of `spec`: one source's (N, seq_len) view, or a MixedBlocks for a weighted list."""
     from taille.data.tokens import load_tokens
 
@@ -114,4 +134,4 @@ def load_blocks(spec: str, tokenizer, seq_len: int, split: str = "train", progre
     if parts is None:
         return load_tokens(spec, tokenizer, split=split, progress=progress).blocks(seq_len)
     blocks = [load_tokens(s, tokenizer, split=split, progress=progress).blocks(seq_len) for s, _ in parts]
-    return MixedBlocks(parts, blocks)
+    return MixedBlocks(parts, blocks, seed)

@@ -126,18 +126,6 @@ def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sample_order(n_blocks: int, seed: int, first: int, count: int) -> np.ndarray:
-    """Indices of global samples first..first+count-1: epoch e visits the blocks in the permutation
-    drawn from (seed, e), so any sample's block is known without replaying the run."""
-    out = np.empty(count, dtype=np.int64)
-    for j, g in enumerate(range(first, first + count)):
-        epoch, pos = divmod(g, n_blocks)
-        if j == 0 or pos == 0:
-            perm = np.random.default_rng([seed, epoch]).permutation(n_blocks)
-        out[j] = perm[pos]
-    return out
-
-
 class Trunk(torch.nn.Module):
     """The student as DDP sees it: the whole causal LM (all parameters registered) whose forward
     returns final hidden states (the LM head is applied by the loss, in slices), and the outputs of the
@@ -276,7 +264,7 @@ def distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from taille.data.mixture import load_blocks, trained_on
+    from taille.data.mixture import load_blocks, run_order, trained_on
     from taille.data.tokens import as_ids, load_tokens
     from taille.models.load import load_model
     from taille.models.precision import autocast, resolve_precision
@@ -319,7 +307,8 @@ def distill(cfg: DistillConfig) -> dict:
                 raise TailleError(f"--seq-len {cfg.seq_len} differs from the teacher cache's {cache.meta['seq_len']}")
             blocks = cache.blocks
         else:
-            blocks = load_blocks(cfg.data, tokenizer, cfg.seq_len, progress=cfg.progress and accelerator.is_main_process)
+            blocks = load_blocks(cfg.data, tokenizer, cfg.seq_len, progress=cfg.progress and accelerator.is_main_process,
+                                 seed=cfg.seed)
         source = cfg.data or (cache.meta["data"] if cache else "")
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
@@ -395,7 +384,7 @@ def distill(cfg: DistillConfig) -> dict:
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        order = sample_order(len(blocks), cfg.seed, step * global_batch, global_batch)
+        order = run_order(blocks, cfg.seed, step * global_batch, global_batch)
         step_loss = torch.zeros((), device=device)
         step_hidden = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
@@ -478,7 +467,7 @@ def distill(cfg: DistillConfig) -> dict:
     bar.close()
 
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
-              "data": trained_on(blocks, sample_order(len(blocks), cfg.seed, 0, total_steps * global_batch), source),
+              "data": trained_on(blocks, run_order(blocks, cfg.seed, 0, total_steps * global_batch), source),
               "global_batch": global_batch, "processes": world, "precision": precision,
               "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
     if accelerator.is_main_process:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from taille.data.mixture import MixedBlocks, interleave, parse_mixture, trained_on
+from taille.data.mixture import MixedBlocks, interleave, parse_mixture, run_order, trained_on
 from taille.errors import TailleError
 
 
@@ -36,10 +36,15 @@ def test_mixed_blocks_repeat_a_small_source_and_truncate_a_large_one():
     mixed = MixedBlocks([("a", 0.5), ("b", 0.5)], [a, b])
     assert mixed.shape == (10, 4) and len(mixed) == 10
     rows = mixed[np.arange(10)]
-    from_a = [r for r in rows if r[0] < 100]
+    from_a = [int(r[0]) for r in rows if r[0] < 100]
     assert len(from_a) == 5  # half the mixture from 2 blocks: 2.5 passes over a
-    assert [int(r[0]) for r in from_a] == [0, 4, 0, 4, 0]
-    assert sorted({int(r[0]) for r in rows if r[0] >= 100}) == [100, 104, 108, 112, 116]  # b's first 5 blocks
+    assert sorted(from_a[:2]) == sorted(from_a[2:4]) == [0, 4]  # each pass visits every block once
+    from_b = [int(r[0]) for r in rows if r[0] >= 100]
+    assert len(set(from_b)) == 5  # part of one pass over b: no block twice
+    again = MixedBlocks([("a", 0.5), ("b", 0.5)], [a, b])
+    np.testing.assert_array_equal(again[np.arange(10)], rows)  # the same seed, the same stream
+    other = MixedBlocks([("a", 0.5), ("b", 0.5)], [a, b], seed=1)
+    assert not np.array_equal(other[np.arange(10)], rows)
     np.testing.assert_array_equal(mixed[[7, 2, 7]], rows[[7, 2, 7]])  # any order, repeats
     np.testing.assert_array_equal(mixed[2:5], rows[2:5])
     assert mixed.describe() == [
@@ -50,9 +55,12 @@ def test_mixed_blocks_repeat_a_small_source_and_truncate_a_large_one():
 def test_trained_on_counts_what_a_run_drew_of_each_source():
     a, b = np.zeros((2, 4)), np.ones((8, 4))
     mixed = MixedBlocks([("a", 0.5), ("b", 0.5)], [a, b])  # positions: a b a b ...; a's blocks 0 1 0 1 0
-    order = np.array([0, 2, 4, 1, 3, 0])  # a's blocks 0 1 0 0, b's blocks 0 1
+    order = np.array([0, 2, 4, 1, 3, 0])  # a's positions 0 2 4 0 (passes 1, 1, 2, 1), b's 1 3
     parts = trained_on(mixed, order, "a:0.5,b:0.5")
     assert [(p["drawn"], p["distinct"], p["passes"]) for p in parts] == [(4, 2, 2.0), (2, 2, 0.25)]
+    assert np.array_equal(run_order(mixed, 0, 8, 4), [8, 9, 0, 1])  # a mixture is read in sequence, then again
+    single = run_order(b, 3, 0, 16)  # one source: a fresh permutation per epoch
+    assert sorted(single[:8]) == sorted(single[8:]) == list(range(8)) and not np.array_equal(single[:8], single[8:])
     assert trained_on(b, np.array([3, 3, 5]), "b") == [
         {"source": "b", "blocks": 8, "drawn": 3, "distinct": 2, "passes": 0.375}]
 
@@ -75,6 +83,7 @@ def test_distillation_on_a_mixture_records_it(tmp_path, capsys):
     total = sum(d["mixture_blocks"] for d in record["data"])
     assert parts[str(one)]["mixture_blocks"] == round(0.25 * total)
     assert sum(d["drawn"] for d in record["data"]) == record["steps"] * record["global_batch"]
+    assert all(d["distinct"] == min(d["drawn"], d["blocks"]) for d in record["data"])  # no repeat within a pass
 
 
 def test_teacher_cache_over_a_mixture(tmp_path, capsys):
