@@ -254,7 +254,8 @@ def distill(
     out: Annotated[Path, typer.Option(help="Output folder: the student, checkpoints/, metrics.jsonl, curves.png.",
                                       show_default=False)],
     data: Annotated[Optional[str], typer.Option(
-        help="Training text (shakespeare = its training plays; files; hf://...).")] = None,
+        help="Training text (shakespeare = its training plays; files; hf://...), or a weighted mixture "
+             "shakespeare:0.5,gen.jsonl:0.5.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="The frozen teacher (omit for CE-only training).")] = None,
     teacher_cache: Annotated[Optional[str], typer.Option(
         help="A `taille teacher-cache` folder to train from instead of a teacher in memory.")] = None,
