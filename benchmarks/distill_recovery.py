@@ -109,7 +109,8 @@ def run_summary(out: Path) -> dict:
     speeds = sorted(m["tokens_per_s"] for m in train)
     held = [m for m in metrics if "eval_loss" in m][-1]
     return {"final_loss": round(sum(m["loss_avg"] for m in tail) / len(tail), 4),
-            "eval_loss": round(held["eval_loss"], 4), "eval_kl": round(held.get("eval_kl", float("nan")), 4),
+            "eval_loss": round(held["eval_loss"], 4),
+            "eval_kl": round(held["eval_kl"], 4) if "eval_kl" in held else None,  # None: a run without a teacher
             "precision": record["precision"], "tokens": record["tokens"], "seconds": record["seconds"],
             "tokens_per_s": round(speeds[len(speeds) // 2], 1), "metrics": str(out / "metrics.jsonl")}
 
@@ -177,6 +178,10 @@ def main() -> None:
     write_tables(rows, args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
 
 
+def kl_text(kl) -> str:
+    return "-" if kl is None or kl != kl else str(kl)  # older rows hold NaN for "no teacher"
+
+
 def write_tables(rows: list[dict], args, missing: list[str]) -> None:
     lines = ["| variant | plays ppl before -> after | WikiText-2 ppl before -> after | train loss (last 10%) | "
              "held-out loss / KL to teacher | precision | tokens/s | minutes at that speed |",
@@ -186,19 +191,20 @@ def write_tables(rows: list[dict], args, missing: list[str]) -> None:
             lines.append(f"| teacher | {r['plays']} | {r['wikitext2']} | - | - | - | - | - |")
         else:
             lines.append(f"| {r['variant']} | {r['before']['plays']} -> {r['plays']} | {r['before']['wikitext2']} -> "
-                         f"{r['wikitext2']} | {r['final_loss']} | {r['eval_loss']} / {r['eval_kl']} | "
+                         f"{r['wikitext2']} | {r['final_loss']} | {r['eval_loss']} / {kl_text(r['eval_kl'])} | "
                          f"{r['precision']} | {r['tokens_per_s']} | {r['tokens'] / r['tokens_per_s'] / 60:.1f} |")
     note = (f"Budget {args.tokens} tokens of shakespeare:train per run, seq {args.seq_len}, batch {args.batch_size}, "
             f"lr {args.lr} -> {args.lr / 10} cosine, 10 warm-up steps; perplexity on the first {args.eval_tokens:,} "
             "held-out tokens, window = stride = 1024. The train loss is each run's own objective (KD: forward KL; "
             "ce: cross-entropy; cache-K: KL to the top-K teacher with the rest folded into one bucket), so compare "
-            "it only within a kind; the held-out KL is to the full teacher (blank for runs without one). tokens/s is the "
+            "it only within a kind; the held-out KL is to the full teacher (- for a run without one). tokens/s is the "
             "median of the logged intervals (a run paused or sharing the CPU for a while keeps its own pace), minutes "
             "the budget at that speed; wall time with pauses is in the JSON (`seconds`).")
     if missing:
         note += " Not run yet: " + ", ".join(missing) + "."
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distill_recovery.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+    rows = [{**r, "eval_kl": None} if kl_text(r.get("eval_kl")) == "-" and "eval_kl" in r else r for r in rows]
     (RESULTS / "distill_recovery.json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=1) + "\n")
     plot(rows, RESULTS / "distill_recovery.png")
     print("\n".join(lines) + "\n\n" + note)
