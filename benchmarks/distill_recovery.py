@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+CURVES = RESULTS / "distill_recovery_curves"  # each finished run's metrics.jsonl, so the PNG does not need the work folder
 TEACHER = "smollm2-135m-instruct"
 
 
@@ -99,9 +100,15 @@ def remember(path: Path, compute) -> dict:
     return value
 
 
-def run_summary(out: Path) -> dict:
+def run_summary(out: Path, name: str | None = None) -> dict:
     """Final numbers of one finished run: the mean training loss of its last tenth (one step's loss is
-    noisy), the last held-out evaluation, the median logged tokens/s."""
+    noisy), the last held-out evaluation, the median logged tokens/s. With a `name`, the run's metrics are
+    copied into the results folder and the row points there."""
+    metrics_file = out / "metrics.jsonl"
+    if name is not None:
+        CURVES.mkdir(parents=True, exist_ok=True)
+        metrics_file = CURVES / f"{name}.metrics.jsonl"
+        metrics_file.write_text((out / "metrics.jsonl").read_text())
     record = json.loads((out / "taille.json").read_text())["distill"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "loss" in m]
@@ -112,7 +119,30 @@ def run_summary(out: Path) -> dict:
             "eval_loss": round(held["eval_loss"], 4),
             "eval_kl": round(held["eval_kl"], 4) if "eval_kl" in held else None,  # None: a run without a teacher
             "precision": record["precision"], "tokens": record["tokens"], "seconds": record["seconds"],
-            "tokens_per_s": round(speeds[len(speeds) // 2], 1), "metrics": str(out / "metrics.jsonl")}
+            "tokens_per_s": round(speeds[len(speeds) // 2], 1), "metrics": repo_relative(metrics_file)}
+
+
+def repo_relative(path: Path) -> str:
+    path = path.resolve()
+    root = Path(__file__).resolve().parent.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def adopt_committed_rows(work: Path, settings: dict) -> None:
+    """Rows in the committed results of the same settings count as finished (a new machine has no work folder;
+    each row costs up to half an hour of CPU). To measure a row again, delete it here and in the work folder."""
+    committed = done(RESULTS / "distill_recovery.json")
+    if not committed:
+        return
+    same = {k: v for k, v in committed["settings"].items() if k not in ("only", "work")}
+    if same != settings:
+        return
+    for row in committed["rows"]:
+        path = work / "rows" / f"{row['variant']}.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, indent=1))
+            print(f"kept from {RESULTS / 'distill_recovery.json'}: {row['variant']}", flush=True)
 
 
 def main() -> None:
@@ -133,6 +163,7 @@ def main() -> None:
     if (old := done(work / "settings.json")) and old != settings:
         sys.exit(f"{work} holds results of other settings ({old}); give another --work")
     (work / "settings.json").write_text(json.dumps(settings, indent=1))
+    adopt_committed_rows(work, settings)
     texts = {"plays": "shakespeare:heldout", "wikitext2": f"wikitext2:{args.wikitext2}"}
     width, depth = pruned_students(work)
     scratch = work / "scratch-90m"
@@ -154,9 +185,15 @@ def main() -> None:
 
     teacher_row = remember(work / "rows" / "teacher.json",
                            lambda: {"variant": "teacher", **ppl(TEACHER, texts, args.eval_tokens)})
+    def finished_rows() -> list[dict]:
+        return [teacher_row] + [r for v in order if (r := done(work / "rows" / f"{v}.json"))]
+
     for name in chosen:
+        if (work / "rows" / f"{name}.json").exists():
+            continue
         student, extra = variants[name]
         before = remember(work / "before" / f"{student.name}.json", lambda: ppl(str(student), texts, args.eval_tokens))
+        check_same_student(name, before, finished_rows(), variants)
         if name.startswith("cache-") and not (work / name / "meta.json").exists():
             # one teacher pass, at the largest K, over the first `tokens` of the training plays (as many unique
             # tokens as the live-teacher runs see); the smaller K are cut out of it
@@ -171,11 +208,21 @@ def main() -> None:
             taille("distill", "--student", student, *common, *extra, "--out", out, "--resume")
         row = remember(work / "rows" / f"{name}.json", lambda: {"variant": name, "before": before,
                                                                **ppl(str(out), texts, args.eval_tokens),
-                                                               **run_summary(out)})
+                                                               **run_summary(out, name)})
         print(json.dumps(row), flush=True)
+        # the tables after every run: a benchmark stopped half-way still leaves what it measured
+        write_tables(finished_rows(), args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
 
-    rows = [teacher_row] + [r for v in order if (r := done(work / "rows" / f"{v}.json"))]
-    write_tables(rows, args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
+    write_tables(finished_rows(), args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
+
+
+def check_same_student(name: str, before: dict, rows: list[dict], variants: dict) -> None:
+    """A student made again (a new machine) must be the one the finished rows trained: same perplexity before."""
+    student = variants[name][0]
+    for r in rows:
+        if r["variant"] in variants and variants[r["variant"]][0] == student and r["before"] != before:
+            sys.exit(f"{student} scores {before} before training, but the finished row {r['variant']} started from "
+                     f"{r['before']}: the student is not the same; give another --work or run every variant again")
 
 
 def kl_text(kl) -> str:
@@ -217,8 +264,13 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    root = Path(__file__).resolve().parent.parent
     for r in rows[1:]:
-        metrics = [json.loads(line) for line in Path(r["metrics"]).read_text().splitlines()]
+        source = root / r["metrics"]  # an absolute path stays itself
+        if not source.is_file():
+            print(f"no curve for {r['variant']}: {source} is gone (run it again to draw it)", flush=True)
+            continue
+        metrics = [json.loads(line) for line in source.read_text().splitlines()]
         train = [m for m in metrics if "loss" in m]
         held = [m for m in metrics if "eval_ppl" in m]
         axes[0].plot([m["tokens"] for m in train], [m["loss"] for m in train], label=r["variant"])
