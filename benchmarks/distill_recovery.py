@@ -216,13 +216,25 @@ def main() -> None:
     write_tables(finished_rows(), args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
 
 
+# How far a remade student's perplexity may stray before it counts as another student: bf16 kernels differ
+# between machines (the teacher scored 31.165 on the plays on one and 31.153 on the next), and a pruned
+# student at perplexity ~640 amplifies that; another choice of channels moves it by far more.
+SAME_STUDENT_RTOL = 0.01
+
+
 def check_same_student(name: str, before: dict, rows: list[dict], variants: dict) -> None:
-    """A student made again (a new machine) must be the one the finished rows trained: same perplexity before."""
+    """A student made again (a new machine) must be the one the finished rows trained: the same perplexity
+    before training, within SAME_STUDENT_RTOL."""
     student = variants[name][0]
     for r in rows:
-        if r["variant"] in variants and variants[r["variant"]][0] == student and r["before"] != before:
+        if r["variant"] not in variants or variants[r["variant"]][0] != student:
+            continue
+        if any(abs(before[k] - r["before"][k]) > SAME_STUDENT_RTOL * r["before"][k] for k in before):
             sys.exit(f"{student} scores {before} before training, but the finished row {r['variant']} started from "
                      f"{r['before']}: the student is not the same; give another --work or run every variant again")
+        if before != r["before"]:
+            print(f"{student} scores {before} before training here, {r['before']} where {r['variant']} ran: "
+                  f"within {SAME_STUDENT_RTOL:.0%}, the same student", flush=True)
 
 
 def kl_text(kl) -> str:
