@@ -234,7 +234,7 @@ def check_same_student(name: str, before: dict, rows: list[dict], variants: dict
                      f"{r['before']}: the student is not the same; give another --work or run every variant again")
         if before != r["before"]:
             print(f"{student} scores {before} before training here, {r['before']} where {r['variant']} ran: "
-                  f"within {SAME_STUDENT_RTOL:.0%}, the same student", flush=True)
+                  f"within {SAME_STUDENT_RTOL:.0%}, taken as the same student", flush=True)
 
 
 def kl_text(kl) -> str:
@@ -261,6 +261,12 @@ def write_tables(rows: list[dict], args, missing: list[str]) -> None:
             "the budget at that speed; wall time with pauses is in the JSON (`seconds`).")
     if missing:
         note += " Not run yet: " + ", ".join(missing) + "."
+    befores = {json.dumps(r["before"], sort_keys=True) for r in rows[1:]
+               if "before" in r and abs(r["before"]["plays"] / rows[1]["before"]["plays"] - 1) <= SAME_STUDENT_RTOL}
+    if len(befores) > 1:
+        note += (" The width student was made again on a later machine: its perplexity before training differs by "
+                 f"less than {SAME_STUDENT_RTOL:.0%} between rows (bf16 kernels differ between machines; the teacher "
+                 "scored 31.165 on the plays on the first and 31.153 on the next).")
     if no_curve := [r["variant"] for r in rows[1:] if not curve_file(r).is_file()]:
         note += (" Not in the PNG: " + ", ".join(no_curve) + " (their metrics.jsonl stayed in the work folder of a "
                  "machine that is gone; the rows are theirs, the curves need the runs again).")
