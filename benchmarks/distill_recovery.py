@@ -258,7 +258,9 @@ def write_tables(rows: list[dict], args, missing: list[str]) -> None:
             "ce: cross-entropy; cache-K: KL to the top-K teacher with the rest folded into one bucket), so compare "
             "it only within a kind; the held-out KL is to the full teacher (- for a run without one). tokens/s is the "
             "median of the logged intervals (a run paused or sharing the CPU for a while keeps its own pace), minutes "
-            "the budget at that speed; wall time with pauses is in the JSON (`seconds`).")
+            "the budget at that speed; wall time with pauses is in the JSON (`seconds`). The teacher cache holds the "
+            "first of the training plays' tokens in text order (one block per sample of a run); the live-teacher runs "
+            "draw as many random blocks from all of them.")
     if missing:
         note += " Not run yet: " + ", ".join(missing) + "."
     befores = {json.dumps(r["before"], sort_keys=True) for r in rows[1:]
