@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 CURVES = RESULTS / "distill_recovery_curves"  # each finished run's metrics.jsonl, so the PNG does not need the work folder
 TEACHER = "smollm2-135m-instruct"
@@ -106,13 +107,13 @@ def run_summary(out: Path, name: str | None = None) -> dict:
     """Final numbers of one finished run: the mean training loss of its last tenth (one step's loss is
     noisy), the last held-out evaluation, the median logged tokens/s. With a `name`, the run's metrics are
     copied into the results folder and the row points there."""
-    metrics_file = out / "metrics.jsonl"
+    metrics_file, text = out / "metrics.jsonl", (out / "metrics.jsonl").read_text()
     if name is not None:
         CURVES.mkdir(parents=True, exist_ok=True)
         metrics_file = CURVES / f"{name}.metrics.jsonl"
-        metrics_file.write_text((out / "metrics.jsonl").read_text())
+        metrics_file.write_text(text)
     record = json.loads((out / "taille.json").read_text())["distill"]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in text.splitlines()]
     train = [m for m in metrics if "loss" in m]
     tail = train[-max(1, len(train) // 10):]
     speeds = sorted(m["tokens_per_s"] for m in train)
@@ -126,8 +127,7 @@ def run_summary(out: Path, name: str | None = None) -> dict:
 
 def repo_relative(path: Path) -> str:
     path = path.resolve()
-    root = Path(__file__).resolve().parent.parent
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def adopt_committed_rows(work: Path, settings: dict) -> None:
@@ -190,6 +190,9 @@ def main() -> None:
     def finished_rows() -> list[dict]:
         return [teacher_row] + [r for v in order if (r := done(work / "rows" / f"{v}.json"))]
 
+    def tables() -> None:
+        write_tables(finished_rows(), args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
+
     for name in chosen:
         if (work / "rows" / f"{name}.json").exists():
             continue
@@ -212,16 +215,19 @@ def main() -> None:
                                                                **ppl(str(out), texts, args.eval_tokens),
                                                                **run_summary(out, name)})
         print(json.dumps(row), flush=True)
-        # the tables after every run: a benchmark stopped half-way still leaves what it measured
-        write_tables(finished_rows(), args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
-
-    write_tables(finished_rows(), args, [v for v in order if not (work / "rows" / f"{v}.json").exists()])
+        tables()  # after every run: a benchmark stopped half-way still leaves what it measured
+    tables()
 
 
 # How far a remade student's perplexity may stray before it counts as another student: bf16 kernels differ
 # between machines (the teacher scored 31.165 on the plays on one and 31.153 on the next), and a pruned
 # student at perplexity ~640 amplifies that; another choice of channels moves it by far more.
 SAME_STUDENT_RTOL = 0.01
+
+
+def near(a: dict, b: dict) -> bool:
+    """Two before-training perplexities {text: ppl} close enough to be one student's."""
+    return all(abs(a[k] - b[k]) <= SAME_STUDENT_RTOL * b[k] for k in a)
 
 
 def check_same_student(name: str, before: dict, rows: list[dict], variants: dict) -> None:
@@ -231,7 +237,7 @@ def check_same_student(name: str, before: dict, rows: list[dict], variants: dict
     for r in rows:
         if r["variant"] not in variants or variants[r["variant"]][0] != student:
             continue
-        if any(abs(before[k] - r["before"][k]) > SAME_STUDENT_RTOL * r["before"][k] for k in before):
+        if not near(before, r["before"]):
             sys.exit(f"{student} scores {before} before training, but the finished row {r['variant']} started from "
                      f"{r['before']}: the student is not the same; give another --work or run every variant again")
         if before != r["before"]:
@@ -265,9 +271,8 @@ def write_tables(rows: list[dict], args, missing: list[str]) -> None:
             "draw as many random blocks from all of them.")
     if missing:
         note += " Not run yet: " + ", ".join(missing) + "."
-    befores = {json.dumps(r["before"], sort_keys=True) for r in rows[1:]
-               if "before" in r and abs(r["before"]["plays"] / rows[1]["before"]["plays"] - 1) <= SAME_STUDENT_RTOL}
-    if len(befores) > 1:
+    befores = [r["before"] for r in rows[1:]]
+    if any(a != b and near(a, b) for a in befores for b in befores):
         note += (" The width student was made again on a later machine: its perplexity before training differs by "
                  f"less than {SAME_STUDENT_RTOL:.0%} between rows (bf16 kernels differ between machines; the teacher "
                  "scored 31.165 on the plays on the first and 31.153 on the next).")
@@ -283,7 +288,7 @@ def write_tables(rows: list[dict], args, missing: list[str]) -> None:
 
 
 def curve_file(row: dict) -> Path:
-    return Path(__file__).resolve().parent.parent / row["metrics"]  # an absolute path stays itself
+    return ROOT / row["metrics"]  # an absolute path stays itself
 
 
 def plot(rows, path: Path) -> None:
