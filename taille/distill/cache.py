@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from taille.distill.losses import log_mass_outside
 from taille.errors import TailleError
 
 
@@ -88,7 +89,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
             values, index = logp.topk(top_k, dim=-1)  # (T-1, K)
             top_logp[b + i] = values.cpu().numpy().astype(np.float16)
             top_idx[b + i] = index.cpu().numpy().astype(np.int32)
-            rest[b + i] = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)).clamp(min=-1e4).cpu().numpy()
+            rest[b + i] = log_mass_outside(logp, index).clamp(min=-1e4).cpu().numpy()
     for array in (top_logp, top_idx, rest):
         array.flush()
     meta = {"teacher": str(getattr(teacher.config, "name_or_path", "")), "data": source,

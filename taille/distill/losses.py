@@ -70,6 +70,14 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind:
     return beta * kl_pm + (1 - beta) * kl_qm
 
 
+def log_mass_outside(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass (N,) outside the ids idx (N, K) of log-probs logp (N, V), summed over the
+    other ids in log space. Not log(1 - kept mass): that cancels once the K ids hold all but ~1e-7 of the
+    mass (fp32), and its gradient 1 / (1 - kept) then blows up. A row with no id left gets the dtype's most negative
+    finite value, not -inf, so that its gradient stays 0 rather than NaN."""
+    return logp.scatter(-1, idx.long(), torch.finfo(logp.dtype).min).logsumexp(-1)
+
+
 def topk_forward_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, rest_logp: torch.Tensor,
                     student_logits: torch.Tensor) -> torch.Tensor:
     """Forward KL (N,) against a cached teacher: its top-K log-probs (N, K) at token ids (N, K) and the
@@ -77,7 +85,7 @@ def topk_forward_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, rest_logp: to
     way (its mass at the K ids, and the rest), so with K = V this is the exact forward KL."""
     s_logp = F.log_softmax(student_logits.float(), dim=-1)  # (N, V)
     s_top = s_logp.gather(-1, top_idx.long())  # (N, K)
-    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,)
+    s_rest = log_mass_outside(s_logp, top_idx)  # (N,)
     top_p = top_logp.float().exp()
     kl = (top_p * (top_logp.float() - s_top)).sum(-1)
     rest_p = rest_logp.float().exp()

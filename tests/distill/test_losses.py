@@ -120,3 +120,36 @@ def test_topk_cache_with_small_k_is_close_and_nonnegative():
     rest = torch.log1p(-top_logp.exp().sum(-1))
     folded = topk_forward_kl(top_logp, top_idx, rest, s)
     assert (folded >= -1e-6).all() and (folded <= divergence(t, s, "fkl") + 1e-5).all()  # folding never adds KL
+
+
+def test_topk_cache_loss_is_exact_when_the_student_puts_nearly_all_its_mass_on_the_k_ids():
+    # a trained student often leaves ~1e-9 outside the teacher's top K; 1 - kept mass cancels to 0 in fp32 there,
+    # and the loss and its gradient went wrong (clamped, then 1e6 times too steep near the clamp)
+    K = 8
+    t = torch.randn(N, V, generator=g)
+    top_logp, top_idx = F.log_softmax(t, -1).topk(K, dim=-1)
+    rest = torch.log1p(-top_logp.double().exp().sum(-1)).float()  # the teacher leaves real mass outside
+    s = torch.randn(N, V, generator=g)
+    s.scatter_add_(-1, top_idx, torch.full((N, K), 25.0))  # the student keeps ~1e-9 outside its top K
+    s64 = s.double().requires_grad_()
+    s_logp = F.log_softmax(s64, -1)
+    kept = s_logp.gather(-1, top_idx)
+    outside = torch.log(s_logp.exp().sum(-1) - kept.exp().sum(-1))  # exact enough in fp64 at 1e-9
+    assert (outside.exp() < 1e-7).all()
+    p_top, p_rest = top_logp.double().exp(), rest.double().exp()
+    reference = (p_top * (top_logp.double() - kept)).sum(-1) + p_rest * (rest.double() - outside)
+    reference.sum().backward()
+    s32 = s.clone().requires_grad_()
+    folded = topk_forward_kl(top_logp, top_idx, rest, s32)
+    folded.sum().backward()
+    torch.testing.assert_close(folded.double(), reference.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_topk_cache_loss_gradient_stays_finite_when_the_k_ids_cover_the_vocabulary():
+    t, s = TEACHER_H @ TEACHER_W.T, (STUDENT_H @ STUDENT_W.T).requires_grad_()
+    top_logp, top_idx = F.log_softmax(t, -1).topk(V, dim=-1)
+    topk_forward_kl(top_logp, top_idx, torch.full((N,), float("-inf")), s).sum().backward()
+    reference = s.detach().clone().requires_grad_()
+    divergence(t, reference, "fkl").sum().backward()
+    torch.testing.assert_close(s.grad, reference.grad, rtol=1e-4, atol=1e-5)
