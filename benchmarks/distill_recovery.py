@@ -5,11 +5,14 @@ scores on 128 x 512 calibration tokens), then trained for the same token budget 
 training plays by every variant below, each through the `taille distill` command a user runs:
   kd             forward KL from the live teacher, bf16-mixed (the default)
   kd-fp32        the same in fp32 (same loss within noise? tokens/s of each)
+  kd-seed1       kd with another seed (another order of the same blocks): the run-to-run noise that the
+                 fp32 and the cache rows are read against
   ce             cross-entropy fine-tuning of the same pruned student (no teacher)
   scratch-kd     the same shape from random init, distilled
   depth-kd       the depth-pruned student (block importance, 18 layers + MLP 1472), distilled
   cache-K        forward KL from a top-K teacher cache, K in --cache-k (one teacher pass at the largest K,
                  the others cut from it with `teacher-cache --from`)
+  cache-128-seed1  cache-128 with another seed: is its dip below cache-32 the K or the run?
 Held-out perplexity (plays and WikiText-2) before and after, final loss, tokens/s; curves in one PNG.
 
 Run:  .venv/bin/python benchmarks/distill_recovery.py --wikitext2 PATH/wiki.test.raw [--tokens 512K]
@@ -86,7 +89,9 @@ def train_args(args, data: str = "shakespeare") -> list:
             "--eval-data", "shakespeare:heldout", "--eval-tokens", 16384, "--save-every", 25]
 
 
-VARIANT_ORDER = ("kd", "ce", "depth-kd", "scratch-kd", "cache-32", "cache-128", "cache-512", "kd-fp32")
+VARIANT_ORDER = ("kd", "ce", "depth-kd", "scratch-kd", "cache-32", "cache-128", "cache-512", "kd-fp32", "kd-seed1",
+                 "cache-128-seed1")
+SEED_REPEATS = ("kd", "cache-128")  # run again with --seed 1 (the default is 1234): the noise between two runs
 
 
 def done(path: Path) -> dict | None:
@@ -182,6 +187,10 @@ def main() -> None:
     cache_ks = [int(k) for k in args.cache_k.split(",") if k]
     for k in cache_ks:
         variants[f"cache-{k}"] = (width, ["--teacher-cache", work / f"cache-{k}"])
+    for name in SEED_REPEATS:
+        if name in variants:
+            student, extra = variants[name]
+            variants[f"{name}-seed1"] = (student, [*extra, "--seed", 1])
     order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants if v not in VARIANT_ORDER]
     chosen = args.only.split(",") if args.only else order
 
@@ -279,12 +288,32 @@ def write_tables(rows: list[dict], args, missing: list[str]) -> None:
     if no_curve := [r["variant"] for r in rows[1:] if not curve_file(r).is_file()]:
         note += (" Not in the PNG: " + ", ".join(no_curve) + " (their metrics.jsonl stayed in the work folder of a "
                  "machine that is gone; the rows are theirs, the curves need the runs again).")
+    if compared := [compare(by[a], by[b]) for a, b in PAIRS if a in (by := {r["variant"]: r for r in rows}) and b in by]:
+        note += (" Side by side (first minus second; the per-step gap compares the training loss at the same logged "
+                 "steps, the same batches when only the precision differs): " + "; ".join(compared) + ".")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distill_recovery.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     rows = [{**r, "eval_kl": None} if kl_text(r.get("eval_kl")) == "-" and "eval_kl" in r else r for r in rows]
     (RESULTS / "distill_recovery.json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=1) + "\n")
     plot(rows, RESULTS / "distill_recovery.png")
     print("\n".join(lines) + "\n\n" + note)
+
+
+# (run, the run it is read against): precision at the same seed, then the same run at another seed, which is
+# the noise a difference has to stand out of
+PAIRS = (("kd-fp32", "kd"), ("kd-seed1", "kd"), ("cache-128-seed1", "cache-128"))
+
+
+def compare(a: dict, b: dict) -> str:
+    gap = ""
+    if curve_file(a).is_file() and curve_file(b).is_file():
+        losses = [{m["step"]: m["loss"] for m in map(json.loads, curve_file(r).read_text().splitlines()) if "loss" in m}
+                  for r in (a, b)]
+        steps = sorted(losses[0].keys() & losses[1].keys())
+        gap = f", per-step |gap| {sum(abs(losses[0][t] - losses[1][t]) for t in steps) / len(steps):.4f} mean"
+    return (f"{a['variant']} vs {b['variant']}: train loss {a['final_loss'] - b['final_loss']:+.4f}, held-out loss "
+            f"{a['eval_loss'] - b['eval_loss']:+.4f}, plays ppl {a['plays'] - b['plays']:+.2f}, WikiText-2 ppl "
+            f"{a['wikitext2'] - b['wikitext2']:+.2f}{gap}, tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}")
 
 
 def curve_file(row: dict) -> Path:
