@@ -121,10 +121,31 @@ def _objective(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weig
     return loss
 
 
-def _fkl_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weight):
+def _topk_kl_value_and_grad(s_logp: torch.Tensor, q: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor,
+                            rest_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_forward_kl` (n,) and its gradient w.r.t. the (tempered) logits (n, V), written into q = exp(s_logp)
+    (n, V), which it overwrites. With p the cached teacher (P = its top-K mass + p_rest, 1 up to fp16 rounding)
+    and q_rest the student's mass outside the K ids: d/dz = q P - p at the K ids, q (P - p_rest / q_rest)
+    elsewhere. q_rest is summed over the other ids (their entries of q zeroed for the sum and put back),
+    never 1 - kept, which cancels."""
+    idx = top_idx.long()
+    top_p, rest_p = top_logp.float().exp(), rest_logp.float().exp()  # (n, K), (n,)
+    s_top, q_top = s_logp.gather(-1, idx), q.gather(-1, idx)  # (n, K)
+    q_rest = q.scatter_(-1, idx, 0.0).sum(-1)  # (n,)
+    has_rest = rest_p > 0
+    safe_rest = q_rest.clamp(min=torch.finfo(q.dtype).tiny)
+    kl = (top_p * (top_logp.float() - s_top)).sum(-1) + torch.where(
+        has_rest, rest_p * (rest_logp.float() - safe_rest.log()), torch.zeros_like(rest_p))
+    P = top_p.sum(-1) + rest_p  # (n,)
+    grad = q.mul_((P - torch.where(has_rest, rest_p / safe_rest, torch.zeros_like(rest_p)))[:, None])
+    return kl, grad.scatter_(-1, idx, q_top * P[:, None] - top_p)
+
+
+def _fkl_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weight, top=None):
     """The same loss as `_objective` for forward KL (+ CE at T = 1), with its gradient w.r.t. the logits
     written out, (q - p) T for the KL and (q - onehot) for CE, computed in place: about half the passes
-    over the (n, V) slice that autograd needs, which is where a CPU step spends its time."""
+    over the (n, V) slice that autograd needs, which is where a CPU step spends its time. With `top` (a
+    cached top-K teacher) the KL is the folded one of `topk_forward_kl`."""
     T = cfg.temperature
 
     def value_and_grad(logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +159,12 @@ def _fkl_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_
         grad = q * (cfg.ce_weight * m)[:, None] if cfg.ce_weight else None
         if cfg.ce_weight:
             grad.scatter_add_(-1, targets[rows, None], -(cfg.ce_weight * m)[:, None])
-        if cfg.kd_weight:
+        if cfg.kd_weight and top is not None:
+            kl, kd_grad = _topk_kl_value_and_grad(s_logp, q, *(t[rows] for t in top))  # (n,), (n, V)
+            value = value + cfg.kd_weight * T * T * (kl * m).sum()
+            kd_grad = kd_grad.mul_((cfg.kd_weight * T * m)[:, None])
+            grad = kd_grad if grad is None else grad.add_(kd_grad)
+        elif cfg.kd_weight:
             t = (teacher_hidden[rows] @ teacher_head_weight.T).float()[:, : logits.shape[-1]]  # (n, V)
             t_logp = F.log_softmax(t / T if T != 1 else t, dim=-1)
             p_t = t_logp.exp()
@@ -209,9 +235,9 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, targe
     loss = _objective(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top, softcap, teacher_softcap)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         fast = None
-        if cfg.kind == "fkl" and teacher_top is None and not softcap and not teacher_softcap and (
-                cfg.temperature == 1 or not cfg.ce_weight) and (teacher_hidden is not None or not cfg.kd_weight):
-            fast = _fkl_value_and_grad(cfg, targets, mask, teacher_hidden, teacher_head)
+        if cfg.kind == "fkl" and not softcap and not teacher_softcap and (cfg.temperature == 1 or not cfg.ce_weight) and (
+                teacher_hidden is not None or teacher_top is not None or not cfg.kd_weight):
+            fast = _fkl_value_and_grad(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top)
         return _HeadLoss.apply(student_hidden, student_head, loss, chunk, fast), mask.sum()
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, student_hidden.shape[0], chunk):

@@ -153,3 +153,31 @@ def test_topk_cache_loss_gradient_stays_finite_when_the_k_ids_cover_the_vocabula
     reference = s.detach().clone().requires_grad_()
     divergence(t, reference, "fkl").sum().backward()
     torch.testing.assert_close(s.grad, reference.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("K", [1, 10, V])
+@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(ce_weight=0.25), LossConfig(temperature=2.0)],
+                         ids=["fkl", "fkl+ce", "fkl-T2"])
+def test_topk_cache_gradients_taken_in_the_forward_pass_equal_autograd(K, cfg):
+    # the sliced head loss writes the folded KL's gradient out (no autograd over (n, V)); it must equal autograd of
+    # topk_forward_kl on the whole logits, also where the student leaves ~1e-9 outside the K ids
+    mask = (torch.arange(N) % 4 != 0).float()
+    w = STUDENT_W.clone()
+    t = TEACHER_H @ TEACHER_W.T
+    top_logp, top_idx = F.log_softmax(t / cfg.temperature, -1).topk(K, dim=-1)
+    rest = torch.log1p(-top_logp.double().exp().sum(-1)).float() if K < V else torch.full((N,), float("-inf"))
+    w[top_idx[0, 0]] += 3.0 * STUDENT_H[0] / STUDENT_H[0].norm() ** 2 * 8  # row 0: one id takes nearly all the mass
+    s_h, s_w = STUDENT_H.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = distill_loss(s_h, s_w, TARGETS, mask, cfg, teacher_top=(top_logp, top_idx, rest), chunk=6)
+    (2.5 * loss).backward()
+    r_h, r_w = STUDENT_H.clone().requires_grad_(), w.clone().requires_grad_()
+    s = r_h @ r_w.T
+    T = cfg.temperature
+    per_token = cfg.kd_weight * T * T * topk_forward_kl(top_logp, top_idx, rest, s / T) + cfg.ce_weight * F.cross_entropy(
+        s, TARGETS, reduction="none")
+    reference = (per_token * mask).sum()
+    (2.5 * reference).backward()
+    assert torch.isfinite(s_h.grad).all() and torch.isfinite(s_w.grad).all()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s_h.grad, r_h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_w.grad, r_w.grad, rtol=1e-4, atol=1e-5)
