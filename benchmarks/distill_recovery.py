@@ -327,16 +327,17 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for r in rows[1:]:
+    for i, r in enumerate(rows[1:]):
         if not (source := curve_file(r)).is_file():
             continue
+        style = {"label": r["variant"], "color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}  # one look per run in every panel
         metrics = [json.loads(line) for line in source.read_text().splitlines()]
         train = [m for m in metrics if "loss" in m]
         held = [m for m in metrics if "eval_ppl" in m]
-        axes[0].plot([m["tokens"] for m in train], [m["loss"] for m in train], label=r["variant"])
-        axes[1].plot([m["tokens"] for m in held], [m["eval_ppl"] for m in held], marker="o", label=r["variant"])
+        axes[0].plot([m["tokens"] for m in train], [m["loss"] for m in train], **style)
+        axes[1].plot([m["tokens"] for m in held], [m["eval_ppl"] for m in held], marker="o", **style)
         if held and "eval_kl" in held[0]:
-            axes[2].plot([m["tokens"] for m in held], [m["eval_kl"] for m in held], marker="o", label=r["variant"])
+            axes[2].plot([m["tokens"] for m in held], [m["eval_kl"] for m in held], marker="o", **style)
     # the runs' own held-out evaluation (--eval-tokens 16384 at the training length), not the table's
     # 65K-token, 1024-window protocol: its numbers are higher, and the teacher was not scored on it
     axes[0].set(title="training loss (each run's own objective)", xlabel="tokens", yscale="log")
