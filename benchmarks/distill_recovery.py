@@ -307,8 +307,7 @@ PAIRS = (("kd-fp32", "kd"), ("kd-seed1", "kd"), ("cache-128-seed1", "cache-128")
 def compare(a: dict, b: dict) -> str:
     gap = ""
     if curve_file(a).is_file() and curve_file(b).is_file():
-        losses = [{m["step"]: m["loss"] for m in map(json.loads, curve_file(r).read_text().splitlines()) if "loss" in m}
-                  for r in (a, b)]
+        losses = [{m["step"]: m["loss"] for m in curve(r) if "loss" in m} for r in (a, b)]
         steps = sorted(losses[0].keys() & losses[1].keys())
         gap = f", per-step |gap| {sum(abs(losses[0][t] - losses[1][t]) for t in steps) / len(steps):.4f} mean"
     return (f"{a['variant']} vs {b['variant']}: train loss {a['final_loss'] - b['final_loss']:+.4f}, held-out loss "
@@ -320,6 +319,11 @@ def curve_file(row: dict) -> Path:
     return ROOT / row["metrics"]  # an absolute path stays itself
 
 
+def curve(row: dict) -> list[dict]:
+    """A finished run's logged metrics (train steps and held-out evaluations)."""
+    return [json.loads(line) for line in curve_file(row).read_text().splitlines()]
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -328,10 +332,10 @@ def plot(rows, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, r in enumerate(rows[1:]):
-        if not (source := curve_file(r)).is_file():
+        if not curve_file(r).is_file():
             continue
         style = {"label": r["variant"], "color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}  # one look per run in every panel
-        metrics = [json.loads(line) for line in source.read_text().splitlines()]
+        metrics = curve(r)
         train = [m for m in metrics if "loss" in m]
         held = [m for m in metrics if "eval_ppl" in m]
         axes[0].plot([m["tokens"] for m in train], [m["loss"] for m in train], **style)
