@@ -1,23 +1,33 @@
 """The `taille` command: one entry mapping verbs to typed functions.
 
-Each verb's docstring and option help are its `taille VERB -h`. Every verb also takes
-`--config FILE.yaml`: a mapping of option names (dashes or underscores) to values, which flags given on
-the command line override. The functions here only parse and print; the work lives in the stage
-packages, imported lazily so `taille -h` stays fast.
+Options are declared once, as fields of the stage's settings dataclass (taille/options.py): `_verb` turns
+each field into a `--flag` whose help is the field's docstring and whose default is the field's, so the
+CLI, a recipe section and the Python API cannot drift apart. A flag left out is not passed at all: the
+dataclass fills in its own default. Options that only change what this command prints (--json, --out of
+a report) are declared here. Every verb also takes `--config FILE.yaml`: a mapping of option names
+(dashes or underscores) to values, which flags given on the command line override.
+
+User mistakes end as one `taille: error: ...` line and exit status 2, never a traceback; Ctrl-C exits 130.
+The work lives in the stage packages, imported lazily so `taille -h` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import keyword
 import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from taille.errors import TailleError
+from taille.options import field_docs, field_types, flag, parse_texts, text_parser
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,10 +38,111 @@ app = typer.Typer(
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", help="Hub id (org/name[@revision]), local Hugging Face folder, .gguf file, or an embedded "
     "name (smollm2-135m-instruct).", show_default=False)]
-DtypeOpt = Annotated[str, typer.Option(help="Weight dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-PrecisionOpt = Annotated[str, typer.Option(
-    help="auto (bf16-mixed on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), bf16-mixed or fp32.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+# --- flags from settings dataclasses ----------------------------------------------------------------
+
+
+def _shown(value, annotation) -> str | bool:
+    """How a field's default reads in --help."""
+    if value is None or value == () or value == []:
+        return False
+    parser = text_parser(annotation)
+    if isinstance(value, int) and not isinstance(value, bool) and parser is not None and parser.metavar == "N":
+        for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+            if value >= size and value % (size // 10 or 1) == 0:
+                return f"{value / size:g}{unit}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _unoptional(annotation):
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _options(cls, skip: set[str], prefix: tuple = ()) -> list[tuple[inspect.Parameter, tuple]]:
+    """One typer option per field of `cls` (nested settings dataclasses flattened), with the path of the
+    value inside the settings: [(parameter, ("loss", "kind")), ...]."""
+    docs, types, out = field_docs(cls), field_types(cls), []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        annotation = types[f.name]
+        plain = _unoptional(annotation)
+        if dataclasses.is_dataclass(plain):
+            out += _options(plain, skip, prefix + (f.name,))
+            continue
+        name = f.metadata.get("flag", f.name)  # the flag's word; the parameter's, unless a Python keyword (--from)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        parser = text_parser(annotation)
+        if parser is not None and parser.parse is parse_texts:
+            cli_type, metavar = Optional[list[str]], parser.metavar  # repeatable: --ppl a --ppl b
+        elif parser is not None:
+            cli_type, metavar = Optional[str], parser.metavar
+        elif plain is bool:
+            cli_type, metavar = Optional[bool], None
+        else:
+            cli_type, metavar = Optional[plain], None
+        decls = [f"{flag(name)}/--no-{name.replace('_', '-')}"] if plain is bool else [flag(name)]
+        option = typer.Option(*decls, help=docs.get(f.name, ""), metavar=metavar, envvar=f.metadata.get("envvar"),
+                              show_default=False if required else _shown(default, annotation))
+        param = inspect.Parameter(f.name if keyword.iskeyword(name) else name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[cli_type, option],
+                                  default=... if required else None)
+        out.append((param, prefix + (f.name,)))
+    return out
+
+
+def _settings(cls, values: dict):
+    """Build a settings object from the flags given (nested dicts for nested settings)."""
+    for f in dataclasses.fields(cls):
+        plain = _unoptional(field_types(cls)[f.name])
+        if dataclasses.is_dataclass(plain) and f.name in values:
+            values[f.name] = _settings(plain, values[f.name])
+        elif dataclasses.is_dataclass(plain) and f.default_factory is dataclasses.MISSING and f.default is dataclasses.MISSING:
+            values[f.name] = _settings(plain, {})
+    return cls(**values)
+
+
+def _verb(name: str | None = None):
+    """Register `fn` as `taille NAME`. Parameters of `fn` annotated with a settings dataclass become one
+    flag per field of it; `fn`'s other parameters are declared as usual (and, when a settings class has a
+    field of the same name, such as MODEL, are passed to it too)."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if not dataclasses.is_dataclass(p.annotation)]
+        settings = {p.name: p.annotation for p in signature.parameters.values() if dataclasses.is_dataclass(p.annotation)}
+        own_names = {p.name for p in own}
+        flags = [(param, key, path) for key, cls in settings.items() for param, path in _options(cls, own_names)]
+
+        def command(**kwargs):
+            call = {p.name: kwargs[p.name] for p in own}
+            for key, cls in settings.items():
+                values = {n: call[n] for n in own_names if n in {f.name for f in dataclasses.fields(cls)}}
+                for param, owner, path in flags:
+                    if owner == key and kwargs.get(param.name) is not None:
+                        node = values
+                        for part in path[:-1]:
+                            node = node.setdefault(part, {})
+                        node[path[-1]] = kwargs[param.name]
+                call[key] = _settings(cls, values)
+            return fn(**call)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + [p for p, _, _ in flags]
+        params.sort(key=lambda p: p.default is not inspect.Parameter.empty and p.default is not ...)  # required first
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__, command.__name__ = fn.__doc__, fn.__name__
+        return app.command(name)(command)
+
+    return decorate
 
 
 def _human(n: int) -> str:
@@ -53,15 +164,11 @@ def _print_table(title: str, header: list[str], rows: list[list], right: set[int
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
-def _axes(text: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in text.split(",") if a.strip())
+# --- verbs ------------------------------------------------------------------------------------------
 
 
 @app.command()
-def info(
-    model: ModelArg,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-) -> None:
+def info(model: ModelArg, json_out: JsonOpt = False) -> None:
     """Show a model's shape, parameters, weight sizes and prunable axes.
 
     Family; layers, hidden, MLP, heads, KV heads, head_dim, vocab; parameters split into embeddings,
@@ -91,34 +198,24 @@ def info(
                  [[a.name, a.size, a.granularity, a.note] for a in s.axes], right={1, 2})
 
 
-@app.command("eval")
+from taille.bench.config import BenchSettings  # noqa: E402  (settings modules are light: no torch)
+from taille.chat.chat import ChatSettings  # noqa: E402
+from taille.distill.config import CorrectConfig, DistillConfig, TeacherCacheConfig  # noqa: E402
+from taille.eval.config import EvalSettings  # noqa: E402
+from taille.export.config import ExportSettings  # noqa: E402
+from taille.generate.generate import GenerateSettings  # noqa: E402
+from taille.prune.config import ImportanceConfig, PruneConfig  # noqa: E402
+from taille.search.plan import PlanSettings  # noqa: E402
+from taille.search.search import SearchSettings  # noqa: E402
+from taille.serve.server import ServeSettings  # noqa: E402
+
+
+@_verb("eval")
 def eval_(
+    settings: EvalSettings,
     models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="One or more models (see `taille info -h`).",
                                                 show_default=False)],
-    ppl: Annotated[Optional[list[str]], typer.Option(
-        help="Held-out text for perplexity; repeat for several: shakespeare (its held-out plays), "
-        "wikitext2:PATH/wiki.test.raw, a file or folder, hf://name:split.")] = None,
-    window: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 1024,
-    stride: Annotated[Optional[int], typer.Option(
-        help="Tokens between window starts (default: --window, non-overlapping). With stride < window each "
-        "scored token has at least window - stride tokens of context.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Only the first N tokens of each text.")] = None,
-    tasks: Annotated[Optional[str], typer.Option(
-        help="Zero-shot tasks through lm-evaluation-harness, comma-separated: arc_easy,arc_challenge,piqa,"
-        "winogrande,hellaswag,lambada_openai,boolq,copa,openbookqa,sciq (any lm-eval task online).")] = None,
-    task_data: Annotated[Optional[str], typer.Option(
-        help="Offline: folder with local copies of the task files (the layout of shared/data/eval).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="At most N examples per task.")] = None,
-    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt.")] = 0,
-    speed: Annotated[bool, typer.Option(help="Prefill and decode tokens/s and peak memory at batch 1 and 8.")] = False,
-    reference: Annotated[Optional[str], typer.Option(help="A model (e.g. the teacher) to measure each model's KL to.")] = None,
-    reference_data: Annotated[str, typer.Option(help="Held-out text for --reference.")] = "shakespeare",
-    batch_size: Annotated[int, typer.Option(help="Windows or task requests per forward pass.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed for lm-eval (few-shot sampling).")] = 1234,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    json_out: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder for eval.md, eval.json and eval.png.")] = None,
 ) -> None:
     """Evaluate models side by side: perplexity, zero-shot tasks, speed, memory, KL to a reference.
@@ -129,15 +226,8 @@ def eval_(
     the model in memory, with its standard prompts and metrics (acc, acc_norm, perplexity); the table shows
     acc_norm where a task has it.
     """
-    from taille.eval.run import EvalSettings, evaluate, markdown, write_report
-    from taille.models.load import resolve_device
-    from taille.models.precision import resolve_precision
+    from taille.eval.run import evaluate, markdown, write_report
 
-    settings = EvalSettings(
-        ppl=list(ppl or []), window=window, stride=stride, batch_size=batch_size, max_tokens=max_tokens,
-        tasks=list(_axes(tasks or "")), task_data=task_data, limit=limit, num_fewshot=num_fewshot, speed=speed,
-        reference=reference, reference_data=reference_data, precision=resolve_precision(precision, resolve_device(device)),
-        dtype=dtype, device=device, seed=seed)
     report = evaluate(models, settings)
     if out:
         write_report(report, out)
@@ -153,32 +243,11 @@ def eval_(
         print(f"report: {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model to prune (see `taille info -h`).",
-                                         show_default=False)]
-DataOpt = Annotated[Optional[str], typer.Option(
-    help="Calibration text (see README): shakespeare (its calibration plays), a file or folder, hf://name:split.")]
-SamplesOpt = Annotated[int, typer.Option(help="Calibration blocks (Minitron uses 1024).")]
-SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration block.")]
-BatchOpt = Annotated[int, typer.Option(help="Blocks per forward pass.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model (see `taille info -h`).", show_default=False)]
 
 
-@app.command()
-def importance(
-    model: ModelOpt,
-    data: DataOpt = "shakespeare",
-    out: Annotated[Path, typer.Option(help="Folder for scores.safetensors, importance.json and the PNG figures.")] = Path("importance"),
-    samples: SamplesOpt = 1024,
-    seq_len: SeqLenOpt = 512,
-    batch_size: BatchOpt = 8,
-    depth_metric: Annotated[str, typer.Option(
-        help="bi: block importance only (one pass); ppl: also the held-out loss without each layer (one pass per layer).")] = "bi",
-    block_sizes: Annotated[str, typer.Option(help="With --depth-metric ppl: sizes n of contiguous blocks to score, e.g. 1,4,8.")] = "1",
-    depth_samples: Annotated[int, typer.Option(help="Blocks held apart from calibration for the depth loss.")] = 32,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    figures: Annotated[bool, typer.Option(help="Write heads.png, neurons.png and layers.png.")] = True,
-) -> None:
+@_verb()
+def importance(cfg: ImportanceConfig, model: ModelOpt) -> None:
     """Score heads, MLP neurons, hidden channels and layers by their activations (Minitron).
 
     One streaming pass of forward hooks over the calibration blocks: per head the input of o_proj, per
@@ -186,11 +255,9 @@ def importance(
     final norm; mean of |x| over the sequence, then L2 over the batch. Per layer and per contiguous block:
     block importance 1 - cos(input, output); with --depth-metric ppl, the held-out loss without it.
     """
-    from taille.prune.prune import Calibration, run_importance
+    from taille.prune.prune import run_importance
 
-    sizes = tuple(int(n) for n in block_sizes.split(","))
-    folder = run_importance(model, Calibration(data, samples, seq_len, batch_size, depth_samples), out, depth_metric,
-                            sizes, dtype, device, precision, figures)
+    folder = run_importance(cfg)
     summary = json.loads((folder / "importance.json").read_text())
     print(f"scores of {model} on {summary.get('data')}: {summary['samples']} blocks x {summary['seq_len']} tokens "
           f"in {summary['seconds']} s -> {folder}")
@@ -200,34 +267,8 @@ def importance(
         print(f"layers by loss without them, least important first: {summary['layers_by_loss']}")
 
 
-@app.command()
-def prune(
-    model: ModelOpt,
-    out: Annotated[Path, typer.Option(help="Output folder: a standard Hugging Face checkpoint + taille.json.",
-                                      show_default=False)],
-    scores: Annotated[Optional[Path], typer.Option(help="Scores from `taille importance` (folder).")] = None,
-    data: DataOpt = None,
-    params: Annotated[Optional[str], typer.Option(help="Target parameter count (90M, 4.5B), tied weights once.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Target as a fraction of the model's parameters.")] = None,
-    axes: Annotated[str, typer.Option(help="Axes a --params/--ratio target may cut: mlp, hidden, heads, kv_groups, depth.")] = "mlp,hidden",
-    tolerance: Annotated[float, typer.Option(help="How close to the target the shape must land.")] = 0.01,
-    hidden: Annotated[Optional[int], typer.Option(help="Explicit shape: hidden size.")] = None,
-    ffn: Annotated[Optional[int], typer.Option(help="Explicit shape: MLP width.")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Explicit shape: query heads (a multiple of --kv-heads).")] = None,
-    kv_heads: Annotated[Optional[int], typer.Option(help="Explicit shape: KV heads (fewer prunes whole KV groups).")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="Explicit shape: layers to keep (which, by --depth-criterion).")] = None,
-    drop_layers: Annotated[Optional[str], typer.Option(help="Layers to remove, 0-based: 14-25 or 3,5,10-12.")] = None,
-    criterion: Annotated[str, typer.Option(help="Width ranking: activation (Minitron), magnitude (weight L2), random (seeded).")] = "activation",
-    depth_criterion: Annotated[str, typer.Option(
-        help="Which layers go: block-importance (lowest BI), ppl (lowest loss without it), contiguous (lowest-BI block).")] = "block-importance",
-    seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
-    samples: SamplesOpt = 1024,
-    seq_len: SeqLenOpt = 512,
-    batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-) -> None:
+@_verb()
+def prune(cfg: PruneConfig, model: ModelOpt) -> None:
     """Prune a model to a target size or shape and save a standard Hugging Face checkpoint.
 
     Widths stay equal in every layer, so the output has a standard config that plain
@@ -235,133 +276,48 @@ def prune(
     head_dim never changes. A --params/--ratio target picks, among the shapes within --tolerance, the one
     that cuts the chosen axes most evenly.
     """
-    from taille.prune.prune import Calibration, Target, run_prune
+    from taille.prune.prune import run_prune
 
-    target = Target(params=params, ratio=ratio, axes=_axes(axes), hidden=hidden, ffn=ffn, heads=heads,
-                    kv_heads=kv_heads, layers=layers, drop_layers=drop_layers, tolerance=tolerance)
-    cal = Calibration(data, samples, seq_len, batch_size) if data else None
-    record = run_prune(model, target, out, str(scores) if scores else None, cal, criterion, depth_criterion, seed,
-                       dtype, device, precision)
+    record = run_prune(cfg)
     b, a = record["shape_before"], record["shape_after"]
-    _print_table(f"{model} -> {out}", ["", "before", "after"], [
+    _print_table(f"{model} -> {cfg.out}", ["", "before", "after"], [
         [k, b[k], a[k]] for k in ("layers", "hidden", "ffn", "heads", "kv_heads")] + [
         ["parameters", f"{record['params_before']:,}", f"{record['params_after']:,}"]], right={1, 2})
 
 
-@app.command()
-def distill(
-    student: Annotated[str, typer.Option(help="The model to train (e.g. a `taille prune` output).", show_default=False)],
-    out: Annotated[Path, typer.Option(help="Output folder: the student, checkpoints/, metrics.jsonl, curves.png.",
-                                      show_default=False)],
-    data: Annotated[Optional[str], typer.Option(
-        help="Training text (shakespeare = its training plays; files; hf://...), or a weighted mixture "
-             "shakespeare:0.5,gen.jsonl:0.5.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="The frozen teacher (omit for CE-only training).")] = None,
-    teacher_cache: Annotated[Optional[str], typer.Option(
-        help="A `taille teacher-cache` folder to train from instead of a teacher in memory.")] = None,
-    eval_data: Annotated[str, typer.Option(help="Held-out text; auto = shakespeare's held-out plays when training on "
-                                           "shakespeare; 'none' to skip.")] = "auto",
-    tokens: Annotated[str, typer.Option(help="Training budget in tokens (2M, 1.5B, ...).")] = "1M",
-    seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Blocks per process per micro-step.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (Minitron: 1e-4).")] = 1e-4,
-    min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.")] = 1e-5,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 40,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.01,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clipping (0: off).")] = 1.0,
-    loss: Annotated[str, typer.Option(help="fkl (forward KL, Minitron), rkl (reverse KL) or jsd.")] = "fkl",
-    beta: Annotated[float, typer.Option(help="JSD interpolation.")] = 0.5,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of both models.")] = 1.0,
-    ce_weight: Annotated[float, typer.Option(help="Weight of cross-entropy on the data's next tokens.")] = 0.0,
-    kd_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 1.0,
-    hidden_layers: Annotated[Optional[str], typer.Option(
-        help="Also match intermediate hidden states (1 - cosine): 'auto' (4 student layers up to the last, each with "
-             "the teacher layer it was pruned from) or STUDENT:TEACHER pairs like 8:14,17:29; a learned projection "
-             "maps a narrower student to the teacher's width.")] = None,
-    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = 1.0,
-    precision: PrecisionOpt = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 1234,
-    eval_every: Annotated[int, typer.Option(help="Optimizer steps between held-out evaluations.")] = 50,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens per evaluation.")] = 32768,
-    save_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
-    log_every: Annotated[int, typer.Option(help="Optimizer steps between metric lines.")] = 5,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/latest, exactly.")] = False,
-    report_to: Annotated[str, typer.Option(help="Also log to tensorboard (OUT/taille-distill) or wandb; none: "
-                                           "metrics.jsonl and curves.png only.")] = "none",
-) -> None:
+@_verb()
+def distill(cfg: DistillConfig) -> None:
     """Distil a teacher into a student: forward KL on the logits at temperature 1 (Minitron).
 
     AdamW, linear warm-up then cosine to --min-lr, gradient clipping and accumulation; bf16 autocast where
     the hardware has fast bf16, with fp32 weights and optimizer state. Logits are computed in slices of
-    tokens and rebuilt in backward, so no (batch, seq, vocab) tensor is ever held. Runs unchanged under
-    `accelerate launch` or `torchrun` (DDP; FSDP through `accelerate config`). Checkpoints are written
+    tokens and rebuilt in backward, so no (batch, seq, vocab) tensor is ever held. Without --teacher it
+    trains on the data's next tokens (--ce-weight > 0). Runs unchanged under `accelerate launch` or
+    `torchrun` (DDP; FSDP through `accelerate config`). Checkpoints (safetensors and JSON) are written
     atomically every --save-every steps; --resume continues with the same data order and optimizer state.
     """
-    from taille.distill.losses import LossConfig
-    from taille.distill.train import DistillConfig, distill as run
-    from taille.prune.shape import parse_params
+    from taille.distill.train import distill as run
 
-    cfg = DistillConfig(
-        student=student, data=data, out=str(out), teacher=teacher, teacher_cache=teacher_cache,
-        eval_data=None if eval_data == "none" else eval_data, tokens=parse_params(tokens), seq_len=seq_len,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
-        clip=clip, loss=LossConfig(loss, beta, temperature, ce_weight, kd_weight), hidden_layers=hidden_layers,
-        hidden_weight=hidden_weight, precision=precision, seed=seed,
-        eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every, log_every=log_every, resume=resume,
-        report_to=report_to)
     record = run(cfg)
     print(f"distilled {record['tokens']:,} tokens in {record['steps']} steps ({record['precision']}, "
-          f"{record['processes']} process(es)); final loss {record['final_loss']:.4f} -> {out}")
+          f"{record['processes']} process(es)); final loss {record['final_loss']:.4f} -> {cfg.out}")
 
 
-@app.command()
-def correct(
-    teacher: Annotated[str, typer.Option(help="The teacher to correct.", show_default=False)],
-    data: Annotated[str, typer.Option(help="The distillation data.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="Folder for the corrected teacher.", show_default=False)],
-    tokens: Annotated[str, typer.Option(help="Fine-tuning budget in tokens.")] = "1M",
-    lr: Annotated[float, typer.Option(help="Peak learning rate: low (Minitron: 1/5 of the original peak).")] = 2e-5,
-    min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.")] = 2e-6,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
-    seq_len: SeqLenOpt = 512,
-    batch_size: BatchOpt = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
-    precision: PrecisionOpt = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of data order.")] = 1234,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/latest.")] = False,
-) -> None:
+@_verb()
+def correct(cfg: CorrectConfig) -> None:
     """Teacher correction: lightly fine-tune the teacher on the distillation data (cross-entropy, low LR).
 
     When the teacher's own training data is out of reach, this adapts it to the data the student will be
     distilled on (Minitron: >6% lower validation loss after distillation). Same loop as `distill`.
     """
-    from taille.distill.losses import LossConfig
-    from taille.distill.train import DistillConfig, distill as run
-    from taille.prune.shape import parse_params
+    from taille.distill.train import distill as run
 
-    record = run(DistillConfig(
-        student=teacher, data=data, out=str(out), tokens=parse_params(tokens), seq_len=seq_len, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, loss=LossConfig(ce_weight=1.0, kd_weight=0.0),
-        precision=precision, seed=seed, resume=resume))
-    print(f"corrected teacher: {record['tokens']:,} tokens, final loss {record['final_loss']:.4f} -> {out}")
+    record = run(cfg.distill_config())
+    print(f"corrected teacher: {record['tokens']:,} tokens, final loss {record['final_loss']:.4f} -> {cfg.out}")
 
 
-@app.command("teacher-cache")
-def teacher_cache(
-    out: Annotated[Path, typer.Option(help="Folder for the cache.", show_default=False)],
-    teacher: Annotated[Optional[str], typer.Option(help="The teacher model.", show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option(help="Training text to cache the teacher on.", show_default=False)] = None,
-    from_cache: Annotated[Optional[Path], typer.Option("--from", help="Cut a smaller --top-k out of this cache instead "
-                                                       "(no teacher, no data: the same blocks).", show_default=False)] = None,
-    top_k: Annotated[int, typer.Option(help="Teacher log-probabilities kept per position (Minitron: K <= 100 hurt).")] = 128,
-    seq_len: SeqLenOpt = 512,
-    tokens: Annotated[Optional[str], typer.Option(help="Cache only the first N tokens of the data.")] = None,
-    batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-) -> None:
+@_verb("teacher-cache")
+def teacher_cache(cfg: TeacherCacheConfig) -> None:
     """Store a teacher's top-K next-token distributions over a corpus, once, for `distill --teacher-cache`.
 
     Per position: the K largest log-probabilities (fp16), their token ids (int32) and the log of the
@@ -371,83 +327,50 @@ def teacher_cache(
     from taille.distill.cache import build_cache, shrink_cache
     from taille.models.load import load_model, resolve_device
     from taille.models.precision import resolve_precision
-    from taille.prune.shape import parse_params
 
-    if from_cache is not None:
-        if teacher or data or tokens:
-            raise TailleError("--from reuses a cache's teacher, data and blocks: leave out --teacher, --data and --tokens")
-        folder = shrink_cache(from_cache, out, top_k)
-    elif not teacher or not data:
-        raise TailleError("give --teacher and --data (or --from CACHE to cut a smaller K out of an existing cache)")
+    if cfg.from_cache is not None:
+        folder = shrink_cache(cfg.from_cache, cfg.out, cfg.top_k)
     else:
-        model, tokenizer = load_model(teacher, dtype=dtype, device=device)
-        folder = build_cache(model, tokenizer, data, out, top_k, seq_len, parse_params(tokens) if tokens else None,
-                             batch_size, resolve_precision(precision, resolve_device(device)))
+        model, tokenizer = load_model(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
+        folder = build_cache(model, tokenizer, cfg.data, cfg.out, cfg.top_k, cfg.seq_len, cfg.tokens, cfg.batch_size,
+                             resolve_precision(cfg.precision, resolve_device(cfg.device)), temperature=cfg.temperature)
     meta = json.loads((folder / "meta.json").read_text())
-    print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, top-{top_k}: "
+    print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, top-{cfg.top_k}: "
           f"{meta['bytes'] / 2**20:,.1f} MiB in {meta['seconds']} s -> {folder}")
 
 
-@app.command()
-def plan(
-    model: ModelArg,
-    params: Annotated[Optional[str], typer.Option(help="Parameter target (8B, 90M).")] = None,
-    memory: Annotated[Optional[str], typer.Option(help="Memory budget on the player's device (6GB), weights + KV cache.")] = None,
-    quant: Annotated[str, typer.Option(help="Quantization the memory budget assumes: bf16, q8_0, q4_k_m, q4_0.")] = "q4_k_m",
-    context: Annotated[int, typer.Option(help="Context length the KV cache must hold.")] = 4096,
-    tolerance: Annotated[float, typer.Option(help="How far from the target a candidate may land.")] = 0.05,
-    top: Annotated[int, typer.Option(help="Rows to print (the JSON has them all).")] = 20,
-    json_out: Annotated[bool, typer.Option("--json", help="Print every candidate as JSON.")] = False,
-) -> None:
+@_verb()
+def plan(cfg: PlanSettings, model: ModelArg, json_out: JsonOpt = False) -> None:
     """List the shapes a model could be pruned to for a budget, from its config alone (no weights).
 
     Layers (down to half), hidden in multiples of 64 (or of the head count where transformers needs it),
     MLP in multiples of 256, query heads per KV group; exact parameter counts, weight size per
-    quantization and the fp16 KV cache at --context. Sorted by how evenly the axes are cut (Minitron's
-    width recipe first); depth-heavy shapes follow.
+    quantization and the fp16 KV cache at --context. Minitron's width recipe comes first: shapes that keep
+    every layer, the most even cut of the widths first; then shapes that also drop layers, the fewest first.
     """
     from taille.models.load import load_config
-    from taille.prune.shape import parse_params
-    from taille.search.plan import plan as make_plan
+    from taille.search.plan import GiB, plan as make_plan
 
-    if memory is not None:
-        gib = float(memory.upper().removesuffix("GB").removesuffix("GIB").strip())
-    candidates = make_plan(load_config(model), parse_params(params) if params else None,
-                           gib if memory is not None else None, quant, context, tolerance)
+    candidates = make_plan(load_config(model), cfg.params, cfg.memory / GiB if cfg.memory else None, cfg.quant,
+                           cfg.context, cfg.tolerance)
     if json_out:
         print(json.dumps([c.to_dict() for c in candidates], indent=1))
         return
+    if len(candidates) == 1 and candidates[0].balance == 0:  # the whole model fits: no shape to list
+        c = candidates[0]
+        print(f"{model} fits {cfg.memory / GiB:g} GiB unpruned: {c.weights_gib[cfg.quant]:.2f} GiB of {cfg.quant} weights "
+              f"+ {c.kv_cache_gib:.2f} GiB of KV cache at {cfg.context} tokens; nothing to cut")
+        return
     rows = [[c.shape.layers, c.shape.hidden, c.shape.ffn, f"{c.shape.heads}/{c.shape.kv_heads}", f"{c.params:,}",
              *[f"{v:.2f}" for v in c.weights_gib.values()], f"{c.kv_cache_gib:.2f}", f"{c.balance:.2f}"]
-            for c in candidates[:top]]
-    _print_table(f"{len(candidates)} candidate shapes for {model} (first {min(top, len(candidates))})",
+            for c in candidates[:cfg.top]]
+    _print_table(f"{len(candidates)} candidate shapes for {model} (first {min(cfg.top, len(candidates))})",
                  ["layers", "hidden", "MLP", "heads/kv", "params", *[f"{q} GiB" for q in candidates[0].weights_gib],
-                  f"KV@{context} GiB", "max cut"], rows, right=set(range(11)))
+                  f"KV@{cfg.context} GiB", "max cut"], rows, right=set(range(11)))
 
 
-@app.command()
-def generate(
-    teacher: Annotated[str, typer.Option(help="The model whose answers make the corpus.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="Chat JSONL to write (appended to; OUT.meta.json beside it).",
-                                      show_default=False)],
-    prompts: Annotated[str, typer.Option(help="'seed' (the shipped general set), or a .txt (a prompt a line) or "
-                                         ".jsonl ({\"prompt\": ...} or {\"messages\": [...]}) file.")] = "seed",
-    tokens: Annotated[str, typer.Option(help="Answer tokens to keep (300K, 2M).")] = "300K",
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 256,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
-    batch_size: Annotated[int, typer.Option(help="Prompts sampled together (PyTorch engine).")] = 64,
-    min_tokens: Annotated[int, typer.Option(help="Drop answers shorter than this.")] = 16,
-    near_duplicate: Annotated[float, typer.Option(help="Word 5-gram Jaccard above which an answer is a "
-                                                  "near-duplicate of an earlier one (1: exact only).")] = 0.7,
-    language: Annotated[str, typer.Option(help="Keep answers in this language: en, or none.")] = "en",
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
-    precision: PrecisionOpt = "auto",
-    engine: Annotated[str, typer.Option(help="auto (= torch: batched PyTorch, the faster here), torch, or llama.cpp "
-                                        "(a GGUF teacher, one sequence at a time).")] = "auto",
-    self_instruct: Annotated[int, typer.Option(help="New prompts the teacher writes from the seed set first "
-                                               "(kept in OUT.prompts.jsonl).")] = 0,
-) -> None:
+@_verb()
+def generate(cfg: GenerateSettings) -> None:
     """Sample a distillation corpus from the teacher: prompts in, teacher answers out, as chat JSONL for --data.
 
     Each prompt is answered in rounds until --tokens answer tokens are kept; answers too short, not in
@@ -455,36 +378,23 @@ def generate(
     run it again to continue (done prompt rounds are skipped). A teacher without a chat template gets
     plain continuations (text records), and says so. OUT.meta.json: engine, tokens/s, what was filtered.
     """
-    from taille.generate.generate import GenerateSettings, generate as run
-    from taille.prune.shape import parse_params
+    from taille.generate.generate import generate as run
 
-    meta = run(GenerateSettings(teacher=teacher, out=str(out), prompts=prompts, tokens=parse_params(tokens),
-                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                batch_size=batch_size, min_tokens=min_tokens, near_duplicate=near_duplicate,
-                                language=None if language == "none" else language, seed=seed, precision=precision,
-                                engine=engine, self_instruct=self_instruct))
-    print(f"{meta['records']:,} records, {meta['tokens_kept']:,} answer tokens -> {out} ({meta['engine']}; "
+    meta = run(cfg)
+    print(f"{meta['records']:,} records, {meta['tokens_kept']:,} answer tokens -> {cfg.out} ({meta['engine']}; "
           f"{meta['generation_tokens_per_s']} generated tokens/s this run; duplicate rate "
           f"{meta['duplicate_rate_this_run']})")
 
 
-@app.command()
+@_verb()
 def search(
-    model: Annotated[str, typer.Option("--model", "-m", help="The teacher.", show_default=False)],
+    settings: SearchSettings,
+    model: ModelOpt,
     data: Annotated[str, typer.Option(help="Calibration and distillation text.", show_default=False)],
-    params: Annotated[str, typer.Option(help="Parameter target (90M, 4.5B).", show_default=False)],
     out: Annotated[Path, typer.Option(help="Folder: leaderboard.{md,json,png}, winner.yaml, candidates.",
                                       show_default=False)],
     scores: Annotated[Optional[Path], typer.Option(help="Scores from `taille importance` (else computed here).")] = None,
-    candidates: Annotated[int, typer.Option(help="Shapes to try.")] = 12,
-    steps: Annotated[int, typer.Option(help="Distillation steps per candidate (the same for all).")] = 50,
-    tolerance: Annotated[float, typer.Option(help="How far from the target a shape may land.")] = 0.05,
-    seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of each short distillation.")] = 5e-4,
-    top_k: Annotated[int, typer.Option(help="Teacher-cache K.")] = 128,
     samples: Annotated[int, typer.Option(help="Calibration blocks, when importance runs here.")] = 128,
-    precision: PrecisionOpt = "auto",
 ) -> None:
     """Architecture search (Minitron): prune each candidate shape near the target and distil each briefly
     from one teacher cache, then rank by held-out loss.
@@ -493,15 +403,13 @@ def search(
     candidate gets the same steps. The default width shape is always among the candidates, so the
     leaderboard says whether the search beat it. A search run again skips finished candidates.
     """
-    from taille.prune.prune import Calibration, run_importance
-    from taille.search.search import SearchSettings, run_search
+    from taille.prune.prune import run_importance
+    from taille.search.search import run_search
 
-    settings = SearchSettings(params=params, tolerance=tolerance, candidates=candidates, steps=steps, seq_len=seq_len,
-                              batch_size=batch_size, lr=lr, top_k=top_k, precision=precision)
     if scores is None:
         scores = out / "importance"
         if not (scores / "importance.json").is_file():
-            run_importance(model, Calibration(data=data, samples=samples), scores)
+            run_importance(ImportanceConfig(model=model, data=data, out=str(scores), samples=samples))
     board = run_search(model, data, scores, settings, out)
     _print_table(f"architecture search: {len(board['rows'])} candidates", board["header"][:-1],
                  [r[:-1] for r in board["rows"]], right=set(range(1, 9)))
@@ -580,79 +488,61 @@ def _run_and_show(recipe_spec: str, out: Optional[Path], until: Optional[str]) -
         print(f"report: {run / 'report.html'} (and report.md)")
 
 
-@app.command()
-def export(
-    model: ModelArg,
-    out: Annotated[Path, typer.Option(help="The .gguf file (--format gguf) or folder (--format hf) to write.",
-                                      show_default=False)],
-    format: Annotated[str, typer.Option(help="gguf (llama.cpp) or hf (a clean safetensors folder).")] = "gguf",
-    quant: Annotated[str, typer.Option(help="GGUF type: f16, q8_0, q4_k_m, q4_0 (also f32, bf16, q6_k, q5_k_m).")] = "q4_k_m",
-    verify: Annotated[bool, typer.Option(help="Run the file in llama.cpp against the PyTorch model: top-1 "
-                                         "agreement, mean KL, perplexity, tokenizer and chat template.")] = False,
-    verify_data: Annotated[str, typer.Option(help="Held-out text for --verify.")] = "shakespeare",
-    verify_blocks: Annotated[int, typer.Option(help="Blocks of --verify-len tokens compared.")] = 8,
-    verify_len: Annotated[int, typer.Option(help="Tokens per compared block.")] = 128,
-    name: Annotated[Optional[str], typer.Option(help="general.name in the file (default: the model's name).")] = None,
-    pre_tokenizer: Annotated[Optional[str], typer.Option(help="llama.cpp pre-tokenizer name to write when the "
-                                                         "converter does not recognize the tokenizer's (qwen2, llama-bpe...).")] = None,
-    dtype: Annotated[str, typer.Option(help="--format hf: weight dtype (auto keeps fp32; bf16, fp16).")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
+@_verb()
+def export(cfg: ExportSettings, model: ModelArg, json_out: JsonOpt = False) -> None:
     """Write a model for on-device use: GGUF for llama.cpp, or a clean Hugging Face folder.
 
     GGUF: llama.cpp's own converter writes the weights, tokenizer, special tokens and chat template at 16
-    bits, then llama.cpp's quantizer makes --quant. --verify then loads the file in llama.cpp and compares
-    it with the PyTorch model on held-out text; f16 must agree on >= 99% of next-token predictions,
-    bf16 and q8_0 on >= 97% (other types are reported only). Exit status 3 when verification fails.
+    bits, then llama.cpp's quantizer makes --quant (their logs only with --verbose). --verify then loads the
+    file in llama.cpp and compares it with the PyTorch model on held-out text: the perplexity ratio and the
+    mean KL must stay within what a correct export of that type reaches (measured, see
+    taille/models/quant.py); top-1 agreement is reported beside them. Exit status 3 when verification fails.
     """
-    if format == "hf":
+    if cfg.format == "hf":
         from taille.export.hf import export_hf
 
-        record = export_hf(model, out, dtype)
-        print(json.dumps(record, indent=1) if json_out else f"wrote {out}: {', '.join(record['files'])}")
+        record = export_hf(model, cfg.out, cfg.dtype)
+        print(json.dumps(record, indent=1) if json_out else f"wrote {cfg.out}: {', '.join(record['files'])}")
         return
-    if format != "gguf":
-        raise TailleError(f"--format {format}: use gguf or hf")
     from taille.export.gguf import export_gguf
-    from taille.models.quant import get_quant
+    from taille.export.verify import verify_gguf
 
-    record = export_gguf(model, out, quant, name=name, pre_tokenizer=pre_tokenizer)
-    if verify:
-        from taille.export.verify import verify_gguf
-
-        record["verify"] = verify_gguf(out, model, verify_data, verify_blocks, verify_len,
-                                       min_agreement=get_quant(quant).min_agreement)
+    record = export_gguf(model, cfg.out, cfg.quant, name=cfg.name, pre_tokenizer=cfg.pre_tokenizer, verbose=cfg.verbose)
+    if cfg.verify:
+        record["verify"] = verify_gguf(cfg.out, model, cfg.verify_data, cfg.verify_blocks, cfg.verify_len, quant=cfg.quant)
     if json_out:
         print(json.dumps(record, indent=1))
     else:
         types = ", ".join(f"{k} {v}" for k, v in sorted(record["tensor_types"].items(), key=lambda kv: -kv[1]))
-        print(f"wrote {out}: {record['bytes'] / 2**20:.1f} MiB, {quant}, tensors: {types} ({record['seconds']} s)")
+        print(f"wrote {cfg.out}: {record['bytes'] / 2**20:.1f} MiB, {cfg.quant}, tensors: {types} ({record['seconds']} s)")
         if record["widths_kept_larger"]:
-            print(f"  widths not divisible by the {quant} block, kept at a larger type: "
+            print(f"  widths not divisible by the {cfg.quant} block, kept at a larger type: "
                   f"{', '.join(record['widths_kept_larger'])}")
-        if verify:
-            v = record["verify"]
-            need = f" (needs >= {v['min_agreement']:.0%})" if v["min_agreement"] else ""
-            print(f"verify on {v['positions']} positions of {v['data']}: top-1 agreement {v['top1_agreement']:.2%}"
-                  f"{need}, mean KL {v['mean_kl']:.5f}, perplexity PyTorch {v['ppl_pytorch']:.2f} / llama.cpp "
-                  f"{v['ppl_gguf']:.2f}; tokenizer same on {v['tokenizer_same']} texts; chat template "
-                  f"{ {True: 'same', False: 'DIFFERENT', None: 'absent'}[v['chat_template_same']] }")
-            print(f"verify: {'PASS' if v['passed'] else 'FAIL'}")
-    if verify and not record["verify"]["passed"]:
+        if cfg.verify:
+            print(_verify_lines(record["verify"]))
+    if cfg.verify and not record["verify"]["passed"]:
         sys.exit(3)
 
 
-@app.command()
+def _verify_lines(v: dict) -> str:
+    """The verification result as two lines: the gated numbers beside their limits, then PASS or FAIL."""
+    gates = v.get("gates") or {}
+    ratio = f"perplexity ratio {v['ppl_ratio']:.4f}" if "ppl_ratio" in v else ""
+    if gates.get("max_ppl_ratio"):
+        ratio += f" (limit {gates['max_ppl_ratio']})"
+    kl = f"mean KL {v['mean_kl']:.5f}" + (f" (limit {gates['max_mean_kl']})" if gates.get("max_mean_kl") else "")
+    template = {True: 'same', False: 'DIFFERENT', None: 'absent'}[v['chat_template_same']]
+    return (f"verify on {v['positions']} positions of {v['data']}: {ratio}, {kl}, perplexity PyTorch "
+            f"{v['ppl_pytorch']:.2f} / llama.cpp {v['ppl_gguf']:.2f}, top-1 agreement {v['top1_agreement']:.2%}; "
+            f"tokenizer same on {v['tokenizer_same']} texts; chat template {template}\n"
+            f"verify: {'PASS' if v['passed'] else 'FAIL'}")
+
+
+@_verb()
 def bench(
+    cfg: BenchSettings,
     gguf: Annotated[Path, typer.Argument(metavar="MODEL.gguf", help="The GGUF file.", show_default=False)],
-    prompt: Annotated[int, typer.Option(help="Prompt tokens (prefill).")] = 256,
-    decode: Annotated[int, typer.Option(help="Tokens generated one by one (decode).")] = 64,
-    ctx: Annotated[int, typer.Option(help="Context window the model is loaded with.")] = 2048,
-    repeats: Annotated[int, typer.Option(help="Measured runs (the median is shown) after one warm-up.")] = 3,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")] = None,
-    budgets: Annotated[str, typer.Option(help="Memory budgets in GB for the fit table.")] = "4,6,8,12",
-    contexts: Annotated[str, typer.Option(help="Context lengths for the fit table.")] = "2048,4096,8192,32768",
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """llama.cpp speed and memory of a GGUF file on this machine, and which PCs it fits.
 
@@ -663,13 +553,9 @@ def bench(
     """
     from taille.bench.bench import bench_gguf, fit_table, read_shape
 
-    try:
-        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
-        context_list = [int(c) for c in contexts.split(",") if c.strip()]
-    except ValueError:
-        raise TailleError("--budgets and --contexts are comma-separated numbers (4,6,8,12 and 2048,8192)") from None
-    result = bench_gguf(gguf, prompt=prompt, decode=decode, n_ctx=ctx, repeats=repeats, threads=threads)
-    result["fit"] = fit_table(read_shape(gguf), context_list, budget_list, result["compute_bytes"], ctx)
+    result = bench_gguf(gguf, prompt=cfg.prompt, decode=cfg.decode, n_ctx=cfg.ctx, repeats=cfg.repeats,
+                        threads=cfg.threads)
+    result["fit"] = fit_table(read_shape(gguf), list(cfg.contexts), list(cfg.budgets), result["compute_bytes"], cfg.ctx)
     if json_out:
         print(json.dumps(result, indent=1))
         return
@@ -687,20 +573,22 @@ def bench(
         cells = [f"{c['bytes'] / 1e9:.2f} GB -> " + (f"{c['fits_gb']:g} GB" if c["fits_gb"] else "none")
                  for c in row["contexts"].values()]
         rows.append([row["quant"] + (" (est.)" if row["estimated"] else ""), *cells])
-    _print_table(f"memory needed -> smallest budget of {budgets} GB that holds it",
-                 ["quant", *[f"ctx {c}" for c in context_list]], rows, right=set(range(1, len(context_list) + 1)))
+    _print_table(f"memory needed -> smallest budget of {','.join(f'{b:g}' for b in cfg.budgets)} GB that holds it",
+                 ["quant", *[f"ctx {c}" for c in cfg.contexts]], rows, right=set(range(1, len(cfg.contexts) + 1)))
 
 
-@app.command()
+QuantOpt = Annotated[str, typer.Option(help="GGUF type a Hugging Face model is exported to first (cached).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")]
+
+
+@_verb()
 def chat(
+    settings: ChatSettings,
     model: ModelArg,
     persona: Annotated[Optional[Path], typer.Option(help="Persona YAML (shipped: taille/personas/*.yaml).")] = None,
     ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Longest reply (default: the persona's).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: the persona's).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for a repeatable conversation.")] = None,
-    quant: Annotated[str, typer.Option(help="GGUF type a Hugging Face model is exported to first (cached).")] = "f16",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")] = None,
+    quant: QuantOpt = "f16",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Talk to a game character in the terminal, on llama.cpp.
 
@@ -708,11 +596,15 @@ def chat(
     stream; the oldest turns are dropped to stay inside --ctx; Ctrl-C stops a reply, Ctrl-C or Ctrl-D at
     the prompt leaves; /reset starts over. Without --persona: the shipped blacksmith.
     """
-    from taille.chat.chat import ChatSettings, chat_loop
+    from taille.chat.chat import chat_loop
     from taille.chat.engine import gguf_for
     from taille.chat.persona import load_persona, shipped_personas
     from taille.models.llamacpp import open_gguf
+    from taille.models.quant import get_quant
 
+    get_quant(quant)
+    if ctx < 16 or (threads is not None and threads < 1):
+        raise TailleError("--ctx must be at least 16 and --threads at least 1")
     character = load_persona(persona or shipped_personas() / "blacksmith.yaml")
     path = gguf_for(model, quant)
     logging.getLogger().setLevel(logging.WARNING)  # the conversation, not the log, on the terminal
@@ -726,22 +618,15 @@ def chat(
     # Ctrl-C is part of the chat's interface; a parent that ignored SIGINT (a launcher, a test runner) would
     # pass that on, and Python keeps an inherited "ignore", leaving no way to stop a reply
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    chat_loop(llm, character, ChatSettings(max_tokens=max_tokens, temperature=temperature, seed=seed))
+    chat_loop(llm, character, settings)
 
 
-@app.command()
+@_verb()
 def serve(
+    settings: ServeSettings,
     model: ModelArg,
     personas: Annotated[Optional[Path], typer.Option(help="Folder of persona YAML files (default: the shipped ones).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    ctx: Annotated[int, typer.Option(help="Context window in tokens (prompt and reply).")] = 2048,
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
-    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 1 << 20,
-    queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 64,
-    api_key: Annotated[Optional[str], typer.Option(envvar="TAILLE_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
-    quant: Annotated[str, typer.Option(help="GGUF type a Hugging Face model is exported to first (cached).")] = "f16",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: every core).")] = None,
+    quant: QuantOpt = "f16",
 ) -> None:
     """Serve characters over an OpenAI-compatible API: /v1/models, /v1/chat/completions (plain and streaming).
 
@@ -751,13 +636,14 @@ def serve(
     JSON error. Binds to 127.0.0.1 unless --host says otherwise.
     """
     from taille.chat.persona import load_personas, shipped_personas
-    from taille.serve.server import ServeSettings, serve as run
+    from taille.models.quant import get_quant
+    from taille.serve.server import serve as run
 
-    settings = ServeSettings(host=host, port=port, n_ctx=ctx, max_tokens=max_tokens, max_body=max_body,
-                             queue_size=queue, api_key=api_key, threads=threads)
+    get_quant(quant)
     characters = load_personas(personas or shipped_personas())
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it", host)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it",
+                                            settings.host)
     run(model, characters, settings, quant)
 
 
@@ -786,8 +672,8 @@ def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
         raise TailleError(f"--config: no such file: {path}")
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TailleError(f"--config {path}: not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TailleError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
         raise TailleError(f"--config {path}: expected a mapping of option names to values")
     known = {p.name: p for p in command.commands[verb].params}
@@ -802,19 +688,52 @@ def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
     return rest, {verb: defaults}
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(args: list[str] | None = None) -> None:
+    """Run the CLI. A user mistake (a TailleError, a bad flag, a file that cannot be read) is one
+    `taille: error:` line and exit 2; Ctrl-C is exit 130; TAILLE_DEBUG=1 shows the traceback instead."""
+    try:  # newer typer carries its own copy of click, whose exceptions are the ones raised
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
     logging.basicConfig(level=os.environ.get("TAILLE_LOG", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = list(sys.argv[1:] if args is None else args)
+    debug = bool(os.environ.get("TAILLE_DEBUG"))
     try:
         args, default_map = _config_defaults(args)
-        typer.main.get_command(app).main(args=args, prog_name="taille", default_map=default_map)
-    except TailleError as e:
-        print(f"taille: error: {e}", file=sys.stderr)
+        command = typer.main.get_command(app)
+        code = command.main(args=args, prog_name="taille", default_map=default_map, standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into exit status 130 itself, silently
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.NoArgsIsHelpError as e:  # `taille` or `taille VERB` alone: the help, not an error
+        print(e.ctx.get_help())
+        sys.exit(0)
+    except click.UsageError as e:
+        verb = f" {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else ""
+        print(f"taille: error: {_one_line(e.format_message())} (see `taille{verb} -h`)", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click.ClickException as e:
+        print(f"taille: error: {_one_line(e.format_message())}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
         print("taille: interrupted", file=sys.stderr)
         sys.exit(130)
+    except TailleError as e:
+        if debug:
+            raise
+        print(f"taille: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, UnicodeDecodeError) as e:  # a file that is missing, unreadable, or not text
+        if debug:
+            raise
+        print(f"taille: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

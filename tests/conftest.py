@@ -32,6 +32,14 @@ FAMILIES = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """A test that runs the real SmolLM2 (the `smollm2` fixture, directly or through another fixture) is
+    `slow`, so `pytest -m "not slow"` is the fast loop; CI runs everything."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory):
     """One cache for the session, away from the user's: the converted SmolLM2 is built once. Tests that

@@ -55,3 +55,36 @@ def test_import_stays_light():
 def test_python_dash_m(tmp_path):
     result = subprocess.run([sys.executable, "-m", "taille", "info", "-h"], capture_output=True, text=True)
     assert result.returncode == 0 and "prunable axes" in result.stdout
+
+
+def test_ctrl_c_anywhere_exits_130_with_one_line(monkeypatch, capsys):
+    import taille.search.plan as plan_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan_module, "plan", interrupted)
+    _, err = run_cli(capsys, "plan", "smollm2-135m-instruct", "--params", "90M", code=130)
+    assert "taille: interrupted" in err.splitlines() and "Aborted" not in err
+
+
+def test_sigint_during_a_distillation_exits_130(tmp_path):
+    import os
+    import signal
+    import time
+
+    teacher = save_tiny(tmp_path / "t", seed=1)
+    (tmp_path / "d.txt").write_text("when shall we three meet again in thunder lightning or in rain " * 300)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "taille", "distill", "--student", str(teacher), "--teacher",
+                             str(teacher), "--data", str(tmp_path / "d.txt"), "--out", str(out), "--tokens", "100M",
+                             "--seq-len", "32", "--batch-size", "2", "--log-every", "1", "--precision", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TAILLE_LOG": "WARNING"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "taille: interrupted" in err.splitlines() and "Traceback" not in err and "Aborted" not in err

@@ -14,6 +14,7 @@ from typing import Callable, TextIO
 
 from taille.chat.engine import ContextFull, Reply, fit_messages, stream_reply
 from taille.chat.persona import Persona
+from taille.errors import TailleError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,17 @@ class ChatSettings:
     temperature: float | None = None
     """Sampling temperature (default: the persona's)."""
     top_p: float | None = None
+    """Nucleus sampling (default: the persona's)."""
     seed: int | None = None
     """Fix the sampling for a repeatable conversation."""
+
+    def __post_init__(self):
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise TailleError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise TailleError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise TailleError(f"--top-p {self.top_p}: must be in (0, 1]")
 
 
 def chat_loop(llm, persona: Persona, settings: ChatSettings, read: Callable[[str], str] = input,

@@ -52,7 +52,10 @@ def _paths(folder: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128, seq_len: int = 512,
-                max_tokens: int | None = None, batch_size: int = 8, precision: str = "fp32", progress: bool = True) -> Path:
+                max_tokens: int | None = None, batch_size: int = 8, precision: str = "fp32", progress: bool = True,
+                temperature: float = 1.0) -> Path:
+    """The teacher's top-`top_k` log-probabilities at `temperature` over every block of `data` (a distillation at
+    another temperature refuses the cache: the outside mass cannot be re-tempered)."""
     from tqdm.auto import tqdm
 
     from taille.data.tokens import as_ids, load_tokens, tokenizer_fingerprint
@@ -85,7 +88,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
         with autocast(precision, device.type):
             hidden = hidden_states(teacher, ids)[:, :-1]  # (B, T-1, H)
         for i in range(hidden.shape[0]):  # one block at a time: (T-1, V) logits
-            logp = F.log_softmax(head_logits(teacher, hidden[i]), dim=-1)  # (T-1, V)
+            logp = F.log_softmax(head_logits(teacher, hidden[i]) / temperature, dim=-1)  # (T-1, V)
             values, index = logp.topk(top_k, dim=-1)  # (T-1, K)
             top_logp[b + i] = values.cpu().numpy().astype(np.float16)
             top_idx[b + i] = index.cpu().numpy().astype(np.int32)
@@ -94,7 +97,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
         array.flush()
     meta = {"teacher": str(getattr(teacher.config, "name_or_path", "")), "data": source,
             "tokenizer": tokenizer_fingerprint(tokenizer), "top_k": top_k, "seq_len": seq_len, "blocks": N,
-            "vocab": V, "precision": precision, "seconds": round(time.perf_counter() - start, 1),
+            "vocab": V, "precision": precision, "temperature": temperature, "seconds": round(time.perf_counter() - start, 1),
             "bytes": sum(p.stat().st_size for p in paths.values() if p.exists())}
     tmp = paths["meta.json"].with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))

@@ -18,11 +18,10 @@ across accumulation steps and processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from taille.distill.config import LossConfig
 from taille.errors import TailleError
 
 KINDS = ("fkl", "rkl", "jsd")
@@ -30,28 +29,6 @@ LOGIT_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
 """Logit values per slice, by device (64 MiB in fp32 on a CPU, where slices that stay in cache are
 fastest; 512 MiB on a GPU, where small slices leave it waiting on kernel launches): the chunk is this
 divided by the vocabulary."""
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    kind: str = "fkl"
-    """fkl (forward KL, Minitron), rkl (reverse KL) or jsd (generalised JSD)."""
-    beta: float = 0.5
-    """JSD interpolation."""
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    """Weight of the cross-entropy term on the data's next tokens (0: pure distillation)."""
-    kd_weight: float = 1.0
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise TailleError(f"--loss {self.kind}: use one of {', '.join(KINDS)}")
-        if not 0 < self.beta < 1:
-            raise TailleError(f"--beta {self.beta}: must be strictly between 0 and 1")
-        if self.temperature <= 0:
-            raise TailleError(f"--temperature {self.temperature}: must be positive")
-        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
-            raise TailleError("--ce-weight and --kd-weight must be non-negative and not both 0")
 
 
 def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str = "fkl",
@@ -102,7 +79,7 @@ def _objective(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weig
             logits = torch.tanh(logits / softcap) * softcap
         m = mask[rows]
         total = logits.new_zeros(())
-        if cfg.kd_weight:
+        if cfg.kd:
             if top is not None:
                 kd = topk_forward_kl(*(t[rows] for t in top), logits / cfg.temperature)
             else:
@@ -112,7 +89,7 @@ def _objective(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weig
                         teacher_logits = torch.tanh(teacher_logits / teacher_softcap) * teacher_softcap
                 kd = divergence(teacher_logits[:, : logits.shape[-1]] / cfg.temperature, logits / cfg.temperature,
                                 cfg.kind, cfg.beta)
-            total = total + cfg.kd_weight * cfg.temperature**2 * (kd * m).sum()
+            total = total + cfg.kd * cfg.temperature**2 * (kd * m).sum()
         if cfg.ce_weight:
             ce = F.cross_entropy(logits, targets[rows], reduction="none")
             total = total + cfg.ce_weight * (ce * m).sum()
@@ -159,18 +136,18 @@ def _fkl_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_
         grad = q * (cfg.ce_weight * m)[:, None] if cfg.ce_weight else None
         if cfg.ce_weight:
             grad.scatter_add_(-1, targets[rows, None], -(cfg.ce_weight * m)[:, None])
-        if cfg.kd_weight and top is not None:
+        if cfg.kd and top is not None:
             kl, kd_grad = _topk_kl_value_and_grad(s_logp, q, *(t[rows] for t in top))  # (n,), (n, V)
-            value = value + cfg.kd_weight * T * T * (kl * m).sum()
-            kd_grad = kd_grad.mul_((cfg.kd_weight * T * m)[:, None])
+            value = value + cfg.kd * T * T * (kl * m).sum()
+            kd_grad = kd_grad.mul_((cfg.kd * T * m)[:, None])
             grad = kd_grad if grad is None else grad.add_(kd_grad)
-        elif cfg.kd_weight:
+        elif cfg.kd:
             t = (teacher_hidden[rows] @ teacher_head_weight.T).float()[:, : logits.shape[-1]]  # (n, V)
             t_logp = F.log_softmax(t / T if T != 1 else t, dim=-1)
             p_t = t_logp.exp()
             kl = (p_t * t_logp.sub_(s_logp)).sum(-1)  # (n,)
-            value = value + cfg.kd_weight * T * T * (kl * m).sum()
-            kd_grad = q.sub_(p_t).mul_((cfg.kd_weight * T * m)[:, None])
+            value = value + cfg.kd * T * T * (kl * m).sum()
+            kd_grad = q.sub_(p_t).mul_((cfg.kd * T * m)[:, None])
             grad = kd_grad if grad is None else grad.add_(kd_grad)
         return value, grad
 
@@ -236,7 +213,7 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, targe
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         fast = None
         if cfg.kind == "fkl" and not softcap and not teacher_softcap and (cfg.temperature == 1 or not cfg.ce_weight) and (
-                teacher_hidden is not None or teacher_top is not None or not cfg.kd_weight):
+                teacher_hidden is not None or teacher_top is not None or not cfg.kd):
             fast = _fkl_value_and_grad(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top)
         return _HeadLoss.apply(student_hidden, student_head, loss, chunk, fast), mask.sum()
     total = student_hidden.new_zeros((), dtype=torch.float32)

@@ -15,19 +15,18 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
+from taille.distill.checkpoint import _atomic_write, latest_checkpoint, load_training_state, save_checkpoint
 from taille.distill.hidden import cosine_loss_sum, layer_outputs
-from taille.distill.losses import LossConfig, distill_loss
+from taille.distill.config import TRACKERS, DistillConfig, LossConfig  # noqa: F401  (re-exported)
+from taille.distill.losses import distill_loss
 from taille.errors import TailleError
 from taille.models.lm import hidden_states, logit_softcap
 
@@ -35,87 +34,6 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what it computes.
 RESUME_FREE = ("out", "resume", "eval_every", "eval_data", "eval_tokens", "save_every", "log_every", "progress", "report_to")
-TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
-
-
-@dataclass
-class DistillConfig:
-    student: str
-    """The model being trained (e.g. a `taille prune` output)."""
-    data: str
-    """Training text (see README: --data forms)."""
-    out: str
-    """Output folder: the trained student, checkpoints, metrics.jsonl, curves.png."""
-    teacher: str | None = None
-    """The frozen teacher; None trains on the data's next tokens only (needs --ce-weight > 0)."""
-    teacher_cache: str | None = None
-    """A `taille teacher-cache` folder: the teacher's top-K distributions and the blocks they cover,
-    used instead of a teacher in memory (and instead of --data)."""
-    eval_data: str | None = "auto"
-    """Held-out text; 'auto' = the held-out split for shakespeare, none otherwise."""
-    tokens: int = 1_000_000
-    """Training budget in tokens (sets the number of optimizer steps)."""
-    seq_len: int = 512
-    batch_size: int = 8
-    """Blocks per process per micro-step."""
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup: int = 40
-    """Linear warm-up steps, then cosine decay to min_lr."""
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    """Gradient-norm clipping (0: off)."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    hidden_layers: str | None = None
-    """Intermediate hidden-state loss (1 - cosine) on pairs of decoder-layer outputs: 'auto' or
-    'S:T,S:T' (student:teacher, 0-based); through a learned projection when the widths differ."""
-    hidden_weight: float = 1.0
-    precision: str = "auto"
-    seed: int = 1234
-    eval_every: int = 50
-    eval_tokens: int = 32768
-    save_every: int = 100
-    log_every: int = 5
-    resume: bool = False
-    progress: bool = True
-    report_to: str = "none"
-    """Also log metrics to tensorboard (OUT/taille-distill) or wandb, through accelerate's trackers; none:
-    metrics.jsonl only."""
-
-    def __post_init__(self):
-        if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        if self.teacher is None and self.teacher_cache is None and self.loss.ce_weight == 0:
-            raise TailleError("without --teacher there is nothing to distil: give --teacher, --teacher-cache or "
-                              "--ce-weight > 0")
-        if self.teacher_cache and self.teacher:
-            raise TailleError("give --teacher or --teacher-cache, not both")
-        if self.hidden_layers and not (self.teacher and self.loss.kd_weight):
-            raise TailleError("--hidden-layers compares the student's hidden states with a live --teacher's "
-                              "(a teacher cache holds only logits)")
-        if self.hidden_weight < 0:
-            raise TailleError(f"--hidden-weight {self.hidden_weight} must be non-negative")
-        if self.teacher_cache and self.loss.kind != "fkl":
-            raise TailleError("--teacher-cache stores top-K distributions for forward KL only (--loss fkl)")
-        if not self.data and not self.teacher_cache:
-            raise TailleError("give --data (or a --teacher-cache, which holds its own blocks)")
-        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise TailleError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.report_to != "none":
-            import importlib.util
-
-            if self.report_to not in TRACKERS:
-                raise TailleError(f"--report-to {self.report_to}: use none, {', '.join(TRACKERS)}")
-            module, install = TRACKERS[self.report_to]
-            if importlib.util.find_spec(module) is None:
-                raise TailleError(f"--report-to {self.report_to} needs the {module} package: {install}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise TailleError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
@@ -176,51 +94,6 @@ def check_tokenizers(teacher_tok, student_tok, teacher_vocab: int, student_vocab
                           f"({student_vocab})")
 
 
-# --- checkpoints ------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillConfig, state: dict, keep: int = 2,
-                    projections: torch.nn.Module | None = None) -> Path:
-    """checkpoints/step-NNNNNN (written to a temp folder, then renamed) and checkpoints/latest. A crash
-    while saving leaves the previous checkpoint and `latest` untouched."""
-    root = folder / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    from safetensors.torch import save_model
-
-    save_model(student, str(tmp / "student.safetensors"))  # stores a tied weight once
-    if projections is not None and len(list(projections.parameters())):
-        save_model(projections, str(tmp / "projections.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "config": cfg.to_dict()}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write(root / "latest", final.name)
-    older = sorted(p for p in root.glob("step-*") if p != final)
-    for old in older[: max(0, len(older) - (keep - 1))]:  # keep the newest `keep`, this one included
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = folder / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Settings that differ between a checkpoint and this run. A setting the checkpoint does not record
     (an option added since it was written) counts as its default, which is what that run used."""
@@ -259,28 +132,60 @@ def evaluate_student(student, teacher, blocks: np.ndarray, batch_size: int, prec
     return out
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Run (or resume) a distillation; returns the final record (also written to OUT/taille.json)."""
+@dataclass
+class Run:
+    """Everything a distillation holds between steps, made by `setup`."""
+
+    cfg: DistillConfig
+    accelerator: object
+    device: torch.device
+    precision: str
+    student: torch.nn.Module
+    tokenizer: object
+    teacher: torch.nn.Module | None
+    trunk: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    blocks: np.ndarray
+    """(N, T) training blocks."""
+    cache: object | None
+    """The teacher cache, or None with a live teacher (or none)."""
+    eval_blocks: np.ndarray | None
+    source: str
+    pairs: list
+    """(student layer, teacher layer) pairs of the hidden-state loss."""
+    global_batch: int
+    total_steps: int
+    start_step: int
+    state: dict
+    """tokens, seconds, loss: what a checkpoint carries besides the weights."""
+    resume_from: Path | None
+
+    @property
+    def n_targets(self) -> int:
+        return self.global_batch * (self.cfg.seq_len - 1)  # real tokens per optimizer step (full blocks)
+
+
+def setup(cfg: DistillConfig) -> Run:
+    """Load the models and data, build the optimizer, and restore a checkpoint when resuming."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from taille.data.mixture import load_blocks, run_order, trained_on
-    from taille.data.tokens import as_ids, load_tokens
-    from taille.models.load import load_model
-    from taille.models.precision import autocast, resolve_precision
-
-
-    from taille.models.load import resolve_device
+    from taille.data.mixture import load_blocks
+    from taille.data.tokens import load_tokens
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import resolve_precision
 
     # On a machine without an accelerator, cpu=True lets torchrun / accelerate launch form a gloo group.
     trackers = {} if cfg.report_to == "none" else {"log_with": cfg.report_to, "project_dir": cfg.out}
     accelerator = Accelerator(cpu=resolve_device("auto") == "cpu", **trackers)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     precision = resolve_precision(cfg.precision, device.type)
     out = Path(cfg.out)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+        if (out / "checkpoints").is_dir():  # a folder that held checkpoints and lost them: say so
+            log.warning("--resume: %s has no complete checkpoint, starting from step 0", out / "checkpoints")
+        else:
+            log.info("no checkpoint in %s yet: starting from step 0", out)
     if resume_from is not None:
         saved = json.loads((resume_from / "state.json").read_text())
         diff = config_differences(saved["config"], cfg.to_dict())
@@ -291,7 +196,7 @@ def distill(cfg: DistillConfig) -> dict:
     student, tokenizer = load_model(cfg.student, dtype="fp32", device=str(device))
     student.train()
     teacher = None
-    if cfg.teacher and cfg.loss.kd_weight:
+    if cfg.teacher and cfg.loss.kd:
         teacher, teacher_tokenizer = load_model(cfg.teacher, dtype="auto" if device.type == "cuda" else "fp32",
                                                 device=str(device))
         teacher.requires_grad_(False)
@@ -303,8 +208,6 @@ def distill(cfg: DistillConfig) -> dict:
             from taille.distill.cache import open_cache
 
             cache = open_cache(cfg.teacher_cache, tokenizer)
-            if cache.meta["seq_len"] != cfg.seq_len:
-                raise TailleError(f"--seq-len {cfg.seq_len} differs from the teacher cache's {cache.meta['seq_len']}")
             blocks = cache.blocks
         else:
             blocks = load_blocks(cfg.data, tokenizer, cfg.seq_len, progress=cfg.progress and accelerator.is_main_process,
@@ -319,9 +222,7 @@ def distill(cfg: DistillConfig) -> dict:
                                       progress=False)
             eval_blocks = eval_stream.blocks(min(cfg.seq_len, len(eval_stream) - 1))
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    tokens_per_step = global_batch * cfg.seq_len
-    total_steps = max(1, cfg.tokens // tokens_per_step)
-    n_targets = global_batch * (cfg.seq_len - 1)  # real tokens per optimizer step (full blocks, no padding)
+    total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
 
     pairs, projections = [], []
     if cfg.hidden_layers:
@@ -334,7 +235,6 @@ def distill(cfg: DistillConfig) -> dict:
                        for _ in pairs]
         log.info("hidden-state loss on (student, teacher) layers %s, weight %s", pairs, cfg.hidden_weight)
     trunk = Trunk(student, [s for s, _ in pairs], projections)
-    teacher_taps = sorted({t for _, t in pairs})
     decay = [p for n, p in trunk.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -346,26 +246,106 @@ def distill(cfg: DistillConfig) -> dict:
         load_weights(student, str(resume_from / "student.safetensors"), device=str(device))
         if (resume_from / "projections.safetensors").is_file():
             load_weights(trunk.projections, str(resume_from / "projections.safetensors"), device=str(device))
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
-        rng = torch.load(resume_from / "rng.pt", weights_only=False)
-        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        load_training_state(resume_from, optimizer)
         saved = json.loads((resume_from / "state.json").read_text())
         start_step, state = saved["step"], {k: saved.get(k) for k in ("tokens", "seconds", "loss")}
         log.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
     trunk, optimizer = accelerator.prepare(trunk, optimizer)
-    head, softcap = _head(student)
-    t_head, t_softcap = _head(teacher) if teacher is not None else (None, None)
+    return Run(cfg=cfg, accelerator=accelerator, device=device, precision=precision, student=student,
+               tokenizer=tokenizer, teacher=teacher, trunk=trunk, optimizer=optimizer, blocks=blocks, cache=cache,
+               eval_blocks=eval_blocks, source=source, pairs=pairs, global_batch=global_batch,
+               total_steps=total_steps, start_step=start_step, state=state, resume_from=resume_from)
 
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step (grad_accum micro-steps); returns loss, hidden loss and gradient norm as 0-d
+    tensors: reading them is the caller's one sync point."""
+    from taille.data.mixture import run_order
+    from taille.data.tokens import as_ids
+    from taille.models.precision import autocast
+
+    cfg, accelerator, device, trunk = run.cfg, run.accelerator, run.device, run.trunk
+    rank, world = accelerator.process_index, accelerator.num_processes
+    head, softcap = _head(run.student)
+    t_head, t_softcap = _head(run.teacher) if run.teacher is not None else (None, None)
+    teacher_taps = sorted({t for _, t in run.pairs})
+    lr = lr_at(step, run.total_steps, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    order = run_order(run.blocks, cfg.seed, step * run.global_batch, run.global_batch)
+    step_loss = torch.zeros((), device=device)
+    step_hidden = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        first = (micro * world + rank) * cfg.batch_size
+        rows = np.sort(order[first:first + cfg.batch_size])
+        ids = as_ids(run.blocks[rows], device)  # (B, T)
+        teacher_top = run.cache.batch(rows, device) if run.cache is not None else None
+        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
+        # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
+        with sync, autocast(run.precision, device.type):
+            t_hidden, t_layers = None, {}
+            if run.teacher is not None:
+                with torch.no_grad(), record_function("taille.teacher_forward"), \
+                        layer_outputs(run.teacher, teacher_taps, t_layers):
+                    t_hidden = hidden_states(run.teacher, ids)[:, :-1].reshape(-1, run.teacher.config.hidden_size)
+            with record_function("taille.student_forward"):
+                hidden, s_layers = trunk(ids)
+                hidden = hidden[:, :-1]  # (B, T-1, H): positions that predict the next token
+            targets = ids[:, 1:].reshape(-1)
+            with record_function("taille.loss_forward"):
+                loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
+                                           torch.ones_like(targets), cfg.loss, t_hidden, t_head,
+                                           teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
+            if run.pairs:
+                with record_function("taille.hidden_loss"):  # the same positions as the logit loss
+                    hidden_sum = cosine_loss_sum([h[:, :-1] for h in s_layers],
+                                                 [t_layers[t][:, :-1] for _, t in run.pairs])
+                loss_sum = loss_sum + cfg.hidden_weight * hidden_sum
+                step_hidden += hidden_sum.detach() / run.n_targets
+            # DDP averages gradients over processes: scale so the result is the global token mean.
+            loss = loss_sum * world / run.n_targets
+            with record_function("taille.backward"):
+                accelerator.backward(loss)
+        step_loss += loss_sum.detach() / run.n_targets
+    with record_function("taille.optimizer"):
+        # clipping computes the total norm anyway; without clipping (clip 0) an infinite max_norm measures it
+        grad_norm = accelerator.clip_grad_norm_(trunk.parameters(), cfg.clip or float("inf"))
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    step_loss = accelerator.reduce(step_loss, reduction="sum")
+    if run.pairs:
+        step_hidden = accelerator.reduce(step_hidden, reduction="sum")
+    return {"loss": step_loss, "hidden_loss": step_hidden, "grad_norm": grad_norm, "lr": lr}
+
+
+def save(run: Run, step: int) -> Path | None:
+    """A checkpoint at `step` (rank 0 writes; every rank waits for it)."""
+    last = None
+    if run.accelerator.is_main_process:
+        last = save_checkpoint(Path(run.cfg.out), step, run.student, run.optimizer, run.cfg, run.state,
+                               projections=run.accelerator.unwrap_model(run.trunk).projections)
+    run.accelerator.wait_for_everyone()
+    return last
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run (or resume) a distillation; returns the final record (also written to OUT/taille.json)."""
+    from tqdm.auto import tqdm
+
+    from taille.data.mixture import run_order, trained_on
+
+    run = setup(cfg)
+    accelerator, out = run.accelerator, Path(cfg.out)
+    trackers = cfg.report_to != "none"
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if start_step == 0:
+        if run.start_step == 0:
             metrics_path.write_text("")
             (out / "distill.yaml").write_text(_yaml(cfg.to_dict()))
         elif metrics_path.is_file():  # drop what was logged after the checkpoint: those steps run again
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= run.start_step]
             _atomic_write(metrics_path, "".join(line + "\n" for line in kept))
-
     if trackers:
         accelerator.init_trackers("taille-distill", config=_flat(cfg.to_dict()))
 
@@ -376,58 +356,15 @@ def distill(cfg: DistillConfig) -> dict:
         if trackers:
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
+    state, total_steps = run.state, run.total_steps
+    tokens_per_step = run.global_batch * cfg.seq_len
+    bar = tqdm(total=total_steps, initial=run.start_step, desc="distill", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
-    last_good = resume_from
+    last_good = run.resume_from
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    for step in range(start_step, total_steps):
-        lr = lr_at(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = run_order(blocks, cfg.seed, step * global_batch, global_batch)
-        step_loss = torch.zeros((), device=device)
-        step_hidden = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            first = (micro * world + rank) * cfg.batch_size
-            rows = np.sort(order[first:first + cfg.batch_size])
-            ids = as_ids(blocks[rows], device)  # (B, T)
-            teacher_top = cache.batch(rows, device) if cache is not None else None
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
-            # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
-            with sync, autocast(precision, device.type):
-                t_hidden, t_layers = None, {}
-                if teacher is not None:
-                    with torch.no_grad(), record_function("taille.teacher_forward"), \
-                            layer_outputs(teacher, teacher_taps, t_layers):
-                        t_hidden = hidden_states(teacher, ids)[:, :-1].reshape(-1, teacher.config.hidden_size)
-                with record_function("taille.student_forward"):
-                    hidden, s_layers = trunk(ids)
-                    hidden = hidden[:, :-1]  # (B, T-1, H): positions that predict the next token
-                targets = ids[:, 1:].reshape(-1)
-                with record_function("taille.loss_forward"):
-                    loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
-                                               torch.ones_like(targets), cfg.loss, t_hidden, t_head,
-                                               teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
-                if pairs:
-                    with record_function("taille.hidden_loss"):  # the same positions as the logit loss
-                        hidden_sum = cosine_loss_sum([h[:, :-1] for h in s_layers],
-                                                     [t_layers[t][:, :-1] for _, t in pairs])
-                    loss_sum = loss_sum + cfg.hidden_weight * hidden_sum
-                    step_hidden += hidden_sum.detach() / n_targets
-                # DDP averages gradients over processes: scale so the result is the global token mean.
-                loss = loss_sum * world / n_targets
-                with record_function("taille.backward"):
-                    accelerator.backward(loss)
-            step_loss += loss_sum.detach() / n_targets
-        with record_function("taille.optimizer"):
-            if cfg.clip:
-                accelerator.clip_grad_norm_(trunk.parameters(), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_loss = accelerator.reduce(step_loss, reduction="sum")
-        if pairs:
-            step_hidden = accelerator.reduce(step_hidden, reduction="sum")
-        loss_value = float(step_loss)  # one sync per optimizer step: also the NaN check
+    for step in range(run.start_step, total_steps):
+        result = train_step(run, step)
+        loss_value = float(result["loss"])  # one sync per optimizer step: also the NaN check
         if not math.isfinite(loss_value):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             raise TailleError(f"the loss became {loss_value} at step {step + 1}; stopping ({where}); "
@@ -440,38 +377,39 @@ def distill(cfg: DistillConfig) -> dict:
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
+            grad_norm = float(result["grad_norm"])
             record = {"step": done, "tokens": state["tokens"], "loss": loss_value,
-                      "loss_avg": window_loss / window_steps, "lr": lr, "tokens_per_s": window_tokens / elapsed}
-            if pairs:  # the hidden-state part of `loss` (1 - cosine per token and pair, weighted)
-                record["hidden_loss"] = cfg.hidden_weight * float(step_hidden)
+                      "loss_avg": window_loss / window_steps, "lr": result["lr"], "grad_norm": grad_norm,
+                      "tokens_per_s": window_tokens / elapsed}
+            if run.pairs:  # the hidden-state part of `loss` (1 - cosine per token and pair, weighted)
+                record["hidden_loss"] = cfg.hidden_weight * float(result["hidden_loss"])
             state["seconds"] += elapsed
             log_metrics(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", grad_norm=f"{grad_norm:.3g}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         bar.update(1)
-        if eval_blocks is not None and (done % cfg.eval_every == 0 or done == total_steps):
+        if run.eval_blocks is not None and (done % cfg.eval_every == 0 or done == total_steps):
             eval_start = time.perf_counter()
-            student.eval()
-            metrics = evaluate_student(student, teacher, eval_blocks, cfg.batch_size, precision, device)
-            student.train()
+            run.student.eval()
+            metrics = evaluate_student(run.student, run.teacher, run.eval_blocks, cfg.batch_size, run.precision,
+                                       run.device)
+            run.student.train()
             log_metrics({"step": done, "tokens": state["tokens"], **metrics})
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
         if done % cfg.save_every == 0 or done == total_steps:  # the last one lets --resume of a finished run no-op
             save_start = time.perf_counter()
-            if accelerator.is_main_process:
-                last_good = save_checkpoint(out, done, student, optimizer, cfg, state,
-                                            projections=accelerator.unwrap_model(trunk).projections)
-            accelerator.wait_for_everyone()
+            last_good = save(run, done) or last_good
             window_start += time.perf_counter() - save_start
     bar.close()
 
+    blocks = run.blocks
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
-              "data": trained_on(blocks, run_order(blocks, cfg.seed, 0, total_steps * global_batch), source),
-              "global_batch": global_batch, "processes": world, "precision": precision,
+              "data": trained_on(blocks, run_order(blocks, cfg.seed, 0, total_steps * run.global_batch), run.source),
+              "global_batch": run.global_batch, "processes": accelerator.num_processes, "precision": run.precision,
               "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
     if accelerator.is_main_process:
-        _save_student(student, tokenizer, out, cfg, record)
+        _save_student(run.student, run.tokenizer, out, cfg, record)
         from taille.distill.figures import plot_curves
 
         plot_curves(metrics_path, out / "curves.png")

@@ -3,51 +3,20 @@ average, speed and memory, KL to a reference — as Markdown, JSON and a bar cha
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from taille.errors import TailleError
+from taille.eval.config import EvalSettings  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalSettings:
-    ppl: list[str] = field(default_factory=list)
-    """Held-out texts for perplexity."""
-    window: int = 1024
-    stride: int | None = None
-    batch_size: int = 4
-    max_tokens: int | None = None
-    tasks: list[str] = field(default_factory=list)
-    """Zero-shot tasks through lm-eval."""
-    task_data: str | None = None
-    """Folder of local task files (offline); None uses lm-eval's own datasets."""
-    limit: int | None = None
-    num_fewshot: int = 0
-    speed: bool = False
-    reference: str | None = None
-    """Model whose next-token distributions the others are compared to (KL)."""
-    reference_data: str = "shakespeare"
-    reference_tokens: int = 16384
-    precision: str = "fp32"
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 1234
-
-    def __post_init__(self):
-        if not (self.ppl or self.tasks or self.speed or self.reference):
-            raise TailleError("nothing to evaluate: give --ppl DATA, --tasks, --speed or --reference")
-        if self.window < 2 or self.batch_size < 1:
-            raise TailleError("--window must be at least 2 and --batch-size at least 1")
-        if self.limit is not None and self.limit < 1:
-            raise TailleError("--limit must be at least 1")
 
 
 def mean_kl(reference, model, tokens: np.ndarray, window: int, batch_size: int, precision: str) -> float:
@@ -72,8 +41,10 @@ def evaluate(models: list[str], s: EvalSettings) -> dict:
     from taille.eval.harness import check_tasks, headline, run_tasks
     from taille.eval.ppl import perplexity
     from taille.eval.speed import measure_in_subprocess
-    from taille.models.load import load_model
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import resolve_precision
 
+    s = dataclasses.replace(s, precision=resolve_precision(s.precision, resolve_device(s.device)))
     if s.tasks:
         check_tasks(s.tasks, s.task_data)  # before any model loads
     reference = None

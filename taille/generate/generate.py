@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from taille.errors import TailleError
+from taille.options import Count, coerce
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +42,58 @@ _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 @dataclass
 class GenerateSettings:
     teacher: str
+    """The model whose answers make the corpus."""
     out: str
+    """Chat JSONL to write (appended to; OUT.meta.json beside it)."""
     prompts: str = SEED
-    tokens: int = 300_000
-    """Answer tokens to keep (after filtering)."""
+    """'seed' (the shipped general set), or a .txt (a prompt a line) or .jsonl ({"prompt": ...} or
+    {"messages": [...]}) file."""
+    tokens: Count = 300_000
+    """Answer tokens to keep, after filtering (300K, 2M)."""
     max_new_tokens: int = 256
+    """Longest answer."""
     temperature: float = 0.8
+    """Sampling temperature."""
     top_p: float = 0.95
+    """Nucleus sampling."""
     batch_size: int = 64
     """Prompts sampled together by the PyTorch engine (on a 2-core CPU, 64 doubled the tokens/s of 16)."""
     min_tokens: int = 16
-    """Answers shorter than this are dropped."""
+    """Drop answers shorter than this."""
     near_duplicate: float = 0.7
-    """Jaccard similarity of word 5-gram shingles above which an answer is a near-duplicate (1: exact only)."""
+    """Word 5-gram Jaccard above which an answer is a near-duplicate of an earlier one (1: exact only)."""
     language: str | None = "en"
-    """Keep answers whose letters are mostly Latin script with common English words (None: no filter)."""
+    """Keep answers in this language: en (mostly Latin script with common English words), or none."""
     seed: int = 1234
+    """Sampling seed."""
     precision: str = "auto"
+    """auto (bf16-mixed where the hardware has fast bf16, else fp32), bf16-mixed or fp32."""
     engine: str = "auto"
-    """auto (= torch), torch (batched transformers generate) or llama.cpp (a GGUF teacher)."""
+    """auto (= torch: batched PyTorch, the faster here), torch, or llama.cpp (a GGUF teacher, one sequence
+    at a time)."""
     self_instruct: int = 0
-    """New prompts the teacher writes from the seed set before answering (0: none)."""
+    """New prompts the teacher writes from the seed set first (kept in OUT.prompts.jsonl)."""
 
     def __post_init__(self):
+        from taille.models.precision import PRECISIONS
+
+        coerce(self)
+        if self.language == "none":
+            self.language = None
         if self.engine not in ENGINES:
             raise TailleError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
         if self.self_instruct < 0:
             raise TailleError("--self-instruct must be 0 or more")
-        if self.tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise TailleError("--tokens, --max-new-tokens and --batch-size must be at least 1")
+        if self.tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.min_tokens < 0:
+            raise TailleError("--tokens, --max-new-tokens and --batch-size must be at least 1, --min-tokens 0 or more")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise TailleError("--top-p must be in (0, 1] and --temperature positive")
         if not 0 < self.near_duplicate <= 1:
             raise TailleError("--near-duplicate must be in (0, 1]")
         if self.language not in (None, "en"):
             raise TailleError(f"--language {self.language}: only en (or none) is checked so far")
+        if self.precision not in PRECISIONS:
+            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
 
 
 def read_prompts(spec: str) -> list[str]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from taille.errors import TailleError
+from taille.prune.config import (  # noqa: F401  (Calibration, Target re-exported)
+    CRITERIA, DEPTH_CRITERIA, Calibration, ImportanceConfig, PruneConfig, Target,
+)
 from taille.prune.importance import (
     Importance, activation_importance, depth_loss_, load_importance, magnitude_importance,
     random_importance, save_importance,
@@ -26,53 +28,6 @@ from taille.prune.surgery import drop_layers_, prune_width_, select_width
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("activation", "magnitude", "random")
-DEPTH_CRITERIA = ("block-importance", "ppl", "contiguous")
-
-
-@dataclass
-class Calibration:
-    """Which text importance reads, and how much of it."""
-
-    data: str
-    samples: int = 1024
-    seq_len: int = 512
-    batch_size: int = 8
-    depth_samples: int = 32
-    """Blocks held apart from calibration to measure the loss without each layer (depth metric ppl)."""
-
-
-@dataclass
-class Target:
-    """What to prune to: a parameter budget (params or ratio, on some axes) or an explicit shape."""
-
-    params: str | None = None
-    ratio: float | None = None
-    axes: tuple[str, ...] = ("mlp", "hidden")
-    hidden: int | None = None
-    ffn: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    layers: int | None = None
-    drop_layers: str | None = None
-    tolerance: float = 0.01
-    explicit: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        budget = self.params is not None or self.ratio is not None
-        self.explicit = {k: v for k, v in dict(hidden=self.hidden, ffn=self.ffn, heads=self.heads,
-                                                kv_heads=self.kv_heads, layers=self.layers).items() if v is not None}
-        if self.params is not None and self.ratio is not None:
-            raise TailleError("give --params or --ratio, not both")
-        if budget and (self.explicit or self.drop_layers):
-            raise TailleError("give a budget (--params/--ratio) or an explicit shape (--hidden ... / --drop-layers), not both")
-        if not budget and not self.explicit and not self.drop_layers:
-            raise TailleError("nothing to prune to: give --params 90M, --ratio 0.66, an explicit shape "
-                              "(--hidden --ffn --heads --kv-heads --layers) or --drop-layers 14-25")
-        if self.ratio is not None and not 0 < self.ratio < 1:
-            raise TailleError(f"--ratio {self.ratio}: the fraction of parameters to keep, between 0 and 1")
-        if self.drop_layers and self.layers is not None:
-            raise TailleError("give --layers or --drop-layers, not both")
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -219,42 +174,37 @@ def importance_for_prune(model, tokenizer, scores_path, cal: Calibration | None,
     return scores
 
 
-def run_importance(model_spec: str, cal: Calibration, out: str | Path, depth_metric: str = "bi", block_sizes=(1,),
-                   dtype: str = "auto", device: str = "auto", precision: str = "auto", figures: bool = True) -> Path:
-    """`taille importance`: scores.safetensors, importance.json and PNG figures in `out`."""
+def run_importance(cfg: ImportanceConfig) -> Path:
+    """`taille importance`: scores.safetensors, importance.json and PNG figures in `cfg.out`."""
     from taille.models.load import load_model, resolve_device
     from taille.models.precision import resolve_precision
 
-    if depth_metric not in ("bi", "ppl"):
-        raise TailleError(f"--depth-metric {depth_metric}: use bi or ppl")
-    precision = resolve_precision(precision, resolve_device(device))
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
-    scores = compute_importance(model, tokenizer, cal, "activation", depth_metric, block_sizes, precision)
-    save_importance(scores, out, model.config, extra={"model": model_spec, "calibration": vars(cal)})
-    if figures:
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    cal = cfg.calibration()
+    scores = compute_importance(model, tokenizer, cal, "activation", cfg.depth_metric, cfg.block_sizes, precision)
+    save_importance(scores, cfg.out, model.config, extra={"model": cfg.model, "calibration": vars(cal)})
+    if cfg.figures:
         from taille.prune.figures import plot_importance
 
-        plot_importance(scores, out)
-    return Path(out)
+        plot_importance(scores, cfg.out)
+    return Path(cfg.out)
 
 
-def run_prune(model_spec: str, target: Target, out: str | Path, scores_path: str | None = None,
-              cal: Calibration | None = None, criterion: str = "activation", depth_criterion: str = "block-importance",
-              seed: int = 0, dtype: str = "auto", device: str = "auto", precision: str = "auto") -> dict:
+def run_prune(cfg: PruneConfig) -> dict:
     """`taille prune`: load, score, prune, save. Returns the record written to taille.json."""
     from taille.models.load import load_config, load_model, resolve_device
     from taille.models.precision import resolve_precision
 
-    config = load_config(model_spec)
-    shape, drop = resolve_shape(config, target)  # fail on a bad target before loading any weights
+    config = load_config(cfg.model)
+    shape, drop = resolve_shape(config, cfg.target)  # fail on a bad target before loading any weights
     needs_depth = shape.layers < config.num_hidden_layers and drop is None
-    precision = resolve_precision(precision, resolve_device(device))
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
-    scores = importance_for_prune(model, tokenizer, scores_path, cal, criterion, depth_criterion, needs_depth,
-                                  precision, seed)
-    record = prune_(model, scores, shape, drop, depth_criterion)
-    record.update(source=model_spec, target={k: v for k, v in vars(target).items() if k != "explicit"},
-                  seed=seed, importance={k: v for k, v in scores.meta.items() if not isinstance(v, list)})
-    save_pruned(model, tokenizer, out, record)
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    scores = importance_for_prune(model, tokenizer, cfg.scores, cfg.calibration(), cfg.criterion, cfg.depth_criterion,
+                                  needs_depth, precision, cfg.seed)
+    record = prune_(model, scores, shape, drop, cfg.depth_criterion)
+    record.update(source=cfg.model, target={k: v for k, v in vars(cfg.target).items() if k != "explicit"},
+                  seed=cfg.seed, importance={k: v for k, v in scores.meta.items() if not isinstance(v, list)})
+    save_pruned(model, tokenizer, cfg.out, record)
     return record
-

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import re
 from dataclasses import asdict, dataclass
 
 from taille.errors import TailleError
+from taille.options import parse_count
 from taille.models.arch import flag, get_arch, head_dim, kv_heads, tied
 
 AXES = ("mlp", "hidden", "heads", "kv_groups", "depth")
@@ -84,12 +84,9 @@ def check_shape(config, s: Shape) -> None:
             f"{', '.join(map(str, gguf)) or 'none'}")
 
 
-def parse_params(text: str) -> int:
+def parse_params(text) -> int:
     """'90M', '8.4B', '134515008' -> an integer count."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
-    if not m:
-        raise TailleError(f"--params {text}: expected a count such as 90M, 4.5B or 90000000")
-    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+    return parse_count(text, "params")
 
 
 def _balance(base: Shape, s: Shape, axes) -> float:

@@ -87,9 +87,7 @@ def stage_correct(recipe, run: Path, teacher: str) -> None:
 def stage_importance(recipe, run: Path, teacher: str) -> None:
     from taille.prune.prune import run_importance
 
-    keys = recipe.importance
-    run_importance(teacher, R.calibration(recipe), run / "importance", depth_metric=keys.get("depth_metric", "bi"),
-                   block_sizes=tuple(keys.get("block_sizes", (1,))))
+    run_importance(R.importance_config(recipe, teacher, str(run / "importance")))
 
 
 def stage_search(recipe, run: Path, teacher: str) -> None:
@@ -103,11 +101,8 @@ def stage_prune(recipe, run: Path, teacher: str) -> None:
     from taille.prune.prune import run_prune
 
     board = _load_json(run / "search" / "leaderboard.json") if recipe.search else None
-    target = R.target(recipe, board["winner"]["shape"] if board else None)
-    prune = recipe.prune or {}
-    run_prune(teacher, target, run / "pruned", scores_path=str(run / "importance"),
-              criterion=prune.get("criterion", "activation"),
-              depth_criterion=prune.get("depth_criterion", "block-importance"), seed=prune.get("seed", 0))
+    run_prune(R.prune_config(recipe, teacher, str(run / "pruned"), str(run / "importance"),
+                             shape=board["winner"]["shape"] if board else None))
 
 
 def stage_distill(recipe, run: Path, teacher: str) -> None:
@@ -128,17 +123,17 @@ def stage_eval(recipe, run: Path, teacher: str) -> None:
 def stage_export(recipe, run: Path, teacher: str) -> None:
     from taille.export.gguf import export_gguf
     from taille.export.verify import verify_gguf
-    from taille.models.quant import get_quant
 
     student, records = str(run / "distilled"), []
     for quant in R.export_quants(recipe):
-        record = export_gguf(student, run / "export" / f"{recipe.name}-{quant}.gguf", quant,
-                             name=recipe.name, pre_tokenizer=recipe.export.get("pre_tokenizer"))
-        if recipe.export.get("verify", True):
-            record["verify"] = verify_gguf(record["out"], student, min_agreement=get_quant(quant).min_agreement)
-            if not record["verify"]["passed"]:
-                log.warning("%s: llama.cpp agrees with PyTorch on %.1f%% of positions, below %s's %.0f%%", record["out"],
-                            100 * record["verify"]["top1_agreement"], quant, 100 * (get_quant(quant).min_agreement or 0))
+        cfg = R.export_settings(recipe, str(run / "export" / f"{recipe.name}-{quant}.gguf"), quant)
+        record = export_gguf(student, cfg.out, quant, name=recipe.name, pre_tokenizer=cfg.pre_tokenizer)
+        if cfg.verify:
+            v = record["verify"] = verify_gguf(record["out"], student, cfg.verify_data, cfg.verify_blocks,
+                                               cfg.verify_len, quant=quant)
+            if not v["passed"]:
+                log.warning("%s: the llama.cpp file is further from PyTorch than a correct %s export: %s", record["out"],
+                            quant, v.get("failed", v))
         records.append(record)
     (run / "export" / "export.json").write_text(json.dumps(records, indent=1))
 

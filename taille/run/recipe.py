@@ -25,13 +25,9 @@ from pathlib import Path
 from taille.errors import TailleError
 
 SECTIONS = ("name", "teacher", "data", "out", "correct", "importance", "search", "prune", "distill", "eval", "export")
-CORRECT_KEYS = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "precision", "seed")
-IMPORTANCE_KEYS = ("samples", "seq_len", "batch_size", "depth_samples", "depth_metric", "block_sizes")
-PRUNE_KEYS = ("params", "ratio", "axes", "tolerance", "hidden", "ffn", "heads", "kv_heads", "layers", "drop_layers",
-              "criterion", "depth_criterion", "seed")
-DISTILL_SKIP = ("student", "data", "out", "teacher", "teacher_cache", "resume", "progress", "loss")
-EXPORT_KEYS = ("quants", "verify", "pre_tokenizer")
-LOSS_KEYS = ("kind", "beta", "temperature", "ce_weight", "kd_weight")
+EXPORT_KEYS = ("quants", "verify", "verify_data", "verify_blocks", "verify_len", "pre_tokenizer")
+PRUNE_OWN = ("criterion", "depth_criterion", "seed", "dtype", "device", "precision")
+"""The prune section's keys besides the target's: how to prune, whatever the shape (also with a search)."""
 
 
 @dataclass
@@ -55,33 +51,21 @@ class Recipe:
         return Path(out or self.out or Path("runs") / self.name)
 
 
-def _check_keys(section: str, values, known) -> dict:
+def _check_keys(section: str, values, known) -> dict | None:
     if values is None:
         return None
     if not isinstance(values, dict):
         raise TailleError(f"recipe section '{section}' must be a mapping, not {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise TailleError(f"recipe section '{section}': unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return dict(values)
+    return values
 
 
-def distill_keys() -> tuple[str, ...]:
-    from taille.distill.train import DistillConfig
-
-    return tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name not in DISTILL_SKIP) + ("loss",)
-
-
-def search_keys() -> tuple[str, ...]:
-    from taille.search.search import SearchSettings
-
-    return tuple(f.name for f in dataclasses.fields(SearchSettings))
-
-
-def eval_keys() -> tuple[str, ...]:
-    from taille.eval.run import EvalSettings
-
-    return tuple(f.name for f in dataclasses.fields(EvalSettings))
+def _keys(cls, *fixed: str) -> tuple[str, ...]:
+    """A section's keys: the fields of the stage's settings, less those the recipe itself decides."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed)
 
 
 def parse_recipe(values: dict, source: str | None = None) -> Recipe:
@@ -95,26 +79,34 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
             raise TailleError(f"{source or 'recipe'}: '{required}' is required")
     if values.get("search") is None and values.get("prune") is None:
         raise TailleError(f"{source or 'recipe'}: give a 'prune' target or a 'search' section (or both)")
-    distill = _check_keys("distill", values.get("distill") or {}, distill_keys())
+    from taille.distill.config import CorrectConfig, DistillConfig, LossConfig
+    from taille.eval.config import EvalSettings
+    from taille.prune.config import ImportanceConfig, Target
+    from taille.search.search import SearchSettings
+
+    distill = _check_keys("distill", values.get("distill") or {},
+                          _keys(DistillConfig, "student", "data", "out", "teacher", "teacher_cache", "resume", "progress"))
     if "loss" in distill:
-        _check_keys("distill.loss", distill["loss"], LOSS_KEYS)
+        _check_keys("distill.loss", distill["loss"], _keys(LossConfig))
     recipe = Recipe(
         name=str(values["name"]), teacher=str(values["teacher"]), data=str(values["data"]), out=values.get("out"),
-        correct=_check_keys("correct", values.get("correct"), CORRECT_KEYS),
-        importance=_check_keys("importance", values.get("importance") or {}, IMPORTANCE_KEYS),
-        search=_check_keys("search", values.get("search"), search_keys()),
-        prune=_check_keys("prune", values.get("prune"), PRUNE_KEYS),
-        distill=distill, eval=_check_keys("eval", values.get("eval") or {}, eval_keys()),
+        correct=_check_keys("correct", values.get("correct"), _keys(CorrectConfig, "teacher", "data", "out", "resume")),
+        importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "data", "out")),
+        search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
+        prune=_check_keys("prune", values.get("prune"), _keys(Target) + PRUNE_OWN),
+        distill=distill, eval=_check_keys("eval", values.get("eval") or {}, _keys(EvalSettings)),
         export=_check_keys("export", values.get("export"), EXPORT_KEYS), source=source)
     # build every stage's settings now: a bad value fails before hours of work, not at that stage
-    target(recipe)
+    if recipe.correct is not None:
+        correct_config(recipe, "OUT")
+    importance_config(recipe, recipe.teacher, "OUT")
     if recipe.search:
-        from taille.search.search import SearchSettings
-
         SearchSettings(**recipe.search)
+    prune_config(recipe, recipe.teacher, "OUT", "SCORES", shape={"hidden": 1} if recipe.search else None)
     distill_config(recipe, "STUDENT", "OUT")
     if recipe.eval:
         eval_settings(recipe)
+    export_settings(recipe, "OUT.gguf", "q4_k_m")
     export_quants(recipe)
     return recipe
 
@@ -153,66 +145,52 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(values, str(path))
 
 
-# --- each stage's settings --------------------------------------------------------------------------
+# --- each stage's settings: the section's values, and what the run decides (paths, the teacher) -------
 
 
-def calibration(recipe: Recipe):
-    from taille.prune.prune import Calibration
+def importance_config(recipe: Recipe, teacher: str, out: str):
+    from taille.prune.config import ImportanceConfig
 
-    keys = {k: v for k, v in recipe.importance.items() if k in ("samples", "seq_len", "batch_size", "depth_samples")}
-    return Calibration(data=recipe.data, **keys)
+    return ImportanceConfig(model=teacher, data=recipe.data, out=out, **recipe.importance)
 
 
-def target(recipe: Recipe, shape: dict | None = None):
-    """The prune target: the recipe's, or an explicit shape (the search's winner)."""
-    from taille.prune.prune import Target
+def prune_config(recipe: Recipe, teacher: str, out: str, scores: str, shape: dict | None = None):
+    """The prune stage's settings: the recipe's target, or an explicit shape (the search's winner)."""
+    from taille.prune.config import PruneConfig, Target
 
-    if shape is not None:
-        return Target(**shape)
-    values = {k: v for k, v in (recipe.prune or {}).items() if k not in ("criterion", "depth_criterion", "seed")}
-    if "axes" in values:
-        axes = values["axes"]
-        values["axes"] = tuple(axes.split(",") if isinstance(axes, str) else axes)
-    if "params" in values:
-        values["params"] = str(values["params"])
-    if recipe.search:
-        if values:
-            raise TailleError("a recipe with 'search' prunes to the search's winner; its 'prune' section may only "
-                              f"set criterion, depth_criterion, seed (not {', '.join(sorted(values))})")
-        return None  # the search decides the shape
-    return Target(**values)
+    section = recipe.prune or {}
+    own = {k: v for k, v in section.items() if k in PRUNE_OWN}
+    target = {k: v for k, v in section.items() if k not in PRUNE_OWN}
+    if recipe.search and target:
+        raise TailleError("a recipe with 'search' prunes to the search's winner; its 'prune' section may only "
+                          f"set {', '.join(PRUNE_OWN)} (not {', '.join(sorted(target))})")
+    return PruneConfig(model=teacher, out=out, scores=scores, target=Target(**(shape or target)), **own)
 
 
 def distill_config(recipe: Recipe, student: str, out: str, teacher: str | None = None):
-    from taille.distill.losses import LossConfig
-    from taille.distill.train import DistillConfig
-    from taille.prune.shape import parse_params
+    from taille.distill.config import DistillConfig
 
-    values = dict(recipe.distill)
-    loss = LossConfig(**values.pop("loss", {}))
-    if "tokens" in values:
-        values["tokens"] = parse_params(str(values["tokens"]))
-    if values.get("eval_data") == "none":
-        values["eval_data"] = None
-    return DistillConfig(student=student, data=recipe.data, out=out, teacher=teacher or recipe.teacher, loss=loss,
-                         resume=True, **values)
+    return DistillConfig(student=student, data=recipe.data, out=out, teacher=teacher or recipe.teacher, resume=True,
+                         **recipe.distill)
 
 
 def correct_config(recipe: Recipe, out: str):
-    from taille.distill.losses import LossConfig
-    from taille.distill.train import DistillConfig
-    from taille.prune.shape import parse_params
+    from taille.distill.config import CorrectConfig
 
-    values = dict(recipe.correct)
-    values["tokens"] = parse_params(str(values.get("tokens", "1M")))
-    values.setdefault("lr", 1e-5)
-    values.setdefault("min_lr", values["lr"] / 10)
-    return DistillConfig(student=recipe.teacher, data=recipe.data, out=out, loss=LossConfig(ce_weight=1.0, kd_weight=0.0),
-                         resume=True, **values)
+    return CorrectConfig(teacher=recipe.teacher, data=recipe.data, out=out, resume=True, **recipe.correct)
+
+
+def export_settings(recipe: Recipe, out: str, quant: str):
+    """The settings of one GGUF file of the export stage (its verification's amount of text among them)."""
+    from taille.export.config import ExportSettings
+
+    values = {k: v for k, v in (recipe.export or {}).items() if k != "quants"}
+    values.setdefault("verify", True)  # a recipe's files are checked in llama.cpp unless it says not to
+    return ExportSettings(out=out, quant=quant, **values)
 
 
 def eval_settings(recipe: Recipe):
-    from taille.eval.run import EvalSettings
+    from taille.eval.config import EvalSettings
 
     values = dict(recipe.eval)
     if not values:
@@ -229,9 +207,8 @@ def plan_recipe(recipe: Recipe, config=None) -> dict:
 
     config = config or load_config(recipe.teacher)
     out = {"teacher": {"shape": shape_of(config).to_dict(), "params": count_params(config)}}
-    t = target(recipe)
-    if t is not None:
-        shape, drop = resolve_shape(config, t)
+    if not recipe.search:
+        shape, drop = resolve_shape(config, prune_config(recipe, recipe.teacher, "OUT", "SCORES").target)
         out["prune"] = {"shape": shape.to_dict(), "params": count_params(config, shape), "drop_layers": drop}
     if recipe.search:
         from taille.search.search import SearchSettings, default_shape, pick

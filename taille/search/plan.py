@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from taille.errors import TailleError
+from taille.options import Bytes, Count, coerce
 from taille.models import quant as formats
 from taille.models.arch import get_arch, head_dim
 from taille.models.summary import QUANT_BITS
@@ -36,6 +37,35 @@ class Candidate:
         d = asdict(self)
         d["shape"] = self.shape.to_dict()
         return d
+
+
+@dataclass
+class PlanSettings:
+    params: Count | None = None
+    """Parameter target (8B, 90M)."""
+    memory: Bytes | None = None
+    """Memory budget on the player's device, weights + KV cache: 6G, 6GB, 6GiB, 6.5 GB or 512M (G = 2^30 bytes,
+    as memory is sold)."""
+    quant: str = "q4_k_m"
+    """Quantization the memory budget assumes: bf16, q8_0, q4_k_m, q4_0."""
+    context: int = 4096
+    """Context length the KV cache must hold."""
+    tolerance: float = 0.05
+    """How far from the target a candidate may land."""
+    top: int = 20
+    """Rows to print (the JSON has them all)."""
+
+    def __post_init__(self):
+        coerce(self)
+        if (self.params is None) == (self.memory is None):
+            raise TailleError("give a target: --params 8B or --memory 6GB (not both)")
+        if self.quant not in QUANT_BITS:
+            raise TailleError(f"--quant {self.quant}: use one of {', '.join(QUANT_BITS)}")
+        if self.context < 1 or self.top < 1 or (self.params is not None and self.params < 1) or (
+                self.memory is not None and self.memory < 1):
+            raise TailleError("--context, --top, --params and --memory must be positive")
+        if not 0 < self.tolerance < 0.5:
+            raise TailleError(f"--tolerance {self.tolerance}: a fraction between 0 and 0.5")
 
 
 def weight_bytes(config, s: Shape, quant: str) -> float:
@@ -65,7 +95,7 @@ def _grid(config, base: Shape):
 def plan(config, params: int | None = None, memory_gib: float | None = None, quant: str = "q4_k_m",
          context: int = 4096, tolerance: float = 0.05) -> list[Candidate]:
     """Every grid shape within `tolerance` of the parameter target, or using (1 - 2 tolerance) to 100% of
-    the memory budget at `quant` with the KV cache of `context` tokens; sorted by evenness of the cut."""
+    the memory budget at `quant` with the KV cache of `context` tokens; width-only shapes first (most even cut first), then shapes that also drop layers."""
     if (params is None) == (memory_gib is None):
         raise TailleError("give a target: --params 8B or --memory 6GB (not both)")
     if quant not in QUANT_BITS:
@@ -98,7 +128,14 @@ def plan(config, params: int | None = None, memory_gib: float | None = None, qua
                 continue
             balance = max(1 - hidden / base.hidden, 1 - ffn / base.ffn, 1 - heads / base.heads, 1 - layers / base.layers)
             out.append(Candidate(s, n, {q: round(v, 3) for q, v in weights.items()}, round(kv_gib, 3), round(balance, 4)))
+    if not out and memory_gib is not None:
+        whole = {q: weight_bytes(config, base, q) / GiB for q in QUANT_BITS}
+        kv_gib = kv_cache_bytes(config, base, context) / GiB
+        if whole[quant] + kv_gib <= memory_gib:  # the budget holds the model as it is: say so, cut nothing
+            return [Candidate(base, count_params(config), {q: round(v, 3) for q, v in whole.items()}, round(kv_gib, 3), 0.0)]
     if not out:
         raise TailleError("no shape on the grid meets this target; widen --tolerance or change the target")
-    target = params if params is not None else None
-    return sorted(out, key=lambda c: (c.balance, abs(c.params - target) if target else -c.params))
+    # Minitron's width recipe first (every layer kept, the most even cut of the widths), then shapes that
+    # also drop layers, least depth cut first: at equal size width pruning distils back better (MINITRON.md)
+    return sorted(out, key=lambda c: (c.shape.layers < base.layers, base.layers - c.shape.layers, c.balance,
+                                      abs(c.params - params) if params is not None else -c.params))

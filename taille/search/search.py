@@ -18,42 +18,67 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from taille.errors import TailleError
+from taille.options import Count, coerce
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SearchSettings:
-    params: str
-    """Target parameter count (90M, 4.5B)."""
+    params: Count
+    """Parameter target (90M, 4.5B)."""
     tolerance: float = 0.05
+    """How far from the target a shape may land."""
     candidates: int = 12
+    """Shapes to try."""
     steps: int = 50
-    """Optimizer steps of each candidate's distillation (all candidates the same)."""
+    """Distillation steps per candidate (the same for all)."""
     seq_len: int = 256
+    """Tokens per block."""
     batch_size: int = 8
+    """Blocks per step."""
     lr: float = 5e-4
+    """Peak learning rate of each short distillation."""
     top_k: int = 128
     """Teacher-cache K."""
     depth_criterion: str = "block-importance"
+    """Which layers a shape with fewer layers drops: block-importance, ppl or contiguous."""
     eval_data: str = "auto"
+    """Held-out text the candidates are ranked on; auto = shakespeare's held-out plays when searching on
+    shakespeare."""
     eval_tokens: int = 16384
+    """Held-out tokens per candidate evaluation."""
     precision: str = "auto"
+    """auto (bf16-mixed where the hardware has fast bf16, else fp32), bf16-mixed or fp32."""
 
     def __post_init__(self):
-        self.params = str(self.params)
+        from taille.models.precision import PRECISIONS
+        from taille.prune.config import DEPTH_CRITERIA
+
+        coerce(self)
         if self.candidates < 2 or self.steps < 1:
             raise TailleError("--candidates must be at least 2 and --steps at least 1")
+        if min(self.batch_size, self.top_k, self.eval_tokens) < 1 or self.seq_len < 2 or self.lr <= 0:
+            raise TailleError("--batch-size, --top-k and --eval-tokens must be at least 1, --seq-len at least 2, "
+                              "--lr positive")
+        if not 0 < self.tolerance < 1:
+            raise TailleError(f"--tolerance {self.tolerance}: a fraction between 0 and 1")
+        if self.depth_criterion not in DEPTH_CRITERIA:
+            raise TailleError(f"--depth-criterion {self.depth_criterion}: use one of {', '.join(DEPTH_CRITERIA)}")
+        if self.precision not in PRECISIONS:
+            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
 
 
 def pick(config, s: SearchSettings, default_shape=None) -> list:
     """Up to `candidates` plan shapes, as different as possible: the most even cut of each (layers,
     heads, hidden) first, then the rest; the default width shape (what `prune --params` picks) is
     always among them, so the search says whether it is beaten."""
-    from taille.prune.shape import count_params, parse_params
+    from taille.prune.shape import count_params
     from taille.search.plan import Candidate, plan
 
-    every = plan(config, params=parse_params(s.params), tolerance=s.tolerance)
+    # the most even cuts first, whatever order `taille plan` prints (there: Minitron's width shapes first)
+    every = sorted(plan(config, params=s.params, tolerance=s.tolerance),
+                   key=lambda c: (c.balance, abs(c.params - s.params)))
     chosen, seen = [], set()
     for c in every:
         key = (c.shape.layers, c.shape.heads, c.shape.hidden)
@@ -83,7 +108,7 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
     from taille.distill.train import DistillConfig, distill
     from taille.models.load import load_config, load_model, resolve_device
     from taille.models.precision import resolve_precision
-    from taille.prune.prune import Target, run_prune
+    from taille.prune.prune import PruneConfig, Target, run_prune
 
     config = load_config(teacher)
     out = Path(out)
@@ -100,8 +125,8 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
     for i, c in enumerate(candidates):
         folder = out / f"cand-{i:02d}"
         if not (folder / "pruned" / "taille.json").is_file():
-            run_prune(teacher, Target(**c.shape.to_dict()), folder / "pruned", scores_path=str(scores),
-                      depth_criterion=s.depth_criterion)
+            run_prune(PruneConfig(model=teacher, out=str(folder / "pruned"), target=Target(**c.shape.to_dict()),
+                                  scores=str(scores), depth_criterion=s.depth_criterion))
         if not (folder / "run" / "taille.json").is_file():
             distill(DistillConfig(student=str(folder / "pruned"), data=None, out=str(folder / "run"),
                                   teacher_cache=str(cache), eval_data=s.eval_data if s.eval_data != "auto" else

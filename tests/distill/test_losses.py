@@ -82,7 +82,7 @@ def test_gradients_taken_in_the_forward_pass_equal_autograd_on_full_logits(cfg, 
     if softcap:
         s, t = torch.tanh(s / softcap) * softcap, torch.tanh(t / softcap) * softcap
     T = cfg.temperature
-    per_token = cfg.kd_weight * T * T * divergence(t / T, s / T, cfg.kind, cfg.beta) + cfg.ce_weight * F.cross_entropy(
+    per_token = cfg.kd * T * T * divergence(t / T, s / T, cfg.kind, cfg.beta) + cfg.ce_weight * F.cross_entropy(
         s, TARGETS, reduction="none")
     reference = (per_token * mask).sum()
     (2.5 * reference).backward()
@@ -173,7 +173,7 @@ def test_topk_cache_gradients_taken_in_the_forward_pass_equal_autograd(K, cfg):
     r_h, r_w = STUDENT_H.clone().requires_grad_(), w.clone().requires_grad_()
     s = r_h @ r_w.T
     T = cfg.temperature
-    per_token = cfg.kd_weight * T * T * topk_forward_kl(top_logp, top_idx, rest, s / T) + cfg.ce_weight * F.cross_entropy(
+    per_token = cfg.kd * T * T * topk_forward_kl(top_logp, top_idx, rest, s / T) + cfg.ce_weight * F.cross_entropy(
         s, TARGETS, reduction="none")
     reference = (per_token * mask).sum()
     (2.5 * reference).backward()

@@ -1,5 +1,9 @@
 """The planner on the published Minitron shapes (configs written from ../shared/MINITRON.md)."""
 
+import json
+
+import pytest
+
 from transformers import LlamaConfig, MistralConfig
 
 from taille.prune.shape import Shape, count_params
@@ -54,3 +58,51 @@ def test_plan_cli(capsys):
     assert {"layers": 16, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8} in [c["shape"] for c in json.loads(out)]
     out, _ = run_cli(capsys, "plan", folder, "--memory", "6GB", "--quant", "q4_k_m", "--context", "8192", "--top", "5")
     assert "candidate shapes" in out and "KV@8192 GiB" in out
+
+
+def test_width_shapes_come_first_and_the_published_nemo_8b_is_near_the_top():
+    candidates = plan(NEMO_12B, params=8_400_000_000)
+    width = [c for c in candidates if c.shape.layers == 40]
+    assert width and candidates[:len(width)] == width  # Minitron's width recipe before any depth cut
+    layers = [c.shape.layers for c in candidates]
+    assert layers == sorted(layers, reverse=True)  # then the fewest layers dropped first
+    published = [c.shape for c in candidates].index(Shape(4096, 11520, 32, 8, 40))
+    assert published < 20  # within the rows `taille plan` prints by default
+
+
+def test_memory_sizes_in_the_forms_users_write(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    LLAMA_31_8B.save_pretrained(tmp_path / "llama")
+    counts = {}
+    for memory in ("4G", "4GB", "4GiB", "4 GB", "4096M", "4.0GiB"):
+        out, _ = run_cli(capsys, "plan", tmp_path / "llama", "--memory", memory, "--json")
+        counts[memory] = len(json.loads(out))
+    assert len(set(counts.values())) == 1 and counts["4G"] > 0  # all mean 4 x 2^30 bytes
+    out, _ = run_cli(capsys, "plan", tmp_path / "llama", "--memory", "4.5 GB", "--json")
+    rows = json.loads(out)
+    assert rows and all(4.05 <= c["weights_gib"]["q4_k_m"] + c["kv_cache_gib"] <= 4.5 for c in rows)
+
+
+@pytest.mark.parametrize("text,value", [("6G", 6 << 30), ("6GB", 6 << 30), ("6GiB", 6 << 30), ("6.5 GB", int(6.5 * 2**30)),
+                                        ("512M", 512 << 20), ("512mib", 512 << 20), ("1048576", 1 << 20), ("2T", 2 << 40)])
+def test_parse_bytes(text, value):
+    from taille.options import parse_bytes
+
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["6Q", "GB", "", "6 G B", "-1G"])
+def test_parse_bytes_refuses(text):
+    from taille.errors import TailleError
+    from taille.options import parse_bytes
+
+    with pytest.raises(TailleError, match="--memory"):
+        parse_bytes(text)
+
+
+def test_a_budget_the_whole_model_fits_says_so(capsys):
+    from tests.conftest import run_cli
+
+    out, _ = run_cli(capsys, "plan", "smollm2-135m-instruct", "--memory", "6G")
+    assert "fits 6 GiB unpruned" in out and "nothing to cut" in out

@@ -1,0 +1,274 @@
+"""Settings of `taille distill`, `taille correct` and `taille teacher-cache`: each field is a flag, a recipe
+key and an argument of the Python API at once (see taille/options.py). Every combination the training
+loop cannot run is refused here, when the settings are built, with one line naming the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from taille.errors import TailleError
+from taille.options import Count, coerce
+
+KINDS = ("fkl", "rkl", "jsd")
+from taille.models.precision import PRECISIONS
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = field(default="fkl", metadata={"flag": "loss"})
+    """fkl (forward KL, Minitron), rkl (reverse KL) or jsd (generalised JSD)."""
+    beta: float = 0.5
+    """JSD interpolation."""
+    temperature: float = 1.0
+    """Softmax temperature of both models (a teacher cache must have been built at the same one)."""
+    ce_weight: float = 0.0
+    """Weight of cross-entropy on the data's next tokens (0: pure distillation)."""
+    kd_weight: float | None = None
+    """Weight of the distillation term (default: 1 with a teacher, 0 without one)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise TailleError(f"--loss {self.kind}: use one of {', '.join(KINDS)}")
+        if not 0 < self.beta < 1:
+            raise TailleError(f"--beta {self.beta}: must be strictly between 0 and 1")
+        if self.temperature <= 0:
+            raise TailleError(f"--temperature {self.temperature}: must be positive")
+        if self.ce_weight < 0 or (self.kd_weight or 0) < 0:
+            raise TailleError("--ce-weight and --kd-weight must be non-negative")
+        if self.kd_weight is not None and self.ce_weight + self.kd_weight == 0:
+            raise TailleError("--ce-weight and --kd-weight are both 0: nothing to train on")
+
+    @property
+    def kd(self) -> float:
+        """The distillation weight the loss applies (None, the default, is 1: the loss has a teacher)."""
+        return 1.0 if self.kd_weight is None else self.kd_weight
+
+
+def cache_meta(folder: str) -> dict:
+    """A teacher cache's meta.json (written last, so its presence marks a complete cache)."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise TailleError(f"--teacher-cache {folder}: no complete cache here (build one with `taille teacher-cache`)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TailleError(f"--teacher-cache {folder}: meta.json is not valid JSON (rebuild the cache)") from None
+
+
+@dataclass
+class DistillConfig:
+    student: str
+    """The model to train (e.g. a `taille prune` output)."""
+    out: str
+    """Output folder: the student, checkpoints/, metrics.jsonl, curves.png."""
+    data: str | None = None
+    """Training text (shakespeare = its training plays; files; hf://...), or a weighted mixture
+    shakespeare:0.5,gen.jsonl:0.5."""
+    teacher: str | None = None
+    """The frozen teacher (omit for CE-only training with --ce-weight > 0)."""
+    teacher_cache: str | None = None
+    """A `taille teacher-cache` folder to train from instead of a teacher in memory (it holds its own
+    blocks: no --data)."""
+    eval_data: str | None = "auto"
+    """Held-out text; auto = shakespeare's held-out plays when training on shakespeare; none to skip."""
+    tokens: Count = 1_000_000
+    """Training budget in tokens (2M, 1.5B, ...)."""
+    seq_len: int = 512
+    """Tokens per block."""
+    batch_size: int = 8
+    """Blocks per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (Minitron: 1e-4)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine."""
+    warmup: int = 40
+    """Linear warm-up steps, then cosine decay to --min-lr."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices."""
+    clip: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    hidden_layers: str | None = None
+    """Also match intermediate hidden states (1 - cosine): 'auto' (4 student layers up to the last, each
+    with the teacher layer it was pruned from) or STUDENT:TEACHER pairs like 8:14,17:29; a learned
+    projection maps a narrower student to the teacher's width."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state term."""
+    precision: str = "auto"
+    """auto (bf16-mixed on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), bf16-mixed or fp32."""
+    seed: int = 1234
+    """Seed of data order and initialisation."""
+    eval_every: int = 50
+    """Optimizer steps between held-out evaluations."""
+    eval_tokens: int = 32768
+    """Held-out tokens per evaluation."""
+    save_every: int = 100
+    """Optimizer steps between checkpoints."""
+    log_every: int = 5
+    """Optimizer steps between metric lines."""
+    resume: bool = False
+    """Continue from OUT/checkpoints/latest, exactly (same data order, optimizer and RNG state)."""
+    progress: bool = True
+    """Show a progress bar."""
+    report_to: str = "none"
+    """Also log to tensorboard (OUT/taille-distill) or wandb; none: metrics.jsonl and curves.png only."""
+
+    def __post_init__(self):
+        coerce(self)
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        if self.eval_data == "none":
+            self.eval_data = None
+        has_teacher = bool(self.teacher or self.teacher_cache)
+        if self.teacher_cache and self.teacher:
+            raise TailleError("give --teacher or --teacher-cache, not both")
+        if not has_teacher:
+            if self.loss.kd_weight:
+                raise TailleError(f"--kd-weight {self.loss.kd_weight} needs a --teacher or --teacher-cache "
+                                  "(without one, train with --ce-weight > 0 alone)")
+            if self.loss.ce_weight == 0:
+                raise TailleError("without --teacher there is nothing to distil: give --teacher, --teacher-cache or "
+                                  "--ce-weight > 0")
+        # the KD term is on with a teacher and off without one unless a weight was given
+        self.loss = dataclasses.replace(self.loss, kd_weight=self.loss.kd_weight if self.loss.kd_weight is not None
+                                        else float(has_teacher))
+        if self.hidden_layers and not (self.teacher and self.loss.kd_weight):
+            raise TailleError("--hidden-layers compares the student's hidden states with a live --teacher's "
+                              "(a teacher cache holds only logits)")
+        if self.hidden_weight < 0:
+            raise TailleError(f"--hidden-weight {self.hidden_weight} must be non-negative")
+        if self.teacher_cache:
+            self._check_cache()
+        elif not self.data:
+            raise TailleError("give --data (or a --teacher-cache, which holds its own blocks)")
+        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "eval_every", "eval_tokens", "save_every",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise TailleError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.seq_len < 2:
+            raise TailleError(f"--seq-len {self.seq_len}: must be at least 2 (a block predicts its next tokens)")
+        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.clip < 0:
+            raise TailleError("--lr must be positive; --warmup, --weight-decay and --clip non-negative")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TailleError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        if self.report_to != "none":
+            import importlib.util
+
+            if self.report_to not in TRACKERS:
+                raise TailleError(f"--report-to {self.report_to}: use none, {', '.join(TRACKERS)}")
+            module, install = TRACKERS[self.report_to]
+            if importlib.util.find_spec(module) is None:
+                raise TailleError(f"--report-to {self.report_to} needs the {module} package: {install}")
+
+    def _check_cache(self) -> None:
+        """What a cache fixes (its blocks, their length, the temperature its log-probs were taken at)
+        must match: a mismatch would train on something else than asked, silently."""
+        if self.data:
+            raise TailleError("--teacher-cache holds its own blocks: leave out --data")
+        if self.loss.kind != "fkl":
+            raise TailleError("--teacher-cache stores top-K distributions for forward KL only (--loss fkl)")
+        meta = cache_meta(self.teacher_cache)
+        if meta["seq_len"] != self.seq_len:
+            raise TailleError(f"--seq-len {self.seq_len} differs from the teacher cache's {meta['seq_len']}: "
+                              f"give --seq-len {meta['seq_len']}")
+        built_at = meta.get("temperature", 1.0)  # caches from before the option were built at 1
+        if built_at != self.loss.temperature:
+            raise TailleError(f"--temperature {self.loss.temperature}: the teacher cache holds log-probabilities at "
+                              f"temperature {built_at}; give --temperature {built_at}, or build a cache with "
+                              f"`taille teacher-cache --temperature {self.loss.temperature}`")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CorrectConfig:
+    """Teacher correction: the same loop as `distill`, cross-entropy only, at a low learning rate."""
+
+    teacher: str
+    """The teacher to correct."""
+    data: str
+    """The distillation data."""
+    out: str
+    """Folder for the corrected teacher."""
+    tokens: Count = 1_000_000
+    """Fine-tuning budget in tokens."""
+    lr: float = 2e-5
+    """Peak learning rate: low (Minitron: 1/5 of the original peak)."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine (default: --lr / 10)."""
+    warmup: int = 20
+    """Linear warm-up steps."""
+    seq_len: int = 512
+    """Tokens per block."""
+    batch_size: int = 8
+    """Blocks per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    precision: str = "auto"
+    """auto, bf16-mixed or fp32 (see `taille distill -h`)."""
+    seed: int = 1234
+    """Seed of data order."""
+    resume: bool = False
+    """Continue from OUT/checkpoints/latest."""
+
+    def __post_init__(self):
+        coerce(self)
+        self.distill_config()  # refuse bad values now, with the distillation's own checks
+
+    def distill_config(self) -> DistillConfig:
+        values = asdict(self)
+        values["min_lr"] = self.lr / 10 if self.min_lr is None else self.min_lr
+        return DistillConfig(student=values.pop("teacher"), loss=LossConfig(ce_weight=1.0, kd_weight=0.0), **values)
+
+
+@dataclass
+class TeacherCacheConfig:
+    out: str
+    """Folder for the cache."""
+    teacher: str | None = None
+    """The teacher model."""
+    data: str | None = None
+    """Training text to cache the teacher on."""
+    from_cache: str | None = field(default=None, metadata={"flag": "from"})
+    """Cut a smaller --top-k out of this cache instead (no teacher, no data: the same blocks)."""
+    top_k: int = 128
+    """Teacher log-probabilities kept per position (Minitron: K <= 100 hurt)."""
+    temperature: float = 1.0
+    """Softmax temperature of the stored log-probabilities (distill with the same --temperature)."""
+    seq_len: int = 512
+    """Tokens per block."""
+    tokens: Count | None = None
+    """Cache only the first N tokens of the data."""
+    batch_size: int = 8
+    """Blocks per forward pass."""
+    dtype: str = "auto"
+    """Weight dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    precision: str = "auto"
+    """auto (bf16-mixed where the hardware has fast bf16, else fp32), bf16-mixed or fp32."""
+
+    def __post_init__(self):
+        coerce(self)
+        if self.from_cache is not None:
+            if self.teacher or self.data or self.tokens or self.temperature != 1.0:
+                raise TailleError("--from reuses a cache's teacher, data, blocks and temperature: leave out --teacher, "
+                                  "--data, --tokens and --temperature")
+        elif not self.teacher or not self.data:
+            raise TailleError("give --teacher and --data (or --from CACHE to cut a smaller K out of an existing cache)")
+        if self.top_k < 1 or self.seq_len < 2 or self.batch_size < 1 or (self.tokens is not None and self.tokens < 1):
+            raise TailleError("--top-k, --batch-size and --tokens must be at least 1, --seq-len at least 2")
+        if self.temperature <= 0:
+            raise TailleError(f"--temperature {self.temperature}: must be positive")
+        if self.precision not in PRECISIONS:
+            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
