@@ -633,7 +633,8 @@ def serve(
     `model` in a request names a persona (its name in lower case with dashes, e.g. brenna-ironhand), or the
     bare model file's name for no persona. Requests are answered one at a time from a queue; malformed
     JSON, an unknown persona, a body or max_tokens over the limits, or a prompt over the context get a 4xx
-    JSON error. Binds to 127.0.0.1 unless --host says otherwise.
+    JSON error; a request not started within --timeout seconds gets 503. A client that disconnects,
+    streaming or not, stops its generation. Binds to 127.0.0.1 unless --host says otherwise.
     """
     from taille.chat.persona import load_personas, shipped_personas
     from taille.models.quant import get_quant

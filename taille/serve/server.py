@@ -7,17 +7,24 @@
 One worker thread owns the llama.cpp model and answers requests one at a time from a bounded queue
 (llama.cpp contexts are not thread-safe; on a PC one request at a time is also the fastest per
 request). Request threads check the input and wait on their own result queue, so a slow or vanished
-client never blocks the worker: a client that disconnects mid-stream cancels its generation.
+client never blocks the worker: a client that disconnects, streaming or not, queued or mid-reply, cancels
+its generation (its request thread watches the socket for EOF between tokens). A request the worker
+cannot start within `timeout` seconds of being queued gets 503; once started, a reply runs to its end
+(max_tokens bounds it).
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 4xx statuses for the
 caller's mistakes: malformed JSON (400), unknown persona (404), body too large (413), max_tokens over
-the limit or a prompt over the context window (400), a full queue (429), a missing API key (401).
+the limit or a prompt over the context window (400), a full queue (429), a missing API key (401), no
+start within the queue timeout (503).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import math
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -32,32 +39,40 @@ from taille.errors import TailleError
 log = logging.getLogger(__name__)
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+POLL_S = 0.25
+"""How often a request thread waiting on the worker looks at its socket and the queue deadline (it also
+looks at each piece of a reply); each look wakes a thread, so not much more often."""
 
 
 @dataclass
 class ServeSettings:
     host: str = "127.0.0.1"
-    """Address to bind; 127.0.0.1 keeps the server on this machine."""
+    """Address to bind (127.0.0.1: this machine only)."""
     port: int = 8000
-    n_ctx: int = 2048
+    """Port."""
+    n_ctx: int = field(default=2048, metadata={"flag": "ctx"})
     """Context window in tokens (prompt and reply together)."""
     max_tokens: int = 512
     """Largest `max_tokens` a request may ask for."""
     max_body: int = 1 << 20
     """Largest request body in bytes."""
-    queue_size: int = 64
-    """Requests waiting beyond this many get 429."""
+    queue_size: int = field(default=64, metadata={"flag": "queue"})
+    """Requests that may wait; more get 429."""
     timeout: float = 300.0
-    """Seconds a request may wait in the queue before it gets 503."""
-    api_key: str | None = None
-    """When set, requests must send `Authorization: Bearer KEY`."""
+    """Seconds a request may wait in the queue before it gets 503 (counted from when it is queued to when
+    the worker starts it; a started reply is not cut short)."""
+    api_key: str | None = field(default=None, metadata={"envvar": "TAILLE_API_KEY"})
+    """Require 'Authorization: Bearer KEY' (or set TAILLE_API_KEY)."""
     threads: int | None = None
+    """CPU threads (default: every core)."""
 
     def __post_init__(self):
         if self.max_tokens < 1 or self.n_ctx < 16 or self.queue_size < 1 or self.max_body < 1024:
             raise TailleError("--max-tokens >= 1, --ctx >= 16, --queue >= 1 and --max-body >= 1024 are required")
         if self.max_tokens >= self.n_ctx:
             raise TailleError(f"--max-tokens {self.max_tokens} leaves no room for a prompt in --ctx {self.n_ctx}")
+        if not 0 <= self.port < 65536 or self.timeout <= 0 or (self.threads is not None and self.threads < 1):
+            raise TailleError("--port must be 0-65535, --timeout positive and --threads at least 1")
 
 
 class ApiError(Exception):
@@ -85,6 +100,31 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     """('piece', text) ... then ('done', Reply, prompt_tokens) or ('error', ApiError)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    """Why the job was cancelled, for the worker's log line."""
+    deadline: float = math.inf
+    """time.monotonic() by which the worker must have started the job, else the request gets 503."""
+    started: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """The worker starting a job and its request thread giving up on it race; the lock makes one win."""
+
+    def claim(self) -> bool:
+        """For the worker: take the job, unless it was cancelled first."""
+        with self.lock:
+            if not self.cancelled.is_set():
+                self.started.set()
+            return self.started.is_set()
+
+    def cancel(self, reason: str, only_queued: bool = False) -> bool:
+        """Stop the job (the worker looks between tokens); with `only_queued`, only if the worker has not
+        started it. Returns whether it is cancelled."""
+        with self.lock:
+            if only_queued and self.started.is_set():
+                return False
+            if not self.cancelled.is_set():
+                self.reason = reason
+                self.cancelled.set()
+            return True
 
 
 class Worker(threading.Thread):
@@ -97,7 +137,8 @@ class Worker(threading.Thread):
 
     def run(self):
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if not job.claim():
+                log.info("dropped a queued request: %s", job.reason)
                 continue
             try:
                 self.answer(job)
@@ -122,7 +163,9 @@ class Worker(threading.Thread):
                               job.frequency_penalty, job.presence_penalty)
         for piece in pieces:
             if job.cancelled.is_set():
-                pieces.close()
+                pieces.close()  # stops llama.cpp sampling and counts the reply so far
+                log.info("stopped a reply after %d of at most %d tokens: %s", reply.tokens, job.max_tokens,
+                         job.reason)
                 return
             job.events.put(("piece", piece))
         job.events.put(("done", reply, len(ids)))
@@ -224,7 +267,12 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
             self.send_json(error.status, error.body())
 
         def authorized(self) -> bool:
-            if settings.api_key is None or self.headers.get("Authorization") == f"Bearer {settings.api_key}":
+            if settings.api_key is None:
+                return True
+            # constant time, so response timing does not leak how much of a guessed key is right; bytes,
+            # because compare_digest refuses non-ASCII str (http.server decodes headers as latin-1)
+            sent = self.headers.get("Authorization", "").encode("latin-1", "replace")
+            if hmac.compare_digest(sent, f"Bearer {settings.api_key}".encode()):
                 return True
             self.fail(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
                                code="invalid_api_key"))
@@ -263,6 +311,7 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 return self.fail(ApiError(400, f"malformed JSON: {e}"))
             except ApiError as e:
                 return self.fail(e)
+            job.deadline = time.monotonic() + settings.timeout
             try:
                 worker.jobs.put_nowait(job)
             except queue.Full:
@@ -270,23 +319,56 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                                           "server_busy", code="queue_full"))
             self.respond(job, body["model"], stream)
 
-        def next_event(self, job: Job):
+        def client_gone(self) -> bool:
+            """Whether the client has closed the connection: its socket reads as EOF. Peeked without
+            blocking, so bytes it did send stay unread. (A client that only shuts down its sending side
+            after the request reads as gone too; HTTP clients wait for the reply with the socket open.)"""
+            sock = self.connection
+            timeout = sock.gettimeout()
+            sock.settimeout(0)  # non-blocking for one peek (select() breaks on descriptors over 1023)
             try:
-                return job.events.get(timeout=settings.timeout)
-            except queue.Empty:
-                job.cancelled.set()
-                return ("error", ApiError(503, f"no answer within {settings.timeout:.0f} s", "server_busy", code="timeout"))
+                return sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:  # nothing to read: still there
+                return False
+            except OSError:  # reset by the peer
+                return True
+            finally:
+                sock.settimeout(timeout)
+
+        def next_event(self, job: Job):
+            """The worker's next event for `job`. Meanwhile, every POLL_S: a client that hung up cancels
+            the job (None: nobody to answer), and a job still queued past its deadline gets 503."""
+            while True:
+                if self.client_gone():
+                    job.cancel(f"client {self.address_string()} went away")
+                    self.close_connection = True
+                    return None
+                try:
+                    return job.events.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self.expired(job):
+                        return ("error", ApiError(503, f"server busy: the request {job.reason}; retry",
+                                                  "server_busy", code="timeout"))
+
+        def expired(self, job: Job) -> bool:
+            """Whether `job` is still queued past its deadline; it is then cancelled (the worker skips it).
+            A started job never expires: the timeout bounds the wait, not the reply."""
+            if job.started.is_set() or time.monotonic() <= job.deadline:
+                return False
+            return job.cancel(f"waited over {settings.timeout:g} s in the queue", only_queued=True)
 
         def respond(self, job: Job, model: str, stream: bool) -> None:
             rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             event = self.next_event(job)
+            if event is None:
+                return
             if event[0] == "error":
                 return self.fail(event[1])
             if not stream:
-                text = ""
-                while event[0] == "piece":
-                    text += event[1]
+                while event[0] == "piece":  # the reply collects the text; pieces only mark progress
                     event = self.next_event(job)
+                    if event is None:
+                        return
                 if event[0] == "error":
                     return self.fail(event[1])
                 _, reply, prompt_tokens = event
@@ -312,6 +394,8 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 while event[0] == "piece":
                     self.send_event(chunk({"content": event[1]}))
                     event = self.next_event(job)
+                    if event is None:
+                        return
                 if event[0] == "done":
                     self.send_event(chunk({}, event[1].finish_reason))
                 else:  # headers are gone: report the error inside the stream, as OpenAI does
@@ -319,7 +403,7 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 self.send_data(b"data: [DONE]\n\n")
                 self.send_data(b"")
             except (BrokenPipeError, ConnectionResetError):
-                job.cancelled.set()
+                job.cancel(f"client {self.address_string()} went away")
                 self.close_connection = True
 
         def send_event(self, payload: dict) -> None:
