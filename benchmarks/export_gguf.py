@@ -55,7 +55,7 @@ def main() -> None:
                     "model": role, "source": model, "quant": quant, "params": speed["params"],
                     "mib": round(record["bytes"] / 2**20, 1), "tensor_types": record["tensor_types"],
                     "top1_agreement": round(v["top1_agreement"], 4), "mean_kl": round(v["mean_kl"], 5),
-                    "needs": v["min_agreement"], "passed": v["passed"], "tokenizer_same": v["tokenizer_same"],
+                    "gates": v["gates"], "ppl_ratio": v["ppl_ratio"], "passed": v["passed"], "tokenizer_same": v["tokenizer_same"],
                     "ppl_pytorch": round(v["ppl_pytorch"], 2), "ppl_gguf": round(v["ppl_gguf"], 2),
                     "prefill_tok_s": round(speed["prefill_tok_s"], 1), "decode_tok_s": round(speed["decode_tok_s"], 1),
                     "memory_mib": round(speed["memory_rise_bytes"] / 2**20, 1), "threads": speed["threads"],
@@ -70,10 +70,11 @@ def main() -> None:
               "prefill tok/s", "decode tok/s", "student decode / teacher", "peak MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: (r["model"] != "teacher", QUANTS.index(r["quant"]))):
-        need = f" (needs {r['needs']:.0%})" if r["needs"] else ""
+        gates = r["gates"] or {}
+        limit = f" (limit {gates['max_mean_kl']})" if gates.get("max_mean_kl") else ""
         lines.append(" | ".join([
             f"| {r['model']}", r["quant"], f"{r['params'] / 1e6:.1f}M", f"{r['mib']}",
-            f"{r['top1_agreement']:.2%}{need}", f"{r['mean_kl']:.5f}", f"{r['ppl_pytorch']} / {r['ppl_gguf']}",
+            f"{r['top1_agreement']:.2%}", f"{r['mean_kl']:.5f}{limit}", f"{r['ppl_pytorch']} / {r['ppl_gguf']}",
             f"{r['prefill_tok_s']}", f"{r['decode_tok_s']}", f"{r.get('decode_vs_teacher', '')}", f"{r['memory_mib']} |",
         ]))
     table = "\n".join(lines)

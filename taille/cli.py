@@ -535,7 +535,7 @@ def _verify_lines(v: dict) -> str:
     return (f"verify on {v['positions']} positions of {v['data']}: {ratio}, {kl}, perplexity PyTorch "
             f"{v['ppl_pytorch']:.2f} / llama.cpp {v['ppl_gguf']:.2f}, top-1 agreement {v['top1_agreement']:.2%}; "
             f"tokenizer same on {v['tokenizer_same']} texts; chat template {template}\n"
-            f"verify: {'PASS' if v['passed'] else 'FAIL'}")
+            f"verify: {'PASS' if v['passed'] else 'FAIL: ' + '; '.join(v.get('failed') or [])}")
 
 
 @_verb()

@@ -8,6 +8,11 @@ At every position we compare the next-token distributions:
 Both read the same token ids, so these measure the weights and the runtime. The tokenizer and chat
 template written into the file are checked apart: the held-out texts must tokenize to the same ids in
 llama.cpp as in transformers, and a sample conversation must render to the same prompt.
+
+Pass/fail: each GGUF type has gates on the perplexity ratio (llama.cpp / PyTorch) and the mean KL, set from
+what correct exports reach (taille.models.quant, with the measurements). Top-1 agreement is reported
+beside them but not gated: quantization noise flips near-ties, so a correct q8_0 export of SmolLM2 agrees
+on only ~94% of positions while its perplexity is within 1%. Types without gates are reported only.
 """
 
 from __future__ import annotations
@@ -49,13 +54,65 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, targets: np.nda
     }
 
 
+def file_quant(llm) -> str | None:
+    """The taille type name of a loaded GGUF, from its general.file_type (None if unknown)."""
+    from taille.models.llamacpp import llama_cpp
+    from taille.models.quant import QUANTS
+
+    try:
+        file_type = int(llm.metadata["general.file_type"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    lc = llama_cpp()
+    return next((name for name, q in QUANTS.items() if getattr(lc, q.ftype, None) == file_type), None)
+
+
+def gate(result: dict, min_agreement: float | None = None) -> dict:
+    """Add the verdicts to a verify result: `checks` (each True, False, or None when not gated), `failed`
+    (one sentence per failed check) and `passed`. The limits are in result["gates"] (None: report only).
+    NaN or infinite results fail whatever the type."""
+    gates = result["gates"]
+    finite = all(np.isfinite(result[k]) for k in ("ppl_pytorch", "ppl_gguf", "mean_kl"))
+    checks = {
+        "finite": finite,
+        "ppl_ratio": None if gates["max_ppl_ratio"] is None else result["ppl_ratio"] <= gates["max_ppl_ratio"],
+        "mean_kl": None if gates["max_mean_kl"] is None else result["mean_kl"] <= gates["max_mean_kl"],
+        "top1_agreement": None if min_agreement is None else result["top1_agreement"] >= min_agreement,
+        "tokenizer": result["tokenizer_same_count"] == result["tokenizer_texts"],
+        "chat_template": result["chat_template_same"],
+    }
+    failed = []
+    if not finite:
+        failed.append(f"non-finite results (perplexity {result['ppl_gguf']}, mean KL {result['mean_kl']}): "
+                      "the file computes NaN or infinity")
+    else:
+        if checks["ppl_ratio"] is False:
+            failed.append(f"perplexity ratio {result['ppl_ratio']:.4f} above {gates['max_ppl_ratio']}, the limit "
+                          f"for {result['quant']}")
+        if checks["mean_kl"] is False:
+            failed.append(f"mean KL {result['mean_kl']:.5f} above {gates['max_mean_kl']}, the limit for {result['quant']}")
+    if checks["top1_agreement"] is False:
+        failed.append(f"top-1 agreement {result['top1_agreement']:.2%} below {min_agreement:.0%}")
+    if checks["tokenizer"] is False:
+        failed.append(f"tokenizer differs on {result['tokenizer_texts'] - result['tokenizer_same_count']} "
+                      f"of {result['tokenizer_texts']} texts")
+    if checks["chat_template"] is False:
+        failed.append("chat template renders differently (or is missing from the file)")
+    return {**result, "checks": checks, "failed": failed, "passed": not failed}
+
+
 @torch.no_grad()
 def verify_gguf(gguf_path: str | Path, model: str, data: str = "shakespeare", blocks: int = 8,
-                seq_len: int = 128, threads: int | None = None, min_agreement: float | None = None) -> dict:
-    """Compare the GGUF file with the PyTorch `model` it was exported from (see the module docstring)."""
+                seq_len: int = 128, threads: int | None = None, min_agreement: float | None = None,
+                quant: str | None = None) -> dict:
+    """Compare the GGUF file with the PyTorch `model` it was exported from (see the module docstring).
+
+    `quant` names the file's type for its gates (default: read from the file's general.file_type).
+    `min_agreement` is an optional extra top-1 gate; no type sets one."""
     from taille.data.tokens import load_tokens
     from taille.models.llamacpp import open_gguf
     from taille.models.load import load_model
+    from taille.models.quant import get_quant
 
     lm, tokenizer = load_model(model, dtype="fp32", device="cpu")
     stream = load_tokens(data, tokenizer, split="heldout", max_tokens=blocks * seq_len, progress=False)
@@ -66,6 +123,8 @@ def verify_gguf(gguf_path: str | Path, model: str, data: str = "shakespeare", bl
     llm = open_gguf(gguf_path, n_ctx=seq_len, logits_all=True, threads=threads)
     if llm.n_vocab() < lm.config.vocab_size:
         raise TailleError(f"{gguf_path} has {llm.n_vocab()} tokens, the model {lm.config.vocab_size}: not its export")
+    quant = quant.lower() if quant else file_quant(llm)
+    q = get_quant(quant) if quant else None
 
     total = {"positions": 0, "top1_same": 0, "kl_sum": 0.0, "nll_reference": 0.0, "nll_candidate": 0.0}
     for block in token_blocks:
@@ -92,16 +151,16 @@ def verify_gguf(gguf_path: str | Path, model: str, data: str = "shakespeare", bl
         template_same = None if not (template or tokenizer.chat_template) else False
 
     n = total["positions"]
+    ppl_pytorch = float(np.exp(total["nll_reference"] / n))
+    ppl_gguf = float(np.exp(total["nll_candidate"] / n))
     result = {
-        "gguf": str(gguf_path), "model": model, "data": stream.meta["source"], "positions": n,
+        "gguf": str(gguf_path), "model": model, "quant": quant, "data": stream.meta["source"], "positions": n,
         "top1_agreement": total["top1_same"] / n, "mean_kl": total["kl_sum"] / n,
-        "ppl_pytorch": float(np.exp(total["nll_reference"] / n)), "ppl_gguf": float(np.exp(total["nll_candidate"] / n)),
-        "tokenizer_same": f"{same_ids}/{len(texts)}", "chat_template_same": template_same,
+        "ppl_pytorch": ppl_pytorch, "ppl_gguf": ppl_gguf, "ppl_ratio": ppl_gguf / ppl_pytorch,
+        "gates": {"max_ppl_ratio": q.max_ppl_ratio if q else None, "max_mean_kl": q.max_mean_kl if q else None},
         "min_agreement": min_agreement,
+        "tokenizer_same": f"{same_ids}/{len(texts)}", "tokenizer_same_count": same_ids, "tokenizer_texts": len(texts),
+        "chat_template_same": template_same,
     }
-    result["passed"] = (
-        (min_agreement is None or result["top1_agreement"] >= min_agreement)
-        and same_ids == len(texts) and template_same is not False
-    )
     del llm
-    return result
+    return gate(result, min_agreement)

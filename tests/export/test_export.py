@@ -83,6 +83,7 @@ def test_quantized_types_shrink_the_file_and_name_the_fallbacks(tmp_path, smollm
     assert "kept at a larger type: hidden 32, mlp 64" in stdout
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_bad_export_requests(tmp_path, tiny_dir, capsys):
     _, err = run_cli(capsys, "export", tiny_dir, "--quant", "q3_z", "--out", tmp_path / "x.gguf", code=2)
     assert "unknown --quant 'q3_z'" in err and "q4_k_m" in err
