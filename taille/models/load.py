@@ -105,7 +105,7 @@ def _gguf_cache_key(path: Path) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def _check_gguf(path: Path) -> str:
+def check_gguf(path: Path) -> str:
     """Parse the GGUF header and tensor table; return its architecture. Catches truncated or corrupt
     files before transformers fails on them with a less helpful message."""
     import gguf
@@ -125,7 +125,7 @@ def gguf_as_folder(path: str | Path) -> Path:
     folder = cache_dir("models") / f"{path.stem}-{_gguf_cache_key(path)}"
     if (folder / "config.json").is_file():
         return folder
-    gguf_arch = _check_gguf(path)
+    gguf_arch = check_gguf(path)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:

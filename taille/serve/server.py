@@ -20,6 +20,7 @@ start within the queue timeout (503).
 from __future__ import annotations
 
 import hmac
+import http.client
 import json
 import logging
 import math
@@ -32,12 +33,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from taille.chat.engine import ContextFull, Reply, fit_messages, stream_reply
+from taille.chat.engine import ContextFull, PhraseGuard, Reply, fit_messages, stream_reply
 from taille.chat.persona import Persona
 from taille.errors import TailleError
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("llama-server", "llama-cpp-python")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 POLL_S = 0.25
 """How often a request thread waiting on the worker looks at its socket and the queue deadline (it also
@@ -65,12 +67,26 @@ class ServeSettings:
     """Require 'Authorization: Bearer KEY' (or set TAILLE_API_KEY)."""
     threads: int | None = None
     """CPU threads (default: every core)."""
+    engine: str = "llama-server"
+    """llama-server (llama.cpp's own server: parallel slots, continuous batching, a prompt cache that
+    evaluates each persona's system prompt once, JSON-schema output) or llama-cpp-python (one request at
+    a time, in this process)."""
+    parallel: int | None = None
+    """llama-server: requests generated at once (slots, each holding the whole --ctx; default 4)."""
 
     def __post_init__(self):
         if self.max_tokens < 1 or self.n_ctx < 16 or self.queue_size < 1 or self.max_body < 1024:
             raise TailleError("--max-tokens >= 1, --ctx >= 16, --queue >= 1 and --max-body >= 1024 are required")
         if self.max_tokens >= self.n_ctx:
             raise TailleError(f"--max-tokens {self.max_tokens} leaves no room for a prompt in --ctx {self.n_ctx}")
+        if self.engine not in ENGINES:
+            raise TailleError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
+        if self.engine != "llama-server" and self.parallel not in (None, 1):
+            raise TailleError(f"--parallel {self.parallel}: the llama-cpp-python engine answers one request at a "
+                              "time; use --engine llama-server")
+        self.parallel = self.parallel or (4 if self.engine == "llama-server" else 1)
+        if self.parallel < 1:
+            raise TailleError(f"--parallel {self.parallel}: must be at least 1")
         if not 0 <= self.port < 65536 or self.timeout <= 0 or (self.threads is not None and self.threads < 1):
             raise TailleError("--port must be 0-65535, --timeout positive and --threads at least 1")
 
@@ -97,6 +113,10 @@ class Job:
     repeat_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    response_format: dict | None = None
+    """OpenAI's response_format (json_schema / json_object), passed to llama-server's grammar."""
+    user: str | None = None
+    queued_at: float = field(default_factory=time.monotonic)
     events: queue.Queue = field(default_factory=queue.Queue)
     """('piece', text) ... then ('done', Reply, prompt_tokens) or ('error', ApiError)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -134,17 +154,24 @@ class Worker(threading.Thread):
         super().__init__(daemon=True, name="taille-serve-worker")
         self.llm = llm
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=size)
+        self.stats = Stats(slots=1)
+
+    def engine_metrics(self) -> str:
+        return ""
 
     def run(self):
         while (job := self.jobs.get()) is not None:
             if not job.claim():
                 log.info("dropped a queued request: %s", job.reason)
                 continue
+            self.stats.busy(+1)
             try:
                 self.answer(job)
             except Exception as e:  # a failure in one request must not stop the server
                 log.exception("request failed")
                 job.events.put(("error", ApiError(500, f"generation failed: {e}", "server_error")))
+            finally:
+                self.stats.busy(-1)
 
     def answer(self, job: Job) -> None:
         try:
@@ -169,6 +196,202 @@ class Worker(threading.Thread):
                 return
             job.events.put(("piece", piece))
         job.events.put(("done", reply, len(ids)))
+
+
+class Stats:
+    """What /metrics reports: counters since start, the slots in use, and request latencies."""
+
+    BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
+
+    def __init__(self, slots: int):
+        self.lock = threading.Lock()
+        self.slots, self.in_use = slots, 0
+        self.requests: dict[int, int] = {}
+        self.completion_tokens = self.prompt_tokens = self.cached_prompt_tokens = 0
+        self.latency = [0] * len(self.BUCKETS)
+        self.latency_sum = 0.0
+        self.first_token = [0] * len(self.BUCKETS)
+        self.first_token_sum = 0.0
+
+    def busy(self, change: int) -> None:
+        with self.lock:
+            self.in_use += change
+
+    def cached(self, tokens: int) -> None:
+        with self.lock:
+            self.cached_prompt_tokens += tokens
+
+    def finished(self, status: int, seconds: float, first_token: float | None, prompt: int, completion: int) -> None:
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+            self.latency_sum += seconds
+            self.latency[next(i for i, b in enumerate(self.BUCKETS) if seconds <= b)] += 1
+            if first_token is not None:
+                self.first_token_sum += first_token
+                self.first_token[next(i for i, b in enumerate(self.BUCKETS) if first_token <= b)] += 1
+
+    def prometheus(self, queued: int) -> str:
+        with self.lock:
+            lines = ["# TYPE taille_requests_total counter"]
+            lines += [f'taille_requests_total{{status="{code}"}} {n}' for code, n in sorted(self.requests.items())]
+            lines += ["# TYPE taille_prompt_tokens_total counter", f"taille_prompt_tokens_total {self.prompt_tokens}",
+                      "# TYPE taille_prompt_tokens_cached_total counter",
+                      f"taille_prompt_tokens_cached_total {self.cached_prompt_tokens}",
+                      "# TYPE taille_completion_tokens_total counter",
+                      f"taille_completion_tokens_total {self.completion_tokens}",
+                      "# TYPE taille_queue_depth gauge", f"taille_queue_depth {queued}",
+                      "# TYPE taille_slots gauge", f"taille_slots {self.slots}",
+                      "# TYPE taille_slots_in_use gauge", f"taille_slots_in_use {self.in_use}"]
+            for name, counts, total in (("taille_request_seconds", self.latency, self.latency_sum),
+                                        ("taille_first_token_seconds", self.first_token, self.first_token_sum)):
+                lines.append(f"# TYPE {name} histogram")
+                running = 0
+                for bucket, n in zip(self.BUCKETS, counts):
+                    running += n
+                    lines.append(f'{name}_bucket{{le="{"+Inf" if bucket == math.inf else bucket}"}} {running}')
+                lines += [f"{name}_sum {total:.6f}", f"{name}_count {running}"]
+        return "\n".join(lines) + "\n"
+
+
+class EngineWorker(threading.Thread):
+    """One of `--parallel` threads feeding llama-server: each takes a job from the shared queue and
+    streams it through the engine, which batches the threads' requests across its slots. The persona's
+    system prompt comes first in every request, so the engine's prompt cache reuses its KV cache."""
+
+    def __init__(self, pool: "EnginePool", index: int):
+        super().__init__(daemon=True, name=f"taille-serve-engine-{index}")
+        self.pool, self.stats = pool, pool.stats
+
+    def run(self):
+        while (job := self.pool.jobs.get()) is not None:
+            if not job.claim():
+                log.info("dropped a queued request: %s", job.reason)
+                continue
+            self.stats.busy(+1)
+            try:
+                self.answer(job)
+            except (OSError, http.client.HTTPException) as e:  # the engine went away mid-request
+                job.events.put(("error", ApiError(502, f"the engine stopped during the request ({e}); retry",
+                                                  "server_error", code="engine_failed")))
+                self.pool.recover()
+            except Exception as e:  # a failure in one request must not stop the server
+                log.exception("request failed")
+                job.events.put(("error", ApiError(500, f"generation failed: {e}", "server_error")))
+            finally:
+                self.stats.busy(-1)
+
+    def request_body(self, job: Job) -> dict:
+        body = {"messages": job.messages, "max_tokens": job.max_tokens, "temperature": job.temperature,
+                "top_p": job.top_p, "stop": job.stop, "repeat_penalty": job.repeat_penalty,
+                "frequency_penalty": job.frequency_penalty, "presence_penalty": job.presence_penalty,
+                "stream": True, "cache_prompt": True}
+        if job.seed is not None:
+            body["seed"] = job.seed
+        if job.response_format is not None:
+            body["response_format"] = job.response_format
+        return body
+
+    def answer(self, job: Job) -> None:
+        if not self.pool.engine.alive():  # it died while idle: bring it back before this request
+            self.pool.recover()
+        connection = http.client.HTTPConnection("127.0.0.1", self.pool.engine.port, timeout=600)
+        try:
+            connection.request("POST", "/v1/chat/completions", json.dumps(self.request_body(job)),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                message = _engine_error(response.read())
+                code = "context_length_exceeded" if "context" in message.lower() else None
+                status = 400 if response.status == 400 else 502
+                job.events.put(("error", ApiError(status, message, param="messages" if code else None, code=code)))
+                return
+            reply, guard, prompt_tokens, cached = Reply(), PhraseGuard(job.persona.never if job.persona else ()), 0, 0
+            ended = False  # the engine said the reply is over; a stream that just stops means it died
+            for line in response:
+                if job.cancelled.is_set():  # closing the connection makes the engine stop sampling
+                    log.info("stopped a reply after %d of at most %d tokens: %s", reply.tokens, job.max_tokens,
+                             job.reason)
+                    return
+                if line.strip() == b"data: [DONE]":
+                    ended = True
+                if not line.startswith(b"data: ") or ended:
+                    continue
+                chunk = json.loads(line[6:])
+                timings = chunk.get("timings")
+                if timings:
+                    prompt_tokens = timings.get("prompt_n", 0) + timings.get("cache_n", 0)
+                    cached, reply.tokens = timings.get("cache_n", 0), timings.get("predicted_n", reply.tokens)
+                if not chunk.get("choices"):
+                    continue
+                choice = chunk["choices"][0]
+                safe, blocked = guard.feed(choice.get("delta", {}).get("content") or "")
+                if safe:
+                    reply.text += safe
+                    job.events.put(("piece", safe))
+                if blocked:
+                    reply.finish_reason = "content_filter"
+                    break
+                if choice.get("finish_reason"):
+                    reply.finish_reason = choice["finish_reason"]
+            else:
+                if not ended:
+                    raise ConnectionError("the stream stopped before the reply ended")
+            rest = guard.flush()
+            if rest and reply.finish_reason != "content_filter":
+                reply.text += rest
+                job.events.put(("piece", rest))
+            self.stats.cached(cached)
+            job.events.put(("done", reply, prompt_tokens))
+        finally:
+            connection.close()
+
+
+class EnginePool:
+    """llama-server and the threads that feed it, one per slot, sharing one bounded queue."""
+
+    def __init__(self, engine, size: int, parallel: int):
+        self.engine = engine
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=size)
+        self.stats = Stats(slots=parallel)
+        self.restart = threading.Lock()
+        self.threads = [EngineWorker(self, i) for i in range(parallel)]
+        for thread in self.threads:
+            thread.start()
+
+    def recover(self) -> None:
+        """Start the engine again if it died (the requests it was serving got 502); once, whichever thread
+        notices first."""
+        with self.restart:
+            if self.engine.alive():
+                return
+            log.error("llama-server stopped (status %s; log %s): starting it again", self.engine.proc.returncode,
+                      self.engine.log_path)
+            try:
+                self.engine.start()
+            except TailleError as e:
+                log.error("llama-server could not be started again: %s", e)
+
+    def engine_metrics(self) -> str:
+        """llama-server's own Prometheus counters (prompt tokens, decode speed, slots)."""
+        try:
+            return self.engine.get("/metrics")
+        except (OSError, http.client.HTTPException):
+            return ""
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+        self.engine.stop()
+
+
+def _engine_error(raw: bytes) -> str:
+    try:
+        error = json.loads(raw).get("error", {})
+        return error.get("message", "") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        return raw.decode(errors="replace")[:300]
 
 
 def _content(message: dict, i: int) -> str:
@@ -242,7 +465,27 @@ def parse_request(body: dict, models: dict[str, Persona | None], settings: Serve
     )
     if job.top_p == 0:
         job.top_p = 1e-6  # OpenAI accepts 0 (greedy in effect); llama.cpp needs a positive top_p
+    job.response_format = _response_format(body, settings)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(400, "'user' must be a string", param="user")
+    job.user = user
     return job, stream
+
+
+def _response_format(body: dict, settings: ServeSettings) -> dict | None:
+    """OpenAI's response_format: text (nothing to do), json_object, or json_schema {schema: {...}}."""
+    fmt = body.get("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        raise ApiError(400, "'response_format' must be {type: text | json_object | json_schema}", param="response_format")
+    if fmt["type"] == "json_schema" and not isinstance((fmt.get("json_schema") or {}).get("schema"), dict):
+        raise ApiError(400, "'response_format': json_schema needs {json_schema: {schema: {...}}}", param="response_format")
+    if settings.engine != "llama-server":
+        raise ApiError(400, "'response_format' needs the llama-server engine (taille serve --engine llama-server)",
+                       param="response_format")
+    return fmt
 
 
 def make_handler(models: dict[str, Persona | None], worker: Worker, settings: ServeSettings):
@@ -252,8 +495,22 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
         protocol_version = "HTTP/1.1"
         server_version = "taille"
 
-        def log_message(self, format, *args):  # through logging, not stderr
-            log.info("%s %s", self.address_string(), format % args)
+        def log_message(self, format, *args):  # http.server's own line: debug; the access log is `finish_request`
+            log.debug("%s %s", self.address_string(), format % args)
+
+        def send_response(self, code, message=None):
+            self.status = code
+            super().send_response(code, message)
+
+        def access_log(self, started: float) -> None:
+            """One access-log line per request, and its numbers into /metrics."""
+            seconds, first, job = time.monotonic() - started, self.first_piece, self.job
+            prompt, completion = self.usage
+            worker.stats.finished(self.status, seconds, None if first is None else first - started, prompt, completion)
+            log.info('%s "POST %s" %d model=%s %.3fs first_token=%s prompt=%d completion=%d user=%s',
+                     self.address_string(), self.path, self.status, job.persona.id if job and job.persona else "-",
+                     seconds, "-" if first is None else f"{first - started:.3f}s", prompt, completion,
+                     (job.user if job else None) or "-")
 
         def send_json(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -286,10 +543,25 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 self.send_json(200, {"object": "list", "data": data})
             elif self.path.rstrip("/") == "/health":
                 self.send_json(200, {"status": "ok", "queued": worker.jobs.qsize()})
+            elif self.path.rstrip("/") == "/metrics":
+                text = worker.stats.prometheus(worker.jobs.qsize()) + worker.engine_metrics()
+                data = text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
             else:
                 self.fail(ApiError(404, f"no route {self.path}", code="not_found"))
 
         def do_POST(self):
+            self.job, self.first_piece, self.usage, self.status, started = None, None, (0, 0), 0, time.monotonic()
+            try:
+                self.post()
+            finally:
+                self.access_log(started)
+
+        def post(self):
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
                 self.close_connection = True
@@ -317,6 +589,7 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
             except queue.Full:
                 return self.fail(ApiError(429, f"server busy: {settings.queue_size} requests already queued; retry",
                                           "server_busy", code="queue_full"))
+            self.job = job
             self.respond(job, body["model"], stream)
 
         def client_gone(self) -> bool:
@@ -366,12 +639,14 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 return self.fail(event[1])
             if not stream:
                 while event[0] == "piece":  # the reply collects the text; pieces only mark progress
+                    self.first_piece = self.first_piece or time.monotonic()
                     event = self.next_event(job)
                     if event is None:
                         return
                 if event[0] == "error":
                     return self.fail(event[1])
                 _, reply, prompt_tokens = event
+                self.usage = (prompt_tokens, reply.tokens)
                 return self.send_json(200, {
                     "id": rid, "object": "chat.completion", "created": now, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
@@ -392,11 +667,13 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
             try:
                 self.send_event(chunk({"role": "assistant", "content": ""}))
                 while event[0] == "piece":
+                    self.first_piece = self.first_piece or time.monotonic()
                     self.send_event(chunk({"content": event[1]}))
                     event = self.next_event(job)
                     if event is None:
                         return
                 if event[0] == "done":
+                    self.usage = (event[2], event[1].tokens)
                     self.send_event(chunk({}, event[1].finish_reason))
                 else:  # headers are gone: report the error inside the stream, as OpenAI does
                     self.send_event(event[1].body())
@@ -429,20 +706,51 @@ def build_server(llm, personas: dict[str, Persona], settings: ServeSettings, bas
     return server
 
 
+def build_engine_server(engine, personas: dict[str, Persona], settings: ServeSettings, base_name: str):
+    """The HTTP server in front of a started llama-server, with one feeding thread per slot."""
+    models: dict[str, Persona | None] = dict(personas)
+    models.setdefault(base_name, None)
+    pool = EnginePool(engine, settings.queue_size, settings.parallel)
+    server = ThreadingHTTPServer((settings.host, settings.port), make_handler(models, pool, settings))
+    server.daemon_threads = True
+    server.worker = pool
+    return server
+
+
 def serve(model: str, personas: dict[str, Persona], settings: ServeSettings, quant: str = "f16") -> None:
-    """Load the model and serve until Ctrl-C."""
+    """Load the model and serve until Ctrl-C or SIGTERM (the engine stops with the server)."""
+    import signal
+
     from taille.chat.engine import gguf_for
-    from taille.models.llamacpp import open_gguf
 
     path = gguf_for(model, quant)
-    llm = open_gguf(path, n_ctx=settings.n_ctx, threads=settings.threads)
-    server = build_server(llm, personas, settings, Path(path).stem.lower())
+    if settings.engine == "llama-server":
+        from taille.models.load import check_gguf
+        from taille.serve.engine import LlamaServer
+
+        check_gguf(Path(path))  # a broken file is one clear line, not an engine that exits while starting
+        engine = LlamaServer(path, settings.parallel, settings.n_ctx, settings.threads).start()
+        server = build_engine_server(engine, personas, settings, Path(path).stem.lower())
+    else:
+        from taille.models.llamacpp import open_gguf
+
+        llm = open_gguf(path, n_ctx=settings.n_ctx, threads=settings.threads)
+        server = build_server(llm, personas, settings, Path(path).stem.lower())
+
+    def stop(signum, frame):  # SIGTERM ends the server the way Ctrl-C does: engine and all
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    log.info("serving %s as %s on http://%s:%d/v1", path, ", ".join(personas), host, port)
+    log.info("serving %s as %s on http://%s:%d/v1 (%s, %d at once)", path, ", ".join(personas), host, port,
+             settings.engine, settings.parallel)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.worker.jobs.put(None)
+        if settings.engine == "llama-server":
+            server.worker.close()
+        else:
+            server.worker.jobs.put(None)
         server.server_close()

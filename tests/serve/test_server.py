@@ -28,7 +28,7 @@ def running(model: str, personas: dict | None = None, **settings):
     from taille.models.llamacpp import open_gguf
     from taille.serve.server import ServeSettings, build_server
 
-    settings = ServeSettings(port=0, threads=1, **settings)
+    settings = ServeSettings(port=0, threads=1, engine="llama-cpp-python", **settings)
     llm = open_gguf(gguf_for(model), n_ctx=settings.n_ctx, threads=settings.threads)
     srv = build_server(llm, personas or {}, settings, "smollm2")
     thread = threading.Thread(target=srv.serve_forever, daemon=True)

@@ -1,0 +1,172 @@
+"""`taille serve` on llama.cpp's own server (llama-server, built by `make setup`): the OpenAI client plain
+and streaming, the persona prompt cache seen in the engine's own counters, JSON-schema replies that parse,
+an engine killed mid-request, and no engine left behind when taille stops."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # runs llama.cpp
+
+
+@contextlib.contextmanager
+def engine_server(model: str, personas: dict | None = None, **settings):
+    from taille.chat.engine import gguf_for
+    from taille.serve.engine import LlamaServer
+    from taille.serve.server import ServeSettings, build_engine_server
+
+    settings = ServeSettings(port=0, threads=1, engine="llama-server", **settings)
+    engine = LlamaServer(gguf_for(model), settings.parallel, settings.n_ctx, settings.threads).start()
+    srv = build_engine_server(engine, personas or {}, settings, "smollm2")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.worker.close()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2):
+    from taille.chat.persona import load_personas, shipped_personas
+
+    with engine_server(smollm2, load_personas(shipped_personas()), n_ctx=1024, max_tokens=256, parallel=2) as srv:
+        yield srv
+
+
+def client(server):
+    host, port = server.server_address[:2]
+    return openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def metric(server, name: str) -> float:
+    host, port = server.server_address[:2]
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_plain_and_streaming_chat_through_llama_server(server):
+    api = client(server)
+    reply = api.chat.completions.create(model="brenna-ironhand", messages=[{"role": "user", "content": "Hello!"}],
+                                        max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    pieces = [c.choices[0].delta.content or "" for c in api.chat.completions.create(
+        model="brenna-ironhand", messages=[{"role": "user", "content": "Hello!"}], max_tokens=16, temperature=0,
+        stream=True) if c.choices]
+    assert "".join(pieces) == reply.choices[0].message.content  # greedy: the same reply either way
+
+
+def test_a_personas_prompt_is_evaluated_once_and_then_reused(server):
+    api = client(server)
+    before = metric(server, "taille_prompt_tokens_cached_total")
+    for line in ("What do you sell?", "Can you mend my sword before nightfall?"):
+        api.chat.completions.create(model="old-tam", messages=[{"role": "user", "content": line}], max_tokens=4)
+    cached = metric(server, "taille_prompt_tokens_cached_total") - before
+    from taille.chat.persona import load_personas, shipped_personas
+
+    system = load_personas(shipped_personas())["old-tam"].system_prompt()
+    assert cached >= len(system) // 8  # the second request found the persona's prompt in the engine's cache
+    assert metric(server, "llamacpp:prompt_tokens_cached_total") >= cached  # and the engine's own counter says so
+
+
+def test_json_schema_replies_always_parse(server):
+    # maxLength bounds the reply, so the grammar always closes it within max_tokens
+    schema = {"type": "object", "properties": {
+        "say": {"type": "string", "maxLength": 160}, "emotion": {"type": "string", "enum": ["calm", "angry", "happy"]},
+        "action": {"type": "string", "enum": ["none", "trade", "give_item", "attack", "follow"]}},
+        "required": ["say", "emotion", "action"]}
+    api = client(server)
+    npc = {"role": "system", "content": "You are Brenna, the village blacksmith. Answer as JSON."}
+    for seed, line in enumerate(("Sell me a sword.", "I insult your mother!", "Follow me to the mine.")):
+        reply = api.chat.completions.create(
+            model="smollm2", messages=[npc, {"role": "user", "content": line}], max_tokens=256, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "npc", "schema": schema}})
+        parsed = json.loads(reply.choices[0].message.content)
+        assert set(schema["required"]) <= set(parsed) and parsed["action"] in schema["properties"]["action"]["enum"]
+
+
+def test_an_engine_killed_mid_request_gives_an_error_and_comes_back(smollm2):
+    with engine_server(smollm2, n_ctx=512, max_tokens=400, parallel=1) as srv:
+        api = client(srv)
+        long = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
+        stream = api.chat.completions.create(model="smollm2", messages=long, max_tokens=400, temperature=0,
+                                             stream=True)
+        with pytest.raises(openai.APIError, match="engine stopped"):
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    srv.worker.engine.proc.kill()  # mid-reply
+        again = api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4)  # the engine was started again
+        assert again.choices[0].message.content is not None and srv.worker.engine.alive()
+        srv.worker.engine.proc.kill()  # killed while idle: the next request starts it before being answered
+        srv.worker.engine.proc.wait()
+        again = api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4)
+        assert again.choices[0].message.content is not None
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = open(f"/proc/{pid}/stat").read().split()[2] if os.path.exists(f"/proc/{pid}/stat") else "X"
+    return status != "Z"
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_no_engine_outlives_taille_serve(smollm2, how):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "taille", "serve", smollm2, "--port", str(port), "--parallel", "1",
+                             "--ctx", "256", "--max-tokens", "32", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, engine = time.time() + 120, []
+    while time.time() < deadline and not engine:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            engine = children(proc.pid)
+        except OSError:
+            time.sleep(0.2)
+    assert engine, proc.stderr.read() if proc.poll() is not None else "taille serve did not come up"
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(alive(pid) for pid in engine):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in engine)
+
+
+def test_a_thousand_idle_connections_do_not_stop_the_others(server):
+    host, port = server.server_address[:2]
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection((host, port), timeout=10))
+        reply = client(server).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                                      max_tokens=4)
+        assert reply.choices[0].message.content is not None
+    finally:
+        for sock in idle:
+            sock.close()
