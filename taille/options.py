@@ -65,28 +65,25 @@ def parse_bytes(text, name: str = "memory") -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
 
 
-def parse_ints(text, name: str) -> tuple[int, ...]:
-    """'1,4,8' (or a YAML list) -> (1, 4, 8)."""
+def _numbers(text, name: str, kind, what: str, example: str) -> tuple:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
-        values = tuple(int(str(v).strip()) for v in items if str(v).strip())
+        values = tuple(kind(str(v).strip()) for v in items if str(v).strip())
     except ValueError:
-        raise TailleError(f"{flag(name)} {text}: expected whole numbers separated by commas, e.g. 1,4,8") from None
+        raise TailleError(f"{flag(name)} {text}: expected {what} separated by commas, e.g. {example}") from None
     if not values:
-        raise TailleError(f"{flag(name)}: give at least one number, e.g. 1,4,8")
+        raise TailleError(f"{flag(name)}: give at least one number, e.g. {example}")
     return values
+
+
+def parse_ints(text, name: str) -> tuple[int, ...]:
+    """'1,4,8' (or a YAML list) -> (1, 4, 8)."""
+    return _numbers(text, name, int, "whole numbers", "1,4,8")
 
 
 def parse_floats(text, name: str) -> tuple[float, ...]:
     """'4,6,8.5' (or a YAML list) -> (4.0, 6.0, 8.5)."""
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        values = tuple(float(str(v).strip()) for v in items if str(v).strip())
-    except ValueError:
-        raise TailleError(f"{flag(name)} {text}: expected numbers separated by commas, e.g. 4,6,8") from None
-    if not values:
-        raise TailleError(f"{flag(name)}: give at least one number, e.g. 4,6,8")
-    return values
+    return _numbers(text, name, float, "numbers", "4,6,8")
 
 
 def parse_names(text, name: str) -> tuple[str, ...]:

@@ -116,6 +116,8 @@ class Job:
     response_format: dict | None = None
     """OpenAI's response_format (json_schema / json_object), passed to llama-server's grammar."""
     user: str | None = None
+    include_usage: bool = False
+    """stream_options.include_usage: a last streamed chunk carries the token counts, as OpenAI sends it."""
     queued_at: float = field(default_factory=time.monotonic)
     events: queue.Queue = field(default_factory=queue.Queue)
     """('piece', text) ... then ('done', Reply, prompt_tokens) or ('error', ApiError)."""
@@ -147,6 +149,29 @@ class Job:
             return True
 
 
+def work(jobs: queue.Queue, stats: "Stats", answer, lost=None) -> None:
+    """A worker thread's loop: take jobs until None, skip those cancelled while queued, answer the rest. A
+    failure in one request must not stop the server: 500, or 502 when the connection to the engine broke
+    (`lost` is then called, to start it again)."""
+    while (job := jobs.get()) is not None:
+        if not job.claim():
+            log.info("dropped a queued request: %s", job.reason)
+            continue
+        stats.busy(+1)
+        try:
+            answer(job)
+        except Exception as e:
+            if lost is not None and isinstance(e, (OSError, http.client.HTTPException)):
+                job.events.put(("error", ApiError(502, f"the engine stopped during the request ({e}); retry",
+                                                  "server_error", code="engine_failed")))
+                lost()
+            else:
+                log.exception("request failed")
+                job.events.put(("error", ApiError(500, f"generation failed: {e}", "server_error")))
+        finally:
+            stats.busy(-1)
+
+
 class Worker(threading.Thread):
     """Owns the model; runs one job at a time."""
 
@@ -160,18 +185,7 @@ class Worker(threading.Thread):
         return ""
 
     def run(self):
-        while (job := self.jobs.get()) is not None:
-            if not job.claim():
-                log.info("dropped a queued request: %s", job.reason)
-                continue
-            self.stats.busy(+1)
-            try:
-                self.answer(job)
-            except Exception as e:  # a failure in one request must not stop the server
-                log.exception("request failed")
-                job.events.put(("error", ApiError(500, f"generation failed: {e}", "server_error")))
-            finally:
-                self.stats.busy(-1)
+        work(self.jobs, self.stats, self.answer)
 
     def answer(self, job: Job) -> None:
         try:
@@ -265,22 +279,7 @@ class EngineWorker(threading.Thread):
         self.pool, self.stats = pool, pool.stats
 
     def run(self):
-        while (job := self.pool.jobs.get()) is not None:
-            if not job.claim():
-                log.info("dropped a queued request: %s", job.reason)
-                continue
-            self.stats.busy(+1)
-            try:
-                self.answer(job)
-            except (OSError, http.client.HTTPException) as e:  # the engine went away mid-request
-                job.events.put(("error", ApiError(502, f"the engine stopped during the request ({e}); retry",
-                                                  "server_error", code="engine_failed")))
-                self.pool.recover()
-            except Exception as e:  # a failure in one request must not stop the server
-                log.exception("request failed")
-                job.events.put(("error", ApiError(500, f"generation failed: {e}", "server_error")))
-            finally:
-                self.stats.busy(-1)
+        work(self.pool.jobs, self.stats, self.answer, lost=self.pool.recover)
 
     def request_body(self, job: Job) -> dict:
         body = {"messages": job.messages, "max_tokens": job.max_tokens, "temperature": job.temperature,
@@ -470,6 +469,10 @@ def parse_request(body: dict, models: dict[str, Persona | None], settings: Serve
     if user is not None and not isinstance(user, str):
         raise ApiError(400, "'user' must be a string", param="user")
     job.user = user
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be {include_usage: true | false}", param="stream_options")
+    job.include_usage = stream and options.get("include_usage", False)
     return job, stream
 
 
@@ -675,6 +678,10 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 if event[0] == "done":
                     self.usage = (event[2], event[1].tokens)
                     self.send_event(chunk({}, event[1].finish_reason))
+                    if job.include_usage:
+                        self.send_event({**chunk({}), "choices": [], "usage": {
+                            "prompt_tokens": event[2], "completion_tokens": event[1].tokens,
+                            "total_tokens": event[2] + event[1].tokens}})
                 else:  # headers are gone: report the error inside the stream, as OpenAI does
                     self.send_event(event[1].body())
                 self.send_data(b"data: [DONE]\n\n")
