@@ -701,14 +701,20 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
     return Handler
 
 
+class HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    """Connections the kernel holds before accept (socketserver's default, 5, makes the 6th simultaneous
+    client wait for a SYN retry: a second or more)."""
+
+
 def build_server(llm, personas: dict[str, Persona], settings: ServeSettings, base_name: str):
     """The HTTP server and its worker, not yet serving (tests start it on port 0 in a thread)."""
     models: dict[str, Persona | None] = dict(personas)
     models.setdefault(base_name, None)
     worker = Worker(llm, settings.queue_size)
     worker.start()
-    server = ThreadingHTTPServer((settings.host, settings.port), make_handler(models, worker, settings))
-    server.daemon_threads = True
+    server = HTTPServer((settings.host, settings.port), make_handler(models, worker, settings))
     server.worker = worker
     return server
 
@@ -718,8 +724,7 @@ def build_engine_server(engine, personas: dict[str, Persona], settings: ServeSet
     models: dict[str, Persona | None] = dict(personas)
     models.setdefault(base_name, None)
     pool = EnginePool(engine, settings.queue_size, settings.parallel)
-    server = ThreadingHTTPServer((settings.host, settings.port), make_handler(models, pool, settings))
-    server.daemon_threads = True
+    server = HTTPServer((settings.host, settings.port), make_handler(models, pool, settings))
     server.worker = pool
     return server
 

@@ -122,7 +122,7 @@ def test_bad_requests_get_openai_style_4xx(server):
     assert status == 200 and body["status"] == "ok"
 
 
-def test_eight_clients_ten_requests_each_all_answered(server):
+def test_eight_clients_four_requests_each_all_answered(server):
     api = client(server)
 
     def one(i: int) -> str:
@@ -133,10 +133,10 @@ def test_eight_clients_ten_requests_each_all_answered(server):
             return "".join(c.choices[0].delta.content or "" for c in reply)
         return reply.choices[0].message.content
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(one, range(80)))
-    assert len(replies) == 80 and all(isinstance(r, str) for r in replies)
-    assert sum(bool(r.strip()) for r in replies) >= 70  # a reply may be an immediate end of turn
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 8 x 10 runs in benchmarks/serve_load.py
+        replies = list(pool.map(one, range(32)))
+    assert len(replies) == 32 and all(isinstance(r, str) for r in replies)
+    assert sum(bool(r.strip()) for r in replies) >= 28  # a reply may be an immediate end of turn
 
 
 class Replies:
