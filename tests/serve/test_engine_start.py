@@ -7,27 +7,26 @@ import pytest
 from taille.errors import TailleError
 
 
-def test_an_engine_that_exits_while_starting_names_its_log(tmp_path, monkeypatch):
+def fake_engine(tmp_path, monkeypatch, script: str):
+    """A LlamaServer whose binary is a shell script."""
     from taille.serve.engine import LlamaServer
 
     fake = tmp_path / "llama-server"
-    fake.write_text("#!/bin/sh\necho 'error: failed to load model' >&2\nexit 1\n")
+    fake.write_text("#!/bin/sh\n" + script)
     fake.chmod(0o755)
     monkeypatch.setenv("TAILLE_LLAMA_SERVER", str(fake))
-    engine = LlamaServer(tmp_path / "model.gguf", parallel=1, n_ctx=256, log_path=tmp_path / "engine.log")
+    return LlamaServer(tmp_path / "model.gguf", parallel=1, n_ctx=256, log_path=tmp_path / "engine.log")
+
+
+def test_an_engine_that_exits_while_starting_names_its_log(tmp_path, monkeypatch):
+    engine = fake_engine(tmp_path, monkeypatch, "echo 'error: failed to load model' >&2\nexit 1\n")
     with pytest.raises(TailleError, match="exited with status 1 while starting; its log: .*engine.log"):
         engine.start(timeout=30)
     assert "failed to load model" in (tmp_path / "engine.log").read_text()  # the log holds the engine's words
 
 
 def test_an_engine_that_never_answers_is_stopped_and_named(tmp_path, monkeypatch):
-    from taille.serve.engine import LlamaServer
-
-    fake = tmp_path / "llama-server"
-    fake.write_text("#!/bin/sh\nexec sleep 60\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("TAILLE_LLAMA_SERVER", str(fake))
-    engine = LlamaServer(tmp_path / "model.gguf", parallel=1, n_ctx=256, log_path=tmp_path / "engine.log")
+    engine = fake_engine(tmp_path, monkeypatch, "exec sleep 60\n")
     with pytest.raises(TailleError, match="did not answer /health within 1 s"):
         engine.start(timeout=1)
     assert not engine.alive()  # stopped, not left behind
