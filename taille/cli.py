@@ -685,6 +685,11 @@ def _config_defaults(args: list[str]) -> tuple[list[str], dict]:
         if name not in known:
             raise TailleError(f"--config {path}: unknown option '{key}' for `taille {verb}`; known: "
                               f"{', '.join(sorted(k for k in known if k != 'help'))}")
+        multiple = getattr(known[name], "multiple", False)
+        if isinstance(value, list) and not multiple:  # a YAML list for a comma-list flag (tasks, axes, block_sizes)
+            value = ",".join(map(str, value))
+        elif multiple and not isinstance(value, list):  # one text for a repeatable flag (ppl)
+            value = [value]
         defaults[name] = value
     return rest, {verb: defaults}
 

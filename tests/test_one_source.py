@@ -63,3 +63,26 @@ def test_the_cli_and_a_recipe_build_the_same_settings(monkeypatch, capsys, verb,
     from_cli = settings_of(seen)
     recipe = {k: v for k, v in dataclasses.asdict(from_recipe()).items() if k not in PATHS}
     assert from_cli == recipe
+
+
+def test_the_recipe_correction_stage_runs_the_distillation_settings(monkeypatch, tmp_path):
+    from taille.distill.config import DistillConfig
+    from taille.run.pipeline import stage_correct
+
+    seen = captured(monkeypatch, "taille.distill.train", "distill")
+    with pytest.raises(_Stop):
+        stage_correct(RECIPE, tmp_path, "T")
+    (args, _), = seen
+    assert isinstance(args[0], DistillConfig) and args[0].loss.ce_weight == 1 and args[0].loss.kd == 0
+    assert args[0].lr == 2e-5 and args[0].min_lr == pytest.approx(2e-6) and args[0].warmup == 20
+
+
+def test_a_config_file_gives_lists_and_single_texts_as_a_recipe_would(monkeypatch, tmp_path):
+    seen = captured(monkeypatch, "taille.eval.run", "evaluate")
+    (tmp_path / "eval.yaml").write_text("tasks: [arc_easy, piqa]\nppl: shakespeare\n")
+    with pytest.raises(_Stop):
+        from taille.cli import main
+
+        main(["eval", "T", "--config", str(tmp_path / "eval.yaml")])
+    (args, _), = seen
+    assert args[1].tasks == ["arc_easy", "piqa"] and args[1].ppl == ["shakespeare"]

@@ -81,7 +81,7 @@ def _load_json(path: Path):
 def stage_correct(recipe, run: Path, teacher: str) -> None:
     from taille.distill.train import distill
 
-    distill(R.correct_config(recipe, str(run / "corrected")))
+    distill(R.correct_config(recipe, str(run / "corrected")).distill_config())
 
 
 def stage_importance(recipe, run: Path, teacher: str) -> None:

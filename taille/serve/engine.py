@@ -147,10 +147,9 @@ class LlamaServer:
 
     def start(self, timeout: float = 120.0) -> "LlamaServer":
         self.port = free_port()
-        log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        log_file.close()
+        with open(self.log_path, "ab") as log_file:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

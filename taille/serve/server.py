@@ -149,6 +149,21 @@ class Job:
             return True
 
 
+def stop_workers(jobs: queue.Queue, workers: int) -> None:
+    """Cancel what waits in the (bounded) queue, then tell each worker to stop: a full queue must not hold
+    up Ctrl-C."""
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            break
+        if job is not None:
+            job.cancel("the server is stopping")
+            job.events.put(("error", ApiError(503, "the server is stopping", "server_busy")))
+    for _ in range(workers):
+        jobs.put(None)
+
+
 def work(jobs: queue.Queue, stats: "Stats", answer, lost=None) -> None:
     """A worker thread's loop: take jobs until None, skip those cancelled while queued, answer the rest. A
     failure in one request must not stop the server: 500, or 502 when the connection to the engine broke
@@ -369,7 +384,7 @@ class EnginePool:
                       self.engine.log_path)
             try:
                 self.engine.start()
-            except TailleError as e:
+            except (TailleError, OSError, http.client.HTTPException) as e:  # the workers must live on
                 log.error("llama-server could not be started again: %s", e)
 
     def engine_metrics(self) -> str:
@@ -380,9 +395,8 @@ class EnginePool:
             return ""
 
     def close(self) -> None:
-        for _ in self.threads:
-            self.jobs.put(None)
-        self.engine.stop()
+        self.engine.stop()  # requests in flight fail at once
+        stop_workers(self.jobs, len(self.threads))
 
 
 def _engine_error(raw: bytes) -> str:
@@ -742,7 +756,11 @@ def serve(model: str, personas: dict[str, Persona], settings: ServeSettings, qua
 
         check_gguf(Path(path))  # a broken file is one clear line, not an engine that exits while starting
         engine = LlamaServer(path, settings.parallel, settings.n_ctx, settings.threads).start()
-        server = build_engine_server(engine, personas, settings, Path(path).stem.lower())
+        try:
+            server = build_engine_server(engine, personas, settings, Path(path).stem.lower())
+        except OSError:  # the port is taken: no engine left behind
+            engine.stop()
+            raise
     else:
         from taille.models.llamacpp import open_gguf
 
@@ -764,5 +782,5 @@ def serve(model: str, personas: dict[str, Persona], settings: ServeSettings, qua
         if settings.engine == "llama-server":
             server.worker.close()
         else:
-            server.worker.jobs.put(None)
+            stop_workers(server.worker.jobs, 1)
         server.server_close()
