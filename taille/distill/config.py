@@ -14,7 +14,7 @@ from taille.errors import TailleError
 from taille.options import Count, coerce
 
 KINDS = ("fkl", "rkl", "jsd")
-from taille.models.precision import PRECISIONS
+from taille.models.precision import check_precision
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 
 
@@ -158,8 +158,7 @@ class DistillConfig:
             raise TailleError("--lr must be positive; --warmup, --weight-decay and --clip non-negative")
         if not 0 <= self.min_lr <= self.lr:
             raise TailleError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.report_to != "none":
             import importlib.util
 
@@ -270,5 +269,4 @@ class TeacherCacheConfig:
             raise TailleError("--top-k, --batch-size and --tokens must be at least 1, --seq-len at least 2")
         if self.temperature <= 0:
             raise TailleError(f"--temperature {self.temperature}: must be positive")
-        if self.precision not in PRECISIONS:
-            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)

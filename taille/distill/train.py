@@ -159,6 +159,8 @@ class Run:
     state: dict
     """tokens, seconds, loss: what a checkpoint carries besides the weights."""
     resume_from: Path | None
+    heads: tuple
+    """(student head weight, soft cap, teacher head weight, teacher soft cap): what the sliced loss applies."""
 
     @property
     def n_targets(self) -> int:
@@ -254,7 +256,8 @@ def setup(cfg: DistillConfig) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, device=device, precision=precision, student=student,
                tokenizer=tokenizer, teacher=teacher, trunk=trunk, optimizer=optimizer, blocks=blocks, cache=cache,
                eval_blocks=eval_blocks, source=source, pairs=pairs, global_batch=global_batch,
-               total_steps=total_steps, start_step=start_step, state=state, resume_from=resume_from)
+               total_steps=total_steps, start_step=start_step, state=state, resume_from=resume_from,
+               heads=(*_head(student), *(_head(teacher) if teacher is not None else (None, None))))
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -266,8 +269,7 @@ def train_step(run: Run, step: int) -> dict:
 
     cfg, accelerator, device, trunk = run.cfg, run.accelerator, run.device, run.trunk
     rank, world = accelerator.process_index, accelerator.num_processes
-    head, softcap = _head(run.student)
-    t_head, t_softcap = _head(run.teacher) if run.teacher is not None else (None, None)
+    head, softcap, t_head, t_softcap = run.heads
     teacher_taps = sorted({t for _, t in run.pairs})
     lr = lr_at(step, run.total_steps, cfg)
     for group in run.optimizer.param_groups:

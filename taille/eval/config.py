@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from taille.errors import TailleError
 from taille.options import Names, Texts, coerce
 
-from taille.models.precision import PRECISIONS
+from taille.models.precision import check_precision
 
 
 @dataclass
@@ -65,5 +65,4 @@ class EvalSettings:
                 raise TailleError(f"--{name.replace('_', '-')} must be at least 1")
         if self.num_fewshot < 0 or self.reference_tokens < 2:
             raise TailleError("--num-fewshot must be 0 or more and --reference-tokens at least 2")
-        if self.precision not in PRECISIONS:
-            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)

@@ -75,7 +75,7 @@ class GenerateSettings:
     """New prompts the teacher writes from the seed set first (kept in OUT.prompts.jsonl)."""
 
     def __post_init__(self):
-        from taille.models.precision import PRECISIONS
+        from taille.models.precision import check_precision
 
         coerce(self)
         if self.language == "none":
@@ -92,8 +92,7 @@ class GenerateSettings:
             raise TailleError("--near-duplicate must be in (0, 1]")
         if self.language not in (None, "en"):
             raise TailleError(f"--language {self.language}: only en (or none) is checked so far")
-        if self.precision not in PRECISIONS:
-            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
 
 
 def read_prompts(spec: str) -> list[str]:

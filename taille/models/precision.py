@@ -22,6 +22,12 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def check_precision(precision: str) -> None:
+    """Refuse an unknown --precision when settings are built (resolving it needs the device, later)."""
+    if precision not in PRECISIONS:
+        raise TailleError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' → 'bf16-mixed' on a CUDA GPU with bf16 or a CPU with AMX/AVX512-BF16, else 'fp32'."""
     import torch

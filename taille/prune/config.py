@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from taille.errors import TailleError
-from taille.models.precision import PRECISIONS
+from taille.models.precision import check_precision
 from taille.options import Count, Ints, Names, coerce
 from taille.prune.shape import AXES
 
@@ -89,11 +89,6 @@ class Target:
             raise TailleError(f"--tolerance {self.tolerance}: a fraction between 0 and 1")
 
 
-def _check_runtime(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise TailleError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-
-
 @dataclass
 class ImportanceConfig:
     model: str
@@ -129,7 +124,7 @@ class ImportanceConfig:
             raise TailleError(f"--depth-metric {self.depth_metric}: use one of {', '.join(DEPTH_METRICS)}")
         if min(self.block_sizes) < 1:
             raise TailleError(f"--block-sizes {','.join(map(str, self.block_sizes))}: each size must be at least 1")
-        _check_runtime(self.precision)
+        check_precision(self.precision)
         self.calibration()
 
     def calibration(self) -> Calibration:
@@ -176,7 +171,7 @@ class PruneConfig:
         if self.criterion == "activation" and not self.scores and not self.data:
             raise TailleError("--criterion activation needs --scores (from `taille importance`) or --data for "
                               "calibration")
-        _check_runtime(self.precision)
+        check_precision(self.precision)
         self.calibration()
 
     def calibration(self) -> Calibration | None:

@@ -52,7 +52,7 @@ class SearchSettings:
     """auto (bf16-mixed where the hardware has fast bf16, else fp32), bf16-mixed or fp32."""
 
     def __post_init__(self):
-        from taille.models.precision import PRECISIONS
+        from taille.models.precision import check_precision
         from taille.prune.config import DEPTH_CRITERIA
 
         coerce(self)
@@ -65,8 +65,7 @@ class SearchSettings:
             raise TailleError(f"--tolerance {self.tolerance}: a fraction between 0 and 1")
         if self.depth_criterion not in DEPTH_CRITERIA:
             raise TailleError(f"--depth-criterion {self.depth_criterion}: use one of {', '.join(DEPTH_CRITERIA)}")
-        if self.precision not in PRECISIONS:
-            raise TailleError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
 
 
 def pick(config, s: SearchSettings, default_shape=None) -> list:
