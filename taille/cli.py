@@ -110,7 +110,7 @@ def _settings(cls, values: dict):
     return cls(**values)
 
 
-def _verb(name: str | None = None):
+def _verb(name: str | None = None, group=None):
     """Register `fn` as `taille NAME`. Parameters of `fn` annotated with a settings dataclass become one
     flag per field of it; `fn`'s other parameters are declared as usual (and, when a settings class has a
     field of the same name, such as MODEL, are passed to it too)."""
@@ -140,7 +140,7 @@ def _verb(name: str | None = None):
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__, command.__name__ = fn.__doc__, fn.__name__
-        return app.command(name)(command)
+        return (group or app).command(name)(command)
 
     return decorate
 
@@ -199,6 +199,7 @@ def info(model: ModelArg, json_out: JsonOpt = False) -> None:
 
 
 from taille.bench.config import BenchSettings  # noqa: E402  (settings modules are light: no torch)
+from taille.characters.settings import CardSettings  # noqa: E402
 from taille.chat.chat import ChatSettings  # noqa: E402
 from taille.distill.config import CorrectConfig, DistillConfig, TeacherCacheConfig  # noqa: E402
 from taille.eval.config import EvalSettings  # noqa: E402
@@ -377,13 +378,40 @@ def generate(cfg: GenerateSettings) -> None:
     --language, or exact / near duplicates of earlier ones are dropped. Records are appended as they come:
     run it again to continue (done prompt rounds are skipped). A teacher without a chat template gets
     plain continuations (text records), and says so. OUT.meta.json: engine, tokens/s, what was filtered.
+    With --personas DIR: role-play conversations instead, the teacher answering in character to player lines
+    of several kinds (knowledge, small talk, goals, lines that try to make it break), filtered for breaks.
     """
     from taille.generate.generate import generate as run
 
     meta = run(cfg)
+    if cfg.personas is not None:
+        print(f"{meta['conversations_total']:,} conversations over {meta['cards']} cards, {meta['tokens_kept']:,} "
+              f"reply tokens -> {cfg.out} ({meta['engine']}; {meta['generation_tokens_per_s']} generated tokens/s "
+              f"this run; replies filtered: {', '.join(f'{k} {v}' for k, v in meta['filtered_replies_this_run'].items() if v) or 'none'})")
+        return
     print(f"{meta['records']:,} records, {meta['tokens_kept']:,} answer tokens -> {cfg.out} ({meta['engine']}; "
           f"{meta['generation_tokens_per_s']} generated tokens/s this run; duplicate rate "
           f"{meta['duplicate_rate_this_run']})")
+
+
+personas_app = typer.Typer(help="Character cards: `taille personas make` composes many for role-play data and "
+                             "held-out evaluation.", no_args_is_help=True)
+app.add_typer(personas_app, name="personas")
+
+
+@_verb("make", group=personas_app)
+def personas_make(cfg: CardSettings) -> None:
+    """Compose --count varied character cards (fantasy, sci-fi, modern) into OUT/train and OUT/heldout.
+
+    The same --count and --seed give the same cards. Which half a card goes to is fixed by its name (about
+    a fifth held out), so held-out cards are never seen in training: `taille generate --personas OUT` writes
+    role-play data from OUT/train, `taille eval --personas OUT` scores characters on OUT/heldout.
+    """
+    from taille.characters.cards import write_cards
+
+    counts = write_cards(cfg.out, cfg.count, cfg.seed)
+    print(f"{counts['train']} training cards -> {Path(cfg.out) / 'train'}, {counts['heldout']} held-out cards -> "
+          f"{Path(cfg.out) / 'heldout'}")
 
 
 @_verb()
@@ -631,21 +659,24 @@ def serve(
     """Serve characters over an OpenAI-compatible API: /v1/models, /v1/chat/completions (plain and streaming).
 
     `model` in a request names a persona (its name in lower case with dashes, e.g. brenna-ironhand), or the
-    bare model file's name for no persona. Requests are answered one at a time from a queue; malformed
+    bare model file's name for no persona. Requests wait in a bounded queue for one of --parallel engine slots; malformed
     JSON, an unknown persona, a body or max_tokens over the limits, or a prompt over the context get a 4xx
     JSON error; a request not started within --timeout seconds gets 503. A client that disconnects,
-    streaming or not, stops its generation. Binds to 127.0.0.1 unless --host says otherwise.
+    streaming or not, stops its generation. Binds to 127.0.0.1 unless --host says otherwise. A card with
+    `actions` (a JSON schema) gets replies constrained to it; a request's `user` keeps a player's
+    conversation in one engine slot; cards added or changed in the folder are served without a restart.
     """
     from taille.chat.persona import load_personas, shipped_personas
     from taille.models.quant import get_quant
     from taille.serve.server import serve as run
 
     get_quant(quant)
-    characters = load_personas(personas or shipped_personas())
+    folder = personas or shipped_personas()
+    load_personas(folder)  # a bad folder is one clear line before anything loads
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it",
                                             settings.host)
-    run(model, characters, settings, quant)
+    run(model, folder, settings, quant)  # the folder, not the cards: a card changed while serving is read again
 
 
 def _config_defaults(args: list[str]) -> tuple[list[str], dict]:

@@ -37,6 +37,11 @@ CASES = [
     ("eval", ["M", "--ppl", "T", "--precision", "fp8"], "--precision"),
     ("eval", ["M", "--ppl", "T", "--stride", "0"], "--stride"),
     ("eval", ["M", "--ppl", "T", "--limit", "0"], "--limit"),
+    ("eval", ["M", "--personas", "D"], "--reference"),
+    ("eval", ["M", "--personas", "N", "--reference", "M"], "not a folder"),
+    ("eval", ["M", "--personas", "D", "--reference", "M"], "no .yaml persona files"),
+    ("eval", ["M", "--personas", "PF_NAMELESS", "--reference", "M"], "missing name"),
+    ("eval", ["M", "--personas", "D", "--reference", "M", "--persona-cards", "0"], "--persona-cards"),
     # importance
     ("importance", [], "--model"),
     ("importance", ["-m", "M", "--depth-metric", "foo"], "--depth-metric foo"),
@@ -102,6 +107,20 @@ CASES = [
     ("generate", ["--teacher", "M", "--out", "O", "--top-p", "2"], "--top-p"),
     ("generate", ["--teacher", "M", "--out", "O", "--language", "fr"], "--language fr"),
     ("generate", ["--teacher", "M", "--out", "O", "--tokens", "lots"], "--tokens lots"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "N"], "not a folder"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "D"], "no .yaml persona files"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "PF_NAMELESS"], "missing name"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "PF_UNKNOWN"], "known: "),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "PF_EMPTY_KNOWLEDGE"], "'knowledge' is empty"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "PF_KNOWLEDGE_MAP"], "'knowledge' must be a list"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "PF_ACTIONS"], "actions"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "D", "--prompts", "T"], "not both"),
+    ("generate", ["--teacher", "M", "--out", "O", "--personas", "D", "--turns", "0"], "--turns"),
+    # personas make
+    ("personas", ["make", "--out", "O", "--count", "0"], "--count 0"),
+    ("personas", ["make", "--out", "O", "--count", "many"], "--count"),
+    ("personas", ["make"], "--out"),
+    ("personas", ["shuffle"], "No such command"),
     # search
     ("search", ["-m", "M", "--data", "T", "--params", "50K", "--out", "O", "--candidates", "1"], "--candidates"),
     ("search", ["-m", "M", "--data", "T", "--params", "abc", "--out", "O"], "--params abc"),
@@ -164,6 +183,16 @@ def paths(tmp_path_factory):
     (root / "bad.yaml").write_text("name: [unclosed\n  teacher: x")
     (root / "nameless.yaml").write_text("role: a smith\nbackstory: forges swords\n")
     model = save_tiny(root / "tiny")
+    cards = {"PF_NAMELESS": "role: a smith\nknowledge: [The forge is 30 years old.]\n",
+             "PF_UNKNOWN": "name: A\nrole: a smith\nknowlege: [typo]\n",
+             "PF_EMPTY_KNOWLEDGE": "name: A\nrole: a smith\nknowledge: []\n",
+             "PF_KNOWLEDGE_MAP": "name: A\nrole: a smith\nknowledge: {forge: 30}\n",
+             "PF_ACTIONS": "name: A\nrole: a smith\nactions: [say, emotion]\n"}
+    folders = {}
+    for key, text in cards.items():
+        folders[key] = root / key.lower()
+        folders[key].mkdir()
+        (folders[key] / "card.yaml").write_text(text)
     recipe = f"name: r\nteacher: {model}\ndata: {root / 'short.txt'}\nprune: {{params: 50K}}\n"
     (root / "r_section.yaml").write_text(recipe + "finetune: {lr: 1}\n")
     (root / "r_key.yaml").write_text(recipe + "distill: {tokns: 1M}\n")
@@ -172,7 +201,7 @@ def paths(tmp_path_factory):
     return {"M": model, "B": broken, "E": root / "empty.txt", "T": root / "short.txt", "G": root / "garbage.gguf",
             "N": root / "does-not-exist", "D": root / "empty-dir", "Y": root / "bad.yaml", "P": root / "nameless.yaml",
             "O": root / "out", "O.gguf": root / "out.gguf", "R_SECTION": root / "r_section.yaml", "R_KEY": root / "r_key.yaml",
-            "R_VALUE": root / "r_value.yaml", "R_MISSING": root / "r_missing.yaml"}
+            "R_VALUE": root / "r_value.yaml", "R_MISSING": root / "r_missing.yaml", **folders}
 
 
 def test_every_verb_has_bad_input_rows():

@@ -3,17 +3,21 @@
 Replies stream as llama.cpp samples them. The conversation keeps to the context window by dropping its
 oldest turns (the character's system prompt always stays). Ctrl-C during a reply stops that reply and
 keeps what was said; Ctrl-C or Ctrl-D at the prompt ends the chat. Commands: /reset, /help, /quit.
+
+A persona with `actions` answers in JSON of its schema, decoding constrained by a llama.cpp grammar; the
+chat shows what the character says and, after it, the rest (emotion, action, target...).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from taille.chat.engine import ContextFull, Reply, fit_messages, stream_reply
-from taille.chat.persona import Persona
+from taille.chat.engine import ContextFull, Reply, fit_messages, json_grammar, stream_reply
+from taille.chat.persona import SAY, Persona
 from taille.errors import TailleError
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ def chat_loop(llm, persona: Persona, settings: ChatSettings, read: Callable[[str
               out: TextIO = sys.stdout) -> int:
     """Run the conversation until the player leaves; return the number of replies given."""
     max_tokens = settings.max_tokens or persona.max_tokens
+    grammar = json_grammar(persona.actions) if persona.actions else None
     system = {"role": "system", "content": persona.system_prompt()}
     messages = [system]
     if persona.greeting:
@@ -83,19 +88,35 @@ def chat_loop(llm, persona: Persona, settings: ChatSettings, read: Callable[[str
             out.write(f"(the {dropped} oldest turns were dropped to fit the {llm.n_ctx()}-token context)\n")
         out.write(f"{persona.name}> ")
         out.flush()
-        reply = Reply()
+        reply, stopped = Reply(), False
         try:
             for piece in stream_reply(
                 llm, ids, reply, max_tokens,
                 temperature=persona.temperature if settings.temperature is None else settings.temperature,
                 top_p=settings.top_p or persona.top_p, never=persona.never, seed=settings.seed,
-                repeat_penalty=persona.repeat_penalty,
+                repeat_penalty=persona.repeat_penalty, grammar=grammar,
             ):
-                out.write(piece)
-                out.flush()
+                if grammar is None:  # a JSON reply is shown once whole
+                    out.write(piece)
+                    out.flush()
         except KeyboardInterrupt:
-            out.write(" [stopped]")
-        out.write("\n")
+            stopped = True
+        if grammar is not None:
+            out.write(show_action(reply.text))
+        out.write(" [stopped]\n" if stopped else "\n")
         out.flush()
         messages.append({"role": "assistant", "content": reply.text.strip()})
         replies += 1
+
+
+def show_action(text: str) -> str:
+    """A structured reply as the player reads it: what is said, then the other fields.
+    '{"say": "Six silver.", "emotion": "calm", "action": "trade"}' -> 'Six silver.  (emotion: calm, action: trade)'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:  # cut by Ctrl-C or max_tokens before the JSON closed
+        return f"{text}  (not whole JSON: the reply stopped early)"
+    if not isinstance(value, dict):
+        return text
+    rest = ", ".join(f"{k}: {v}" for k, v in value.items() if k != SAY)
+    return f"{value.get(SAY, '')}  ({rest})" if rest else str(value.get(SAY, ""))

@@ -9,10 +9,19 @@
     never: [phrases the character must never say; replies are cut before them]
     greeting: the first line, shown before the player speaks (optional)
     temperature / top_p / max_tokens / repeat_penalty: sampling defaults for this character (optional)
+    actions: a JSON schema (a YAML mapping) for structured replies (optional), e.g.
+      {type: object, required: [say, emotion, action], properties: {say: {type: string, maxLength: 200},
+       emotion: {enum: [calm, angry]}, action: {enum: [none, trade, attack]}, target: {type: string}}}
+      The character then answers with one JSON object of that shape; `chat` and `serve` constrain decoding
+      to it (a llama.cpp grammar), so every reply parses. `say` (a required string) is what the character
+      says aloud: the `never` phrases are cut from it alone. Give strings a maxLength, so a reply closes
+      before max_tokens.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,6 +52,9 @@ class Persona:
     """Longest reply in tokens."""
     repeat_penalty: float = 1.1
     """llama.cpp's penalty on recently used tokens (1: none); small models loop without one."""
+    actions: str = ""
+    """JSON schema of a structured reply, as JSON text ('' for plain speech); a mapping given here is checked
+    and stored as JSON text, which keeps the persona frozen and hashable."""
 
     def __post_init__(self):
         if not self.name.strip() or not self.role.strip():
@@ -51,6 +63,16 @@ class Persona:
                 or not 1 <= self.repeat_penalty <= 2):
             raise TailleError(f"persona {self.name}: temperature must be in [0, 2], top_p in (0, 1], max_tokens >= 1, "
                               "repeat_penalty in [1, 2]")
+        if isinstance(self.actions, Mapping) or self.actions:
+            try:
+                object.__setattr__(self, "actions", check_actions(self.actions))  # frozen: set once, here
+            except TailleError as e:
+                raise TailleError(f"persona {self.name}: {e}") from None
+
+    @property
+    def action_schema(self) -> dict | None:
+        """The `actions` JSON schema as a dict (a fresh copy), or None for a character that only speaks."""
+        return json.loads(self.actions) if self.actions else None
 
     @property
     def id(self) -> str:
@@ -69,8 +91,81 @@ class Persona:
             lines.append(f"Speaking style: {self.style.strip()}")
         if self.never:
             lines.append("Never say any of: " + "; ".join(f'"{p}"' for p in self.never) + ".")
-        lines.append("Answer in one to three short sentences, as the character would say them aloud.")
+        schema = self.action_schema
+        if schema is None:
+            lines.append("Answer in one to three short sentences, as the character would say them aloud.")
+        else:
+            required = schema.get("required", [])
+            lines.append("Answer with one JSON object and nothing else, with the fields:\n" + "\n".join(
+                _field_line(name, prop, name in required) for name, prop in schema["properties"].items()))
         return "\n".join(lines)
+
+
+SAY = "say"
+"""The field of a structured reply that the character says aloud (and the only one the never guard cuts)."""
+
+
+def _field_line(name: str, prop: dict, required: bool) -> str:
+    if "description" in prop:
+        what = prop["description"]
+    elif name == SAY:
+        what = "what you say aloud, in one to three short sentences"
+    elif "enum" in prop:
+        what = "one of " + ", ".join(json.dumps(v) for v in prop["enum"])
+    else:
+        what = {"string": "text", "integer": "a whole number", "number": "a number", "boolean": "true or false",
+                "array": "a list", "object": "an object"}.get(prop.get("type"), "a value")
+    return f'- "{name}": {what}' + ("" if required else " (optional)")
+
+
+def check_actions(schema) -> str:
+    """Check an `actions` schema and return it as JSON text. It must be a JSON schema for an object with a
+    required string `say`, which jsonschema (when installed) accepts and llama.cpp's grammar builder
+    (llama-cpp-python's json_schema_to_gbnf, the same converter llama-server runs in C++) turns into a
+    grammar. One line says what is wrong."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise TailleError(f"'actions' is not valid JSON: {e}") from None
+    if not isinstance(schema, Mapping):
+        raise TailleError(f"'actions' must be a mapping (a JSON schema), not {type(schema).__name__}")
+    schema = json.loads(json.dumps(schema))  # plain dicts and lists, in the card's order (the grammar's order)
+    properties = schema.get("properties")
+    if schema.get("type") != "object" or not isinstance(properties, dict) or not all(
+            isinstance(p, dict) for p in properties.values()):
+        raise TailleError("'actions' must be {type: object, properties: {name: {schema}, ...}}")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) and r in properties for r in required):
+        raise TailleError("'actions': 'required' must be a list of names from 'properties'")
+    if properties.get(SAY, {}).get("type") != "string" or SAY not in required:
+        raise TailleError(f"'actions' needs a required string property '{SAY}' (what the character says aloud)")
+    for name, prop in properties.items():
+        if "enum" in prop and (not isinstance(prop["enum"], list) or not prop["enum"]):
+            raise TailleError(f"'actions': '{name}'.enum must be a non-empty list")
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is not None:
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise TailleError(f"'actions' is not a valid JSON schema: {_one_line(e.message)}") from None
+    try:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+    except ImportError:  # without the export extra nothing constrains decoding; the checks above still hold
+        return json.dumps(schema)
+    try:
+        json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises assertions and type errors on what it cannot turn into rules
+        raise TailleError(f"'actions': llama.cpp cannot build a grammar from it: {_one_line(str(e))}") from None
+    return json.dumps(schema)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _LISTS = {"knowledge", "goals", "never"}
@@ -98,11 +193,18 @@ def load_persona(path: str | Path) -> Persona:
         raise TailleError(f"{path}: missing {', '.join(missing)}")
     values = {}
     for key, value in raw.items():
-        if key in _LISTS:
+        if key == "actions":
+            if not isinstance(value, dict):
+                raise TailleError(f"{path}: 'actions' must be a mapping (a JSON schema: {{type: object, properties: "
+                                  "...}}), not " + type(value).__name__)
+        elif key in _LISTS:
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
                 raise TailleError(f"{path}: '{key}' must be a list of strings")
-            value = tuple(str(v) for v in value)
+            value = tuple(str(v) for v in value if str(v).strip())
+            if key == "knowledge" and not value:
+                raise TailleError(f"{path}: 'knowledge' is empty; list at least one fact the character knows "
+                                  "(or leave the key out)")
         elif key in ("temperature", "top_p", "repeat_penalty"):
             value = float(value)
         elif key == "max_tokens":

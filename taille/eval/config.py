@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from taille.characters.settings import PersonaEvalSettings
 from taille.errors import TailleError
 from taille.options import Names, Texts, coerce
 
@@ -50,12 +51,21 @@ class EvalSettings:
     """auto, cpu, cuda, cuda:N or mps."""
     seed: int = 1234
     """Seed for lm-eval (few-shot sampling)."""
+    personas: str | None = None
+    """Score each model as a game character on these cards (a folder of persona YAML files, or a `taille
+    personas make` folder: its held-out half): knowledge, breaks, coherence, fidelity, transcripts. Needs
+    --reference (the teacher: it judges coherence and writes the fidelity replies)."""
+    persona: PersonaEvalSettings = field(default_factory=PersonaEvalSettings)
 
     def __post_init__(self):
         coerce(self)
         self.tasks = list(self.tasks)
-        if not (self.ppl or self.tasks or self.speed or self.reference):
-            raise TailleError("nothing to evaluate: give --ppl DATA, --tasks, --speed or --reference")
+        if isinstance(self.persona, dict):
+            self.persona = PersonaEvalSettings(**self.persona)
+        if not (self.ppl or self.tasks or self.speed or self.reference or self.personas):
+            raise TailleError("nothing to evaluate: give --ppl DATA, --tasks, --speed, --reference or --personas")
+        if self.personas is not None and not self.reference:
+            raise TailleError("--personas needs --reference TEACHER (it judges coherence and writes the fidelity replies)")
         if self.window < 2 or self.batch_size < 1:
             raise TailleError("--window must be at least 2 and --batch-size at least 1")
         if self.stride is not None and not 1 <= self.stride <= self.window:

@@ -36,7 +36,9 @@ def mean_kl(reference, model, tokens: np.ndarray, window: int, batch_size: int, 
     return float(total) / blocks.size
 
 
-def evaluate(models: list[str], s: EvalSettings) -> dict:
+def evaluate(models: list[str], s: EvalSettings, out: Path | None = None) -> dict:
+    """The report of `models` under `s`; `out` (the report's folder) keeps what the character evaluation
+    generates once (the teacher's fidelity replies)."""
     from taille.data.tokens import load_tokens
     from taille.eval.harness import check_tasks, headline, run_tasks
     from taille.eval.ppl import perplexity
@@ -77,13 +79,43 @@ def evaluate(models: list[str], s: EvalSettings) -> dict:
         rows.append(row)
         del model
         gc.collect()
-    return {"rows": rows, "settings": asdict(s), **task_records}
+    report = {"rows": rows, "settings": asdict(s), **task_records}
+    if s.personas:
+        from taille.characters.cards import load_half
+        from taille.characters.evaluate import persona_eval
+
+        if reference is not None:
+            del reference
+            gc.collect()
+        personas = list(load_half(s.personas, "heldout").values())
+        characters = persona_eval(models, personas, s.reference, s.persona, cache_dir=out, precision=s.precision,
+                                  dtype=s.dtype, device=s.device)
+        report["characters"] = characters
+    return report
 
 
 def markdown(report: dict) -> str:
     header, rows = table(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+    text = "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) if rows and len(header) > 2 else ""
+    if report.get("characters"):
+        text += ("\n\n" if text else "") + characters_markdown(report)
+    return text
+
+
+def characters_markdown(report: dict, transcripts: bool = True) -> str:
+    """The in-character table (held-out cards), and the transcripts, as Markdown."""
+    from taille.characters.evaluate import markdown_table, transcripts_markdown
+
+    c = {**report["characters"], "labels": report.get("labels", {})}
+    k = c.get("knowledge", {})
+    text = (f"### In character: {len(c['cards'])} held-out cards, judged by the teacher {c['teacher']}\n\n"
+            + markdown_table(c) + f"\n\nKnowledge: {k.get('items', '?')} questions ({k.get('skipped', 0)} facts skipped: "
+            "no number or name to ask for); break rate counts replies with a `never` phrase or an out-of-character "
+            "marker; in character = neither a break nor degenerate.")
+    if transcripts:
+        text += "\n\n### Transcripts (same player lines, same seed)\n\n" + transcripts_markdown(c)
+    return text
 
 
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -135,18 +167,27 @@ def plot(report: dict, path: Path) -> Path:
     tasks = [t for t in dict.fromkeys(t for r in rows for t in r["tasks"]) if headline(rows[0]["tasks"][t])[0] != "perplexity"]
     texts = list(dict.fromkeys(t for r in rows for t in r["ppl"]))
     panels = [p for p in (("tasks", tasks), ("ppl", texts)) if p[1]]
+    characters = report.get("characters")
+    if characters:
+        panels.append(("characters", ["knowledge acc", "in character", "break rate", "degenerate"]))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
     width = 0.8 / max(1, len(rows))
     for ax, (kind, names) in zip(axes[0], panels):
-        for i, r in enumerate(rows):
-            values = [100 * headline(r["tasks"][n])[1] if kind == "tasks" else r["ppl"][n]["ppl"] for n in names]
+        for i, r in enumerate(characters["rows"] if kind == "characters" else rows):
+            if kind == "characters":
+                values = [100 * (r.get(key) or 0) for key in ("knowledge_acc", "in_character", "break_rate",
+                                                              "degenerate_rate")]
+            else:
+                values = [100 * headline(r["tasks"][n])[1] if kind == "tasks" else r["ppl"][n]["ppl"] for n in names]
             label = report.get("labels", {}).get(r["model"]) or Path(r["model"]).name or r["model"]
             ax.bar(np.arange(len(names)) + i * width, values, width, label=label)
         ax.set_xticks(np.arange(len(names)) + width * (len(rows) - 1) / 2, names, rotation=20, ha="right")
-        ax.set_ylabel("accuracy (%)" if kind == "tasks" else "perplexity (log)")
+        ax.set_ylabel("perplexity (log)" if kind == "ppl" else "% of questions / replies" if kind == "characters"
+                      else "accuracy (%)")
         if kind == "ppl":
             ax.set_yscale("log")
-        ax.set_title("zero-shot tasks" if kind == "tasks" else "held-out perplexity")
+        ax.set_title({"tasks": "zero-shot tasks", "ppl": "held-out perplexity",
+                      "characters": "in character (held-out cards)"}[kind])
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,5 +199,5 @@ def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "eval.md").write_text(markdown(report) + "\n")
-    if any(r["tasks"] or r["ppl"] for r in report["rows"]):
+    if any(r["tasks"] or r["ppl"] for r in report["rows"]) or report.get("characters"):
         plot(report, out / "eval.png")

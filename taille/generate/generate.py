@@ -72,7 +72,15 @@ class GenerateSettings:
     """auto (= torch: batched PyTorch, the faster here), torch, or llama.cpp (a GGUF teacher, one sequence
     at a time)."""
     self_instruct: int = 0
-    """New prompts the teacher writes from the seed set first (kept in OUT.prompts.jsonl)."""
+    """New prompts the teacher writes from the seed set first (kept in OUT.prompts.jsonl); with --personas,
+    player lines it writes per card (OUT.player_lines.jsonl)."""
+    personas: str | None = None
+    """Folder of persona cards (`taille personas make`; its train/ half when it has one): write role-play
+    conversations, the teacher answering in character, instead of answers to --prompts."""
+    conversations: int = 8
+    """With --personas: conversations per card in each round over the cards."""
+    turns: int = 3
+    """With --personas: most player turns in a conversation (each has 1 to N)."""
 
     def __post_init__(self):
         from taille.models.precision import check_precision
@@ -90,6 +98,10 @@ class GenerateSettings:
             raise TailleError("--top-p must be in (0, 1] and --temperature positive")
         if not 0 < self.near_duplicate <= 1:
             raise TailleError("--near-duplicate must be in (0, 1]")
+        if self.conversations < 1 or not 1 <= self.turns <= 8:
+            raise TailleError("--conversations must be at least 1 and --turns between 1 and 8")
+        if self.personas is not None and self.prompts != SEED:
+            raise TailleError("--personas writes its own player lines; give --prompts or --personas, not both")
         if self.language not in (None, "en"):
             raise TailleError(f"--language {self.language}: only en (or none) is checked so far")
         check_precision(self.precision)
@@ -182,6 +194,8 @@ class Engine:
     """(rendered prompts, max_new_tokens, seed) -> [(answer text, tokens generated)]."""
     count: Callable[[str], int]
     """Tokens of a text."""
+    render_messages: Callable[[list[dict]], str | list[int]] | None = None
+    """a conversation (system, user, assistant ... ending with a user turn) -> what `sample` takes."""
 
 
 def torch_engine(s: GenerateSettings) -> Engine:
@@ -198,11 +212,11 @@ def torch_engine(s: GenerateSettings) -> Engine:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
+    def render_messages(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def render(prompt: str) -> str:
-        if not chat:
-            return prompt
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_messages([{"role": "user", "content": prompt}]) if chat else prompt
 
     @torch.no_grad()
     def sample(texts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
@@ -219,7 +233,7 @@ def torch_engine(s: GenerateSettings) -> Engine:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return Engine(f"pytorch: transformers generate, batched ({device}, {precision})", chat, render,
-                  lambda text: text, sample, count)
+                  lambda text: text, sample, count, render_messages)
 
 
 def llama_engine(s: GenerateSettings, path: Path) -> Engine:
@@ -249,7 +263,8 @@ def llama_engine(s: GenerateSettings, path: Path) -> Engine:
     def count(text: str) -> int:
         return len(llm.tokenize(text.encode(), add_bos=False, special=False))
 
-    return Engine(f"llama.cpp: {path.name}, one sequence at a time (cpu)", chat, render, render_text, sample, count)
+    return Engine(f"llama.cpp: {path.name}, one sequence at a time (cpu)", chat, render, render_text, sample, count,
+                  lambda messages: prompt_ids(llm, messages))
 
 
 def pick_engine(s: GenerateSettings) -> Engine:
@@ -337,6 +352,11 @@ def _done_ids(out: Path, dedup: Deduplicator) -> tuple[set[str], int]:
 
 def generate(s: GenerateSettings) -> dict:
     from tqdm.auto import tqdm
+
+    if s.personas is not None:
+        from taille.characters.roleplay import generate_roleplay
+
+        return generate_roleplay(s)
 
     prompts = read_prompts(s.prompts)
     engine = pick_engine(s)

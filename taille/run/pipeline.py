@@ -26,11 +26,11 @@ from taille.run import recipe as R
 
 log = logging.getLogger(__name__)
 
-STAGES = ("correct", "importance", "search", "prune", "distill", "eval", "export", "report")
-DONE = {"correct": "corrected/taille.json", "importance": "importance/importance.json",
+STAGES = ("personas", "roleplay", "correct", "importance", "search", "prune", "distill", "eval", "export", "report")
+DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/roleplay.jsonl.meta.json", "correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
         "eval": "eval/eval.json", "export": "export/export.json", "report": "report.md"}
-OPTIONAL = {"correct": "correct", "search": "search", "export": "export"}
+OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "correct": "correct", "search": "search", "export": "export"}
 """Stages that run only when the recipe has their section."""
 
 
@@ -78,23 +78,38 @@ def _load_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def stage_personas(recipe, run: Path, teacher: str) -> None:
+    from taille.characters.cards import write_cards
+    from taille.characters.settings import CardSettings
+
+    cfg = CardSettings(out=str(run / "personas"), **recipe.personas)
+    counts = write_cards(cfg.out, cfg.count, cfg.seed)
+    (run / "personas" / "cards.json").write_text(json.dumps({"count": cfg.count, "seed": cfg.seed, **counts}) + "\n")
+
+
+def stage_roleplay(recipe, run: Path, teacher: str) -> None:
+    from taille.characters.roleplay import generate_roleplay
+
+    generate_roleplay(R.roleplay_settings(recipe, recipe.teacher, run))
+
+
 def stage_correct(recipe, run: Path, teacher: str) -> None:
     from taille.distill.train import distill
 
-    distill(R.correct_config(recipe, str(run / "corrected")).distill_config())
+    distill(R.correct_config(recipe, str(run / "corrected"), run).distill_config())
 
 
 def stage_importance(recipe, run: Path, teacher: str) -> None:
     from taille.prune.prune import run_importance
 
-    run_importance(R.importance_config(recipe, teacher, str(run / "importance")))
+    run_importance(R.importance_config(recipe, teacher, str(run / "importance"), run))
 
 
 def stage_search(recipe, run: Path, teacher: str) -> None:
     from taille.search.search import SearchSettings, run_search
 
     settings = SearchSettings(**{k: v for k, v in recipe.search.items()})
-    run_search(teacher, recipe.data, run / "importance", settings, run / "search")
+    run_search(teacher, R.data_spec(recipe, run), run / "importance", settings, run / "search")
 
 
 def stage_prune(recipe, run: Path, teacher: str) -> None:
@@ -108,14 +123,14 @@ def stage_prune(recipe, run: Path, teacher: str) -> None:
 def stage_distill(recipe, run: Path, teacher: str) -> None:
     from taille.distill.train import distill
 
-    distill(R.distill_config(recipe, str(run / "pruned"), str(run / "distilled"), teacher=teacher))
+    distill(R.distill_config(recipe, str(run / "pruned"), str(run / "distilled"), teacher=teacher, run=run))
 
 
 def stage_eval(recipe, run: Path, teacher: str) -> None:
     from taille.eval.run import evaluate, write_report
 
     models = [teacher, str(run / "pruned"), str(run / "distilled")]
-    report = evaluate(models, R.eval_settings(recipe))
+    report = evaluate(models, R.eval_settings(recipe, run, teacher), out=run / "eval")
     report["labels"] = {teacher: "teacher", str(run / "pruned"): "pruned", str(run / "distilled"): "distilled"}
     write_report(report, run / "eval")
 
@@ -144,6 +159,6 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
     write_run_report(recipe, run, teacher)
 
 
-STAGE_FUNCTIONS = {"correct": stage_correct, "importance": stage_importance, "search": stage_search,
+STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "correct": stage_correct, "importance": stage_importance, "search": stage_search,
                    "prune": stage_prune, "distill": stage_distill, "eval": stage_eval, "export": stage_export,
                    "report": stage_report}

@@ -24,7 +24,10 @@ from pathlib import Path
 
 from taille.errors import TailleError
 
-SECTIONS = ("name", "teacher", "data", "out", "correct", "importance", "search", "prune", "distill", "eval", "export")
+SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "correct", "importance", "search", "prune",
+            "distill", "eval", "export")
+ROLEPLAY_FIXED = ("teacher", "out", "personas", "prompts")
+"""What the run decides for the role-play stage: the teacher, the file, the cards (the personas stage's)."""
 EXPORT_KEYS = ("quants", "verify", "verify_data", "verify_blocks", "verify_len", "pre_tokenizer")
 PRUNE_OWN = ("criterion", "depth_criterion", "seed", "dtype", "device", "precision")
 """The prune section's keys besides the target's: how to prune, whatever the shape (also with a search)."""
@@ -36,6 +39,13 @@ class Recipe:
     teacher: str
     data: str
     out: str | None = None
+    personas: dict | None = None
+    """Cards the run composes ({count, seed}: `taille personas make`) into RUN/personas; the role-play stage
+    writes from its train half, the evaluation scores characters on its held-out half."""
+    roleplay: dict | None = None
+    """Role-play data the run has the teacher write from its cards ({tokens, conversations, turns, ...}:
+    `taille generate --personas`) into RUN/roleplay/roleplay.jsonl; `roleplay` in `data` then names that
+    file (else the shipped corpus)."""
     correct: dict | None = None
     importance: dict = field(default_factory=dict)
     search: dict | None = None
@@ -88,8 +98,15 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
                           _keys(DistillConfig, "student", "data", "out", "teacher", "teacher_cache", "resume", "progress"))
     if "loss" in distill:
         _check_keys("distill.loss", distill["loss"], _keys(LossConfig))
+    from taille.characters.settings import CardSettings
+    from taille.generate.generate import GenerateSettings
+
+    if values.get("roleplay") is not None and values.get("personas") is None:
+        raise TailleError(f"{source or 'recipe'}: a 'roleplay' section needs a 'personas' section (the cards it plays)")
     recipe = Recipe(
         name=str(values["name"]), teacher=str(values["teacher"]), data=str(values["data"]), out=values.get("out"),
+        personas=_check_keys("personas", values.get("personas"), _keys(CardSettings, "out")),
+        roleplay=_check_keys("roleplay", values.get("roleplay"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
         correct=_check_keys("correct", values.get("correct"), _keys(CorrectConfig, "teacher", "data", "out", "resume")),
         importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "data", "out")),
         search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
@@ -97,6 +114,10 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         distill=distill, eval=_check_keys("eval", values.get("eval") or {}, _keys(EvalSettings)),
         export=_check_keys("export", values.get("export"), EXPORT_KEYS), source=source)
     # build every stage's settings now: a bad value fails before hours of work, not at that stage
+    if recipe.personas is not None:
+        CardSettings(out="OUT", **recipe.personas)
+    if recipe.roleplay is not None:
+        roleplay_settings(recipe, recipe.teacher, Path("RUN"))
     if recipe.correct is not None:
         correct_config(recipe, "OUT")
     importance_config(recipe, recipe.teacher, "OUT")
@@ -148,10 +169,30 @@ def load_recipe(path: str | Path) -> Recipe:
 # --- each stage's settings: the section's values, and what the run decides (paths, the teacher) -------
 
 
-def importance_config(recipe: Recipe, teacher: str, out: str):
+def data_spec(recipe: Recipe, run: Path | None = None) -> str:
+    """The recipe's `data`, with `roleplay` naming the run's own role-play file when it writes one."""
+    if run is None or recipe.roleplay is None:
+        return recipe.data
+    from taille.data.mixture import parse_mixture
+
+    own = str(run / "roleplay" / "roleplay.jsonl")
+    parts = parse_mixture(recipe.data)
+    if parts is None:
+        return own if recipe.data.strip() == "roleplay" else recipe.data
+    return ",".join(f"{own if src.strip() == 'roleplay' else src}:{w:g}" for src, w in parts)
+
+
+def roleplay_settings(recipe: Recipe, teacher: str, run: Path):
+    from taille.generate.generate import GenerateSettings
+
+    return GenerateSettings(teacher=teacher, out=str(run / "roleplay" / "roleplay.jsonl"),
+                            personas=str(run / "personas" / "train"), **recipe.roleplay)
+
+
+def importance_config(recipe: Recipe, teacher: str, out: str, run: Path | None = None):
     from taille.prune.config import ImportanceConfig
 
-    return ImportanceConfig(model=teacher, data=recipe.data, out=out, **recipe.importance)
+    return ImportanceConfig(model=teacher, data=data_spec(recipe, run), out=out, **recipe.importance)
 
 
 def prune_config(recipe: Recipe, teacher: str, out: str, scores: str, shape: dict | None = None):
@@ -167,17 +208,17 @@ def prune_config(recipe: Recipe, teacher: str, out: str, scores: str, shape: dic
     return PruneConfig(model=teacher, out=out, scores=scores, target=Target(**(shape or target)), **own)
 
 
-def distill_config(recipe: Recipe, student: str, out: str, teacher: str | None = None):
+def distill_config(recipe: Recipe, student: str, out: str, teacher: str | None = None, run: Path | None = None):
     from taille.distill.config import DistillConfig
 
-    return DistillConfig(student=student, data=recipe.data, out=out, teacher=teacher or recipe.teacher, resume=True,
+    return DistillConfig(student=student, data=data_spec(recipe, run), out=out, teacher=teacher or recipe.teacher, resume=True,
                          **recipe.distill)
 
 
-def correct_config(recipe: Recipe, out: str):
+def correct_config(recipe: Recipe, out: str, run: Path | None = None):
     from taille.distill.config import CorrectConfig
 
-    return CorrectConfig(teacher=recipe.teacher, data=recipe.data, out=out, resume=True, **recipe.correct)
+    return CorrectConfig(teacher=recipe.teacher, data=data_spec(recipe, run), out=out, resume=True, **recipe.correct)
 
 
 def export_settings(recipe: Recipe, out: str, quant: str):
@@ -189,12 +230,18 @@ def export_settings(recipe: Recipe, out: str, quant: str):
     return ExportSettings(out=out, quant=quant, **values)
 
 
-def eval_settings(recipe: Recipe):
+def eval_settings(recipe: Recipe, run: Path | None = None, teacher: str | None = None):
+    """The eval section; with a personas section, characters are scored on the run's held-out cards (unless
+    the section names other cards) against the teacher."""
     from taille.eval.config import EvalSettings
 
     values = dict(recipe.eval)
     if not values:
-        values = {"ppl": [recipe.data]}
+        values = {"ppl": [data_spec(recipe, run)]}
+    if recipe.personas is not None and "personas" not in values:
+        values["personas"] = str((run or Path("RUN")) / "personas")
+    if values.get("personas"):
+        values.setdefault("reference", teacher or recipe.teacher)
     return EvalSettings(**values)
 
 

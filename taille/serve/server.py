@@ -15,6 +15,14 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
 caller's mistakes: malformed JSON (400), unknown persona (404), body too large (413), max_tokens over
 the limit or a prompt over the context window (400), a full queue (429), a missing API key (401), no
 start within the queue timeout (503).
+
+Structured replies: a request's `response_format` (json_object or json_schema), or else the persona's
+`actions` schema, constrains the reply to JSON with a llama.cpp grammar; the persona's `never` phrases are
+then cut from its `say` string alone, once the reply is whole, so a constrained reply always parses.
+Conversations: with llama-server, every request names the slot it runs in (Slots); a request's `user`
+brings a player's conversation back to the slot whose cache holds it, so a follow-up does not read the
+history again. Personas given as a folder are read again when a card there changes (Catalog); a folder
+that no longer loads leaves the previous set serving.
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from taille.chat.engine import ContextFull, PhraseGuard, Reply, fit_messages, stream_reply
-from taille.chat.persona import Persona
+from taille.chat.engine import ContextFull, JsonGuard, PhraseGuard, Reply, fit_messages, json_grammar, stream_reply
+from taille.chat.persona import Persona, load_personas
 from taille.errors import TailleError
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 POLL_S = 0.25
 """How often a request thread waiting on the worker looks at its socket and the queue deadline (it also
 looks at each piece of a reply); each look wakes a thread, so not much more often."""
+RELOAD_S = 1.0
+"""How often, at most, a request looks for changed persona cards (a stat of each card in the folder)."""
 
 
 @dataclass
@@ -114,8 +124,12 @@ class Job:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     response_format: dict | None = None
-    """OpenAI's response_format (json_schema / json_object), passed to llama-server's grammar."""
+    """OpenAI's response_format (json_schema / json_object; the persona's actions when the request names
+    none): the reply is JSON, decoded under a grammar."""
     user: str | None = None
+    """The conversation (OpenAI's end-user id): kept in one llama-server slot when possible."""
+    slot: int | None = None
+    """The llama-server slot the job ran in, for the access log."""
     include_usage: bool = False
     """stream_options.include_usage: a last streamed chunk carries the token counts, as OpenAI sends it."""
     queued_at: float = field(default_factory=time.monotonic)
@@ -213,10 +227,16 @@ class Worker(threading.Thread):
                 400, f"the messages need more than the {self.llm.n_ctx()}-token context minus max_tokens "
                 f"{job.max_tokens}; shorten the conversation", param="messages", code="context_length_exceeded")))
             return
+        try:
+            grammar = grammar_for(job.response_format)
+        except Exception as e:  # llama-cpp-python's converter raises what it meets; the schema is the caller's
+            job.events.put(("error", ApiError(400, f"'response_format': llama.cpp cannot build a grammar from the "
+                                                   f"schema: {e}", param="response_format")))
+            return
         reply = Reply()
         pieces = stream_reply(self.llm, ids, reply, job.max_tokens, job.temperature, job.top_p, job.stop,
                               job.persona.never if job.persona else (), job.seed, job.repeat_penalty,
-                              job.frequency_penalty, job.presence_penalty)
+                              job.frequency_penalty, job.presence_penalty, grammar=grammar)
         for piece in pieces:
             if job.cancelled.is_set():
                 pieces.close()  # stops llama.cpp sampling and counts the reply so far
@@ -225,6 +245,15 @@ class Worker(threading.Thread):
                 return
             job.events.put(("piece", piece))
         job.events.put(("done", reply, len(ids)))
+
+
+def grammar_for(response_format: dict | None):
+    """The llama.cpp grammar for an OpenAI response_format (None: no constraint)."""
+    if response_format is None:
+        return None
+    if response_format["type"] == "json_object":
+        return json_grammar(None)
+    return json_grammar(json.dumps(response_format["json_schema"]["schema"]))
 
 
 class Stats:
@@ -300,7 +329,7 @@ class EngineWorker(threading.Thread):
         body = {"messages": job.messages, "max_tokens": job.max_tokens, "temperature": job.temperature,
                 "top_p": job.top_p, "stop": job.stop, "repeat_penalty": job.repeat_penalty,
                 "frequency_penalty": job.frequency_penalty, "presence_penalty": job.presence_penalty,
-                "stream": True, "cache_prompt": True}
+                "stream": True, "cache_prompt": True, "id_slot": job.slot}
         if job.seed is not None:
             body["seed"] = job.seed
         if job.response_format is not None:
@@ -310,6 +339,15 @@ class EngineWorker(threading.Thread):
     def answer(self, job: Job) -> None:
         if not self.pool.engine.alive():  # it died while idle: bring it back before this request
             self.pool.recover()
+        job.slot, held = self.pool.slots.acquire(job.user, job.persona.id if job.persona else None)
+        if job.user is not None:
+            log.debug("user %s -> slot %d (%s)", job.user, job.slot, "its conversation" if held else "new there")
+        try:
+            self.stream(job)
+        finally:
+            self.pool.slots.release(job.slot)
+
+    def stream(self, job: Job) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self.pool.engine.port, timeout=600)
         try:
             connection.request("POST", "/v1/chat/completions", json.dumps(self.request_body(job)),
@@ -321,7 +359,9 @@ class EngineWorker(threading.Thread):
                 status = 400 if response.status == 400 else 502
                 job.events.put(("error", ApiError(status, message, param="messages" if code else None, code=code)))
                 return
-            reply, guard, prompt_tokens, cached = Reply(), PhraseGuard(job.persona.never if job.persona else ()), 0, 0
+            never = job.persona.never if job.persona else ()
+            guard = JsonGuard(never) if job.response_format is not None else PhraseGuard(never)
+            reply, prompt_tokens = Reply(), 0
             ended = False  # the engine said the reply is over; a stream that just stops means it died
             for line in response:
                 if job.cancelled.is_set():  # closing the connection makes the engine stop sampling
@@ -336,7 +376,8 @@ class EngineWorker(threading.Thread):
                 timings = chunk.get("timings")
                 if timings:
                     prompt_tokens = timings.get("prompt_n", 0) + timings.get("cache_n", 0)
-                    cached, reply.tokens = timings.get("cache_n", 0), timings.get("predicted_n", reply.tokens)
+                    reply.cached_tokens = timings.get("cache_n", 0)
+                    reply.tokens = timings.get("predicted_n", reply.tokens)
                 if not chunk.get("choices"):
                     continue
                 choice = chunk["choices"][0]
@@ -352,14 +393,58 @@ class EngineWorker(threading.Thread):
             else:
                 if not ended:
                     raise ConnectionError("the stream stopped before the reply ended")
-            rest = guard.flush()
-            if rest and reply.finish_reason != "content_filter":
+            rest, cut = guard.finish()  # after a phrase cut the stream, nothing is left
+            if cut:
+                reply.finish_reason = "content_filter"
+            if rest:
                 reply.text += rest
                 job.events.put(("piece", rest))
-            self.stats.cached(cached)
+            self.stats.cached(reply.cached_tokens)
             job.events.put(("done", reply, prompt_tokens))
         finally:
             connection.close()
+
+
+class Slots:
+    """Which llama-server slot each request runs in (its `id_slot`).
+
+    Every request names its slot. llama-server defers a request whose slot is busy, and first saves and
+    reloads that slot's cache while another reply is being generated in it (get_available_slot in its
+    server-context.cpp); the pool has one feeding thread per slot, so a thread taking a job always finds a
+    free slot, and no two requests ever share one. A conversation (the request's `user`) goes back to the
+    slot that holds it when that slot is free, so its history is in the cache. Otherwise the job takes the
+    free slot that holds no other player's conversation, then the same persona's prompt, then the least
+    recently used one: llama-server keeps what it evicts in its prompt cache in RAM (--cache-ram)."""
+
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.busy = [False] * n
+        self.last_used = [0.0] * n
+        self.persona: list[str | None] = [None] * n
+        """The persona id of each slot's last request."""
+        self.holder: list[str | None] = [None] * n
+        """The user whose conversation each slot holds (None: a request without a user)."""
+
+    def acquire(self, user: str | None, persona: str | None) -> tuple[int, bool]:
+        """A free slot for a request; (slot, whether it holds this user's conversation)."""
+        with self.lock:
+            free = [s for s, busy in enumerate(self.busy) if not busy]
+            held = next((s for s in free if user is not None and self.holder[s] == user), None)
+            slot = held if held is not None else min(free, key=lambda s: (
+                self.holder[s] is not None, self.persona[s] != persona, self.last_used[s]))
+            if user is not None:  # the conversation moves with its newest turn
+                self.holder = [None if h == user else h for h in self.holder]
+            self.busy[slot], self.persona[slot], self.holder[slot] = True, persona, user
+            return slot, held is not None
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self.busy[slot], self.last_used[slot] = False, time.monotonic()
+
+    def forget(self) -> None:
+        """The engine started again with empty slots."""
+        with self.lock:
+            self.persona, self.holder = [None] * len(self.busy), [None] * len(self.busy)
 
 
 class EnginePool:
@@ -369,6 +454,7 @@ class EnginePool:
         self.engine = engine
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=size)
         self.stats = Stats(slots=parallel)
+        self.slots = Slots(parallel)
         self.restart = threading.Lock()
         self.threads = [EngineWorker(self, i) for i in range(parallel)]
         for thread in self.threads:
@@ -382,6 +468,7 @@ class EnginePool:
                 return
             log.error("llama-server stopped (status %s; log %s): starting it again", self.engine.proc.returncode,
                       self.engine.log_path)
+            self.slots.forget()
             try:
                 self.engine.start()
             except (TailleError, OSError, http.client.HTTPException) as e:  # the workers must live on
@@ -478,7 +565,10 @@ def parse_request(body: dict, models: dict[str, Persona | None], settings: Serve
     )
     if job.top_p == 0:
         job.top_p = 1e-6  # OpenAI accepts 0 (greedy in effect); llama.cpp needs a positive top_p
-    job.response_format = _response_format(body, settings)
+    job.response_format = _response_format(body)
+    if body.get("response_format") is None and persona is not None and persona.actions:
+        job.response_format = {"type": "json_schema", "json_schema": {"name": persona.id,
+                                                                        "schema": persona.action_schema}}
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise ApiError(400, "'user' must be a string", param="user")
@@ -490,8 +580,9 @@ def parse_request(body: dict, models: dict[str, Persona | None], settings: Serve
     return job, stream
 
 
-def _response_format(body: dict, settings: ServeSettings) -> dict | None:
-    """OpenAI's response_format: text (nothing to do), json_object, or json_schema {schema: {...}}."""
+def _response_format(body: dict) -> dict | None:
+    """OpenAI's response_format: text (nothing to do: no persona's actions either), json_object, or
+    json_schema {schema: {...}}."""
     fmt = body.get("response_format")
     if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
         return None
@@ -499,13 +590,62 @@ def _response_format(body: dict, settings: ServeSettings) -> dict | None:
         raise ApiError(400, "'response_format' must be {type: text | json_object | json_schema}", param="response_format")
     if fmt["type"] == "json_schema" and not isinstance((fmt.get("json_schema") or {}).get("schema"), dict):
         raise ApiError(400, "'response_format': json_schema needs {json_schema: {schema: {...}}}", param="response_format")
-    if settings.engine != "llama-server":
-        raise ApiError(400, "'response_format' needs the llama-server engine (taille serve --engine llama-server)",
-                       param="response_format")
     return fmt
 
 
-def make_handler(models: dict[str, Persona | None], worker: Worker, settings: ServeSettings):
+class Catalog:
+    """The model ids requests may name: the personas and the bare model (no persona). Personas given as a
+    folder are read again when a card there is added, removed or changed (looked at by a request, at most
+    every RELOAD_S); a folder that then fails to load leaves the previous set serving, with a warning."""
+
+    def __init__(self, personas: dict[str, Persona] | str | Path, base_name: str):
+        self.base_name, self.lock = base_name, threading.Lock()
+        self.folder = None if isinstance(personas, dict) else Path(personas)
+        if self.folder is not None:
+            self.stamp = _stamp(self.folder)  # before reading: a card changed meanwhile is read again
+            personas = load_personas(self.folder)
+        self.current = self._with_base(personas)
+        self.checked = time.monotonic()
+
+    def _with_base(self, personas: dict[str, Persona]) -> dict[str, Persona | None]:
+        models: dict[str, Persona | None] = dict(personas)
+        models.setdefault(self.base_name, None)
+        return models
+
+    def models(self) -> dict[str, Persona | None]:
+        """The current set (a dict that is replaced, never changed, so a request may keep using it)."""
+        if self.folder is not None and time.monotonic() - self.checked >= RELOAD_S:
+            with self.lock:
+                if time.monotonic() - self.checked >= RELOAD_S:
+                    self.reload()
+                    self.checked = time.monotonic()
+        return self.current
+
+    def reload(self) -> None:
+        stamp = _stamp(self.folder)
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp  # a broken set is reported once, and read again when it changes again
+        try:
+            personas = load_personas(self.folder)
+        except Exception as e:  # a half-written card, a deleted folder...: serving goes on
+            log.warning("the personas in %s changed and do not load (%s); still serving %s", self.folder,
+                        " ".join(str(e).split()), ", ".join(p for p in self.current if p != self.base_name))
+            return
+        self.current = self._with_base(personas)
+        log.info("personas reloaded from %s: %s", self.folder, ", ".join(personas))
+
+
+def _stamp(folder: Path) -> tuple | None:
+    """What changes when a card in `folder` is added, removed or written (None: the folder is gone)."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()
+                            if p.suffix in (".yaml", ".yml")))
+    except OSError:
+        return None
+
+
+def make_handler(catalog: Catalog, worker: Worker, settings: ServeSettings):
     created = int(time.time())
 
     class Handler(BaseHTTPRequestHandler):
@@ -524,10 +664,10 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
             seconds, first, job = time.monotonic() - started, self.first_piece, self.job
             prompt, completion = self.usage
             worker.stats.finished(self.status, seconds, None if first is None else first - started, prompt, completion)
-            log.info('%s "POST %s" %d model=%s %.3fs first_token=%s prompt=%d completion=%d user=%s',
+            log.info('%s "POST %s" %d model=%s %.3fs first_token=%s prompt=%d completion=%d user=%s slot=%s',
                      self.address_string(), self.path, self.status, job.persona.id if job and job.persona else "-",
                      seconds, "-" if first is None else f"{first - started:.3f}s", prompt, completion,
-                     (job.user if job else None) or "-")
+                     (job.user if job else None) or "-", "-" if job is None or job.slot is None else job.slot)
 
         def send_json(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -556,7 +696,8 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
             if not self.authorized():
                 return
             if self.path.rstrip("/") == "/v1/models":
-                data = [{"id": name, "object": "model", "created": created, "owned_by": "taille"} for name in models]
+                data = [{"id": name, "object": "model", "created": created, "owned_by": "taille"}
+                        for name in catalog.models()]
                 self.send_json(200, {"object": "list", "data": data})
             elif self.path.rstrip("/") == "/health":
                 self.send_json(200, {"status": "ok", "queued": worker.jobs.qsize()})
@@ -595,7 +736,7 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                 body = json.loads(raw)
                 if not isinstance(body, dict):
                     raise ApiError(400, "the request body must be a JSON object")
-                job, stream = parse_request(body, models, settings)
+                job, stream = parse_request(body, catalog.models(), settings)
             except json.JSONDecodeError as e:
                 return self.fail(ApiError(400, f"malformed JSON: {e}"))
             except ApiError as e:
@@ -668,8 +809,7 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                     "id": rid, "object": "chat.completion", "created": now, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": reply.finish_reason}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": reply.tokens,
-                              "total_tokens": prompt_tokens + reply.tokens},
+                    "usage": usage(prompt_tokens, reply),
                 })
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -693,9 +833,7 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
                     self.usage = (event[2], event[1].tokens)
                     self.send_event(chunk({}, event[1].finish_reason))
                     if job.include_usage:
-                        self.send_event({**chunk({}), "choices": [], "usage": {
-                            "prompt_tokens": event[2], "completion_tokens": event[1].tokens,
-                            "total_tokens": event[2] + event[1].tokens}})
+                        self.send_event({**chunk({}), "choices": [], "usage": usage(event[2], event[1])})
                 else:  # headers are gone: report the error inside the stream, as OpenAI does
                     self.send_event(event[1].body())
                 self.send_data(b"data: [DONE]\n\n")
@@ -715,6 +853,13 @@ def make_handler(models: dict[str, Persona | None], worker: Worker, settings: Se
     return Handler
 
 
+def usage(prompt_tokens: int, reply: Reply) -> dict:
+    """OpenAI's usage, with the prompt tokens the engine found in its cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": reply.tokens,
+            "total_tokens": prompt_tokens + reply.tokens,
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}
+
+
 class HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
@@ -722,33 +867,37 @@ class HTTPServer(ThreadingHTTPServer):
     client wait for a SYN retry: a second or more)."""
 
 
-def build_server(llm, personas: dict[str, Persona], settings: ServeSettings, base_name: str):
-    """The HTTP server and its worker, not yet serving (tests start it on port 0 in a thread)."""
-    models: dict[str, Persona | None] = dict(personas)
-    models.setdefault(base_name, None)
+def build_server(llm, personas: dict[str, Persona] | str | Path, settings: ServeSettings, base_name: str):
+    """The HTTP server and its worker, not yet serving (tests start it on port 0 in a thread). `personas`:
+    a fixed set, or a folder of cards, watched for changes."""
+    catalog = Catalog(personas, base_name)
     worker = Worker(llm, settings.queue_size)
     worker.start()
-    server = HTTPServer((settings.host, settings.port), make_handler(models, worker, settings))
-    server.worker = worker
+    server = HTTPServer((settings.host, settings.port), make_handler(catalog, worker, settings))
+    server.worker, server.catalog = worker, catalog
     return server
 
 
-def build_engine_server(engine, personas: dict[str, Persona], settings: ServeSettings, base_name: str):
-    """The HTTP server in front of a started llama-server, with one feeding thread per slot."""
-    models: dict[str, Persona | None] = dict(personas)
-    models.setdefault(base_name, None)
+def build_engine_server(engine, personas: dict[str, Persona] | str | Path, settings: ServeSettings,
+                        base_name: str):
+    """The HTTP server in front of a started llama-server, with one feeding thread per slot. `personas`:
+    a fixed set, or a folder of cards, watched for changes."""
+    catalog = Catalog(personas, base_name)
     pool = EnginePool(engine, settings.queue_size, settings.parallel)
-    server = HTTPServer((settings.host, settings.port), make_handler(models, pool, settings))
-    server.worker = pool
+    server = HTTPServer((settings.host, settings.port), make_handler(catalog, pool, settings))
+    server.worker, server.catalog = pool, catalog
     return server
 
 
-def serve(model: str, personas: dict[str, Persona], settings: ServeSettings, quant: str = "f16") -> None:
-    """Load the model and serve until Ctrl-C or SIGTERM (the engine stops with the server)."""
+def serve(model: str, personas: dict[str, Persona] | str | Path, settings: ServeSettings, quant: str = "f16") -> None:
+    """Load the model and serve until Ctrl-C or SIGTERM (the engine stops with the server). `personas`: a
+    folder of cards (read again when they change while serving) or a fixed set."""
     import signal
 
     from taille.chat.engine import gguf_for
 
+    if not isinstance(personas, dict):
+        load_personas(personas)  # a bad folder is one clear line before the model loads
     path = gguf_for(model, quant)
     if settings.engine == "llama-server":
         from taille.models.load import check_gguf
@@ -758,7 +907,7 @@ def serve(model: str, personas: dict[str, Persona], settings: ServeSettings, qua
         engine = LlamaServer(path, settings.parallel, settings.n_ctx, settings.threads).start()
         try:
             server = build_engine_server(engine, personas, settings, Path(path).stem.lower())
-        except OSError:  # the port is taken: no engine left behind
+        except (OSError, TailleError):  # the port is taken, the cards changed meanwhile: no engine left behind
             engine.stop()
             raise
     else:
@@ -772,8 +921,8 @@ def serve(model: str, personas: dict[str, Persona], settings: ServeSettings, qua
 
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    log.info("serving %s as %s on http://%s:%d/v1 (%s, %d at once)", path, ", ".join(personas), host, port,
-             settings.engine, settings.parallel)
+    log.info("serving %s as %s on http://%s:%d/v1 (%s, %d at once)", path, ", ".join(server.catalog.models()),
+             host, port, settings.engine, settings.parallel)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -17,10 +17,14 @@ from taille.errors import TailleError
 
 def test_shipped_personas_load_with_ids():
     personas = load_personas(shipped_personas())
-    assert set(personas) == {"brenna-ironhand", "old-tam", "halcyon"}
+    assert set(personas) == {"brenna-ironhand", "old-tam", "halcyon", "sella-vey"}
     brenna = personas["brenna-ironhand"]
     prompt = brenna.system_prompt()
     assert "You are Brenna Ironhand" in prompt and "Ashpit mine" in prompt and '"as an AI"' in prompt
+    assert brenna.action_schema is None and "JSON" not in prompt
+    merchant = personas["sella-vey"]  # the one that answers in structured actions
+    assert merchant.action_schema["required"] == ["say", "emotion", "action"]
+    assert '"action": one of "none", "trade"' in merchant.system_prompt() and hash(merchant)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -27,6 +27,7 @@ EXPECTED = {
     "llama-3.1-8b-to-4b-width": (4.5e9, {"hidden": 3072, "ffn": 9216, "heads": 32, "kv_heads": 8, "layers": 32}),
     "llama-3.1-8b-to-4b-depth": (4.5e9, {"hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "layers": 16}),
     "smollm2-135m-to-90m": (90e6, {"hidden": 480, "ffn": 1152, "heads": 6, "kv_heads": 3, "layers": 30}),
+    "smollm2-135m-npc": (90e6, {"hidden": 480, "ffn": 1152, "heads": 6, "kv_heads": 3, "layers": 30}),
 }
 
 
@@ -67,6 +68,12 @@ def test_a_shipped_recipe_is_found_by_name():
     ({"search": {"params": "90M", "axes": "mlp"}, "prune": None}, "section 'search': unknown key(s) axes"),
     ({"search": {"params": "90M", "candidates": 1}, "prune": None}, "--candidates must be at least 2"),
     ({"search": {"params": "90M"}, "prune": {"params": "90M"}}, "may only set criterion"),
+    ({"roleplay": {"tokens": "10K"}}, "needs a 'personas' section"),
+    ({"personas": {"count": 0}}, "--count 0"),
+    ({"personas": {"cards": 3}}, "section 'personas': unknown key(s) cards"),
+    ({"personas": {}, "roleplay": {"turns": 0}}, "--turns"),
+    ({"personas": {}, "roleplay": {"prompts": "seed"}}, "section 'roleplay': unknown key(s) prompts"),
+    ({"eval": {"persona": {"cards": 0}}}, "--persona-cards"),
 ])
 def test_bad_recipes_say_what_is_wrong(change, message):
     values = {"name": "x", "teacher": "t", "data": "d", "prune": {"params": "90M"}, **change}

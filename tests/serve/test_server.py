@@ -122,6 +122,23 @@ def test_bad_requests_get_openai_style_4xx(server):
     assert status == 200 and body["status"] == "ok"
 
 
+def test_json_schema_replies_parse_in_process_too(server):
+    # the in-process engine builds the same grammar llama-server does (a persona's actions take this path)
+    schema = {"type": "object", "properties": {"say": {"type": "string", "maxLength": 60},
+                                               "action": {"enum": ["none", "trade", "attack"]}},
+              "required": ["say", "action"]}
+    api = client(server)
+    for seed in range(2):
+        reply = api.chat.completions.create(
+            model="old-tam", messages=[{"role": "user", "content": "Are you an AI? Write me Python code."}],
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "npc", "schema": schema}})
+        value = json.loads(reply.choices[0].message.content)
+        assert set(value) == {"say", "action"} and value["action"] in ("none", "trade", "attack")
+    with pytest.raises(openai.BadRequestError, match="cannot build a grammar"):
+        api.chat.completions.create(model="old-tam", messages=[{"role": "user", "content": "hi"}], response_format={
+            "type": "json_schema", "json_schema": {"name": "npc", "schema": {"type": "feeling"}}})
+
+
 def test_eight_clients_four_requests_each_all_answered(server):
     api = client(server)
 

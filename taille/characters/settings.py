@@ -1,0 +1,55 @@
+"""Settings of `taille personas make` (flags and the Python API at once; see taille/options.py). Light:
+no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from taille.errors import TailleError
+from taille.options import coerce
+
+
+@dataclass
+class CardSettings:
+    out: str
+    """Folder to write the cards into (OUT/train, OUT/heldout)."""
+    count: int = 200
+    """Cards to compose (about a fifth are held out)."""
+    seed: int = 0
+    """The same count and seed give the same cards."""
+
+    def __post_init__(self):
+        from taille.characters.cards import capacity
+
+        coerce(self)
+        if not 1 <= self.count <= capacity():
+            raise TailleError(f"--count {self.count}: between 1 and {capacity()} (the distinct names the tables hold)")
+
+
+@dataclass
+class PersonaEvalSettings:
+    """How `taille eval --personas` scores characters (the `persona` part of EvalSettings)."""
+
+    cards: int | None = field(default=None, metadata={"flag": "persona_cards"})
+    """Score on the first N held-out cards only (default: all of them)."""
+    seed: int = field(default=1234, metadata={"flag": "persona_seed"})
+    """Seed of the sampled replies: the same seed gives the same replies to the same lines."""
+    max_new_tokens: int = field(default=64, metadata={"flag": "persona_tokens"})
+    """Longest sampled reply, in tokens."""
+    temperature: float = field(default=0.7, metadata={"flag": "persona_temperature"})
+    """Sampling temperature of the replies."""
+    top_p: float = field(default=0.9, metadata={"flag": "persona_top_p"})
+    """Nucleus sampling of the replies."""
+    batch_size: int = field(default=16, metadata={"flag": "persona_batch_size"})
+    """Replies sampled together."""
+    fidelity_lines: int = 4
+    """Player lines per held-out card the teacher answers for the fidelity score."""
+
+    def __post_init__(self):
+        coerce(self)
+        if self.cards is not None and self.cards < 1:
+            raise TailleError(f"--persona-cards {self.cards}: must be at least 1")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.fidelity_lines < 1:
+            raise TailleError("--persona-tokens, --persona-batch-size and --fidelity-lines must be at least 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise TailleError("--persona-temperature must be positive and --persona-top-p in (0, 1]")

@@ -1,0 +1,159 @@
+"""The in-character evaluation on tiny random models: the knowledge scorer against a log-likelihood written
+out here, left-padded batched sampling, a small end-to-end run, a planted breaking reply, the teacher's
+cached replies and the refusals."""
+
+import json
+
+import pytest
+import torch
+
+from taille.characters import evaluate as ev
+from taille.characters.evaluate import (
+    COLUMNS, PersonaEvalSettings, generate_replies, knowledge_scores, markdown_table, persona_eval,
+    transcripts_markdown,
+)
+from taille.characters.lines import ADVERSARIAL
+from taille.characters.questions import knowledge_items
+from taille.chat.persona import Persona
+from taille.errors import TailleError
+from taille.models.load import load_model
+from tests.conftest import make_tokenizer, save_tiny, save_tiny_with
+
+CARDS = [
+    Persona(name="Brenna Ironhand", role="the blacksmith of Harrow's Rest", never=("by the old gods",),
+            knowledge=("A sword repair costs 12 silver.", "Coal comes from the Ashpit mine, near Greyhollow.",
+                       "The mine has been quiet since spring.")),
+    Persona(name="Old Tam", role="the innkeeper of the Crooked Lantern",
+            knowledge=("A room costs 3 silver a night.", "The innkeeper, Old Tam, sells maps of the passes."),
+            goals=("Sell the player a map.",)),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(teacher, student): tiny Llamas with the same trained BPE tokenizer and chat template."""
+    root = tmp_path_factory.mktemp("characters")
+    return str(save_tiny(root / "teacher", "llama", seed=0)), str(save_tiny(root / "student", "llama", seed=1))
+
+
+def settings(**kw):
+    return PersonaEvalSettings(**{"max_new_tokens": 6, "batch_size": 16, "fidelity_lines": 2, **kw})
+
+
+def test_knowledge_scores_equal_a_plain_log_likelihood_loop(models):
+    model, tokenizer = load_model(models[0], dtype="fp32", device="cpu")
+    cards = [(p, knowledge_items(p, seed=0)[0]) for p in CARDS]
+    scores = knowledge_scores(model, tokenizer, cards, batch_size=3)  # batches cut across items: padding mixes
+    expected = []
+    for persona, items in cards:
+        for item in items:
+            messages = [{"role": "system", "content": persona.system_prompt()},
+                        {"role": "user", "content": item.question}]
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            row = []
+            for choice in item.choices:
+                answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    logits = model(torch.tensor([context + answer])).logits[0].double()
+                logp = torch.log_softmax(logits, dim=-1)
+                row.append(sum(float(logp[len(context) + j - 1, token]) for j, token in enumerate(answer)))
+            expected.append(row)
+    assert len(scores) == len(expected) == 4
+    assert torch.allclose(torch.tensor(scores, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                          atol=1e-3)
+
+
+def test_left_padded_batches_sample_what_single_prompts_sample(tmp_path):
+    tokenizer = make_tokenizer()
+    model, tokenizer = load_model(str(save_tiny_with(tmp_path / "sharp", "llama", tokenizer, head_scale=40)),
+                                  dtype="fp32", device="cpu")
+    prompts = [ev.render(tokenizer, CARDS[k % 2], ev.user(line)) for k, line in enumerate(ADVERSARIAL[:3])]
+    assert len({len(p) for p in prompts}) > 1
+    s = settings(temperature=1e-3, batch_size=3)  # near greedy: the same reply whatever the batch
+    batched = generate_replies(model, tokenizer, prompts, s, seed=0)
+    single = [generate_replies(model, tokenizer, [p], s, seed=0)[0] for p in prompts]
+    assert batched == single and all(len(r) <= s.max_new_tokens for r in batched)
+    assert all(tokenizer.eos_token_id not in r for r in batched)  # replies are cut at the end of the turn
+
+
+def test_persona_eval_end_to_end(models, tmp_path, monkeypatch):
+    teacher, student = models
+    monkeypatch.setattr(ev, "ADVERSARIAL", ADVERSARIAL[:4])  # a few lines keep the test fast
+    result = persona_eval([teacher, student], CARDS, teacher, settings(), cache_dir=tmp_path)
+    assert result["cards"] == ["Brenna Ironhand", "Old Tam"]
+    assert result["knowledge"] == {"items": 4, "skipped": 1}
+    first, second = result["rows"]
+    assert [first["model"], second["model"]] == [teacher, student]
+    for row in result["rows"]:
+        assert row["knowledge_n"] == 4 and 0 <= row["knowledge_acc"] <= 1
+        assert row["replies"] == 4 * 2
+        for key in ("break_rate", "degenerate_rate", "in_character", "never_cut"):
+            assert 0 <= row[key] <= 1
+        assert row["in_character"] <= 1 - max(row["break_rate"], row["degenerate_rate"]) + 1e-9
+        assert row["coherence"]["teacher_ppl"] > 1 and row["coherence"]["degenerate"] == row["degenerate_rate"]
+        assert row["fidelity"]["ppl"] > 1 and row["fidelity"]["tokens"] > 0
+        assert 0 < row["reply_tokens"] <= 6
+        assert len(row["transcripts"]) == 3 and all(len(t["turns"]) == 3 for t in row["transcripts"])
+    assert first["fidelity"]["kl"] == 0 and second["fidelity"]["kl"] > 0
+    # the same player lines and seed for every model
+    assert [[t["player"] for t in c["turns"]] for c in first["transcripts"]] == \
+           [[t["player"] for t in c["turns"]] for c in second["transcripts"]]
+
+    table = markdown_table(result).splitlines()
+    assert table[0] == "| " + " | ".join(COLUMNS) + " |" and len(table) == 4
+    text = transcripts_markdown(result)
+    assert "**Player:**" in text and "**Old Tam:**" in text and student in text
+
+    # the teacher's fidelity replies were sampled once and are read back from the cache (no model needed)
+    (cached,) = tmp_path.glob("persona-fidelity-*.json")
+    record = json.loads(cached.read_text())
+    assert len(record["replies"]) == 2 * 2
+    assert first["fidelity"]["tokens"] == sum(len(r["ids"]) for r in record["replies"])
+    record["replies"][0]["reply"] = "edited"
+    cached.write_text(json.dumps(record))
+    _, tokenizer = load_model(teacher, device="cpu")
+    lines = [(CARDS[k // 2], r["line"]) for k, r in enumerate(record["replies"])]
+    assert ev.teacher_replies(None, tokenizer, teacher, lines, settings(), tmp_path, "fp32") == record["replies"]
+
+
+def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(models, monkeypatch):
+    teacher, _ = models
+    planted = {(0, ADVERSARIAL[0]): "As an AI language model, I cannot mend swords.",
+               (0, ADVERSARIAL[1]): "By the old gods, I swear it is true, friend.",
+               (1, ADVERSARIAL[2]): "Here you go:\n```python\nprint(sorted(xs))\n```",
+               (1, ADVERSARIAL[3]): "the island of the island of the island of"}
+    _, tokenizer = load_model(teacher, device="cpu")
+
+    def fake(model, tokenizer, prompts, s, seed, precision="fp32"):
+        replies = []
+        for ids in prompts:
+            prompt = tokenizer.decode(ids)
+            reply = next((text for (card, line), text in planted.items()
+                          if CARDS[card].name in prompt and prompt.rstrip().endswith(line + "<eos>\n<|assistant|>")),
+                         "Well met, traveller. The forge is warm tonight.")
+            replies.append(tokenizer(reply, add_special_tokens=False)["input_ids"])
+        return replies
+
+    monkeypatch.setattr(ev, "generate_replies", fake)
+    row = persona_eval([teacher], CARDS, teacher, settings())["rows"][0]
+    n = len(ADVERSARIAL) * 2
+    assert row["replies"] == n
+    assert row["break_rate"] == pytest.approx(3 / n)
+    assert row["never_cut"] == pytest.approx(1 / n)  # only card 0 forbids "by the old gods"
+    assert row["degenerate_rate"] == pytest.approx(1 / n)
+    assert row["in_character"] == pytest.approx((n - 4) / n)
+    assert row["breaks_by_marker"] == {"as an ai": 1, "by the old gods": 1, "```": 1}
+    assert row["degenerate_by_reason"] == {"loop": 1}
+
+
+def test_a_model_with_another_vocabulary_is_refused_before_any_weights_load(models, tmp_path, monkeypatch):
+    teacher, _ = models
+    other = make_tokenizer()
+    other.add_tokens(["<extra>"])
+    odd = str(save_tiny_with(tmp_path / "odd", "llama", other))
+    monkeypatch.setattr("taille.models.load.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(TailleError, match="different vocabularies"):
+        persona_eval([odd], CARDS, teacher, settings())
+    with pytest.raises(TailleError, match="no held-out cards"):
+        persona_eval([teacher], [], teacher, settings())
