@@ -18,7 +18,8 @@ card's system prompt (taille.chat.persona.Persona.system_prompt) and the card's 
 Every reply is filtered; the conversation ends before the first reply that fails, and a conversation
 without one good reply is dropped. The filters, in order, each counted in OUT.meta.json:
 
-  unfinished         the reply ran into --max-new-tokens (it would teach rambling)
+  unfinished         the reply ran into --max-new-tokens without a whole sentence (a reply that ran
+                     on after some is cut after its last one, and counted)
   never              one of the card's `never` phrases (taille.characters.detect.breaks_character)
   out_of_character   an out-of-character marker (detect.OOC_MARKERS: "as an AI", code fences, ...)
   degenerate         a repeated n-gram loop, too few distinct 3-grams, or no sentence (detect.degenerate)
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -59,12 +61,25 @@ def player_lines(persona, rng: random.Random) -> dict[str, list[str]]:
             "goal": goal_requests(persona) or list(SMALL_TALK), "adversarial": list(ADVERSARIAL_TRAIN)}
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
+
+
+def finish(text: str, generated: int, max_new_tokens: int) -> tuple[str, bool]:
+    """A reply that ran into max_new_tokens, cut after its last whole sentence: (text, trimmed). Characters
+    answer in a few sentences; a small teacher often runs on, and the cut keeps what it said well. Empty
+    when no whole sentence is left."""
+    if generated < max_new_tokens:
+        return text, False
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return (text[: ends[-1]].strip() if ends else ""), True
+
+
 def reply_verdict(text: str, generated: int, persona, s, dedup, count) -> str | None:
-    """Why a teacher reply is not kept (a filter's name), or None."""
+    """Why a teacher reply (after `finish`) is not kept (a filter's name), or None."""
     from taille.characters.detect import breaks_character, degenerate, said_never
     from taille.generate.generate import looks_like
 
-    if generated >= s.max_new_tokens:
+    if not text:
         return "unfinished"
     if said_never(text, persona) is not None:
         return "never"
@@ -167,9 +182,23 @@ def generate_roleplay(s) -> dict:
     counts = {k: 0 for k in ("unfinished", "never", "out_of_character", "degenerate", "language",
                              "exact_duplicate", "near_duplicate")}
     kinds_kept: dict[str, int] = {}
+    counts_trimmed = [0]
     conversations, replies_kept, generated, seconds, dropped = 0, 0, 0, 0.0, 0
     bar = tqdm(total=s.tokens, initial=min(kept_tokens, s.tokens), desc="role-play", unit="tok", unit_scale=True)
     round_ = 0
+
+    def write_meta() -> dict:  # after every batch, so a stopped run still says what it filtered
+        meta = {"engine": engine.name, "teacher": s.teacher, "personas": s.personas, "cards": len(personas),
+                "settings": asdict(s), "tokens_kept": kept_tokens, "conversations_this_run": conversations,
+                "conversations_total": len(done) + conversations, "replies_kept_this_run": replies_kept,
+                "first_line_kinds_this_run": kinds_kept, "dropped_conversations_this_run": dropped,
+                "generated_tokens_this_run": generated,
+                "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
+                "filtered_replies_this_run": counts,
+                "replies_cut_after_last_sentence_this_run": counts_trimmed[0], "finished": kept_tokens >= s.tokens}
+        Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return meta
+
     with open(out, "a") as f:
         while kept_tokens < s.tokens:
             todo = [c for c in plan_conversations(personas, s, s.seed, round_, extra) if c["id"] not in done]
@@ -193,6 +222,8 @@ def generate_roleplay(s) -> dict:
                     seconds += time.perf_counter() - start
                     for c, (text, n) in zip(live, answers):
                         generated += n
+                        text, trimmed = finish(text, n, s.max_new_tokens)
+                        counts_trimmed[0] += trimmed and bool(text)
                         verdict = reply_verdict(text, n, personas[c["persona"]], s, dedup, engine.count)
                         if verdict is not None:
                             counts[verdict] += 1
@@ -215,17 +246,11 @@ def generate_roleplay(s) -> dict:
                     kept_tokens += c["tokens"]
                     bar.update(c["tokens"])
                 bar.set_postfix(tok_s=f"{generated / max(seconds, 1e-9):.0f}")
+                write_meta()
             round_ += 1
             if round_ > 200:
                 raise TailleError("200 rounds over the cards did not reach --tokens; the filters drop almost "
                                   "everything (see OUT.meta.json) or there are too few cards")
     bar.close()
-    meta = {"engine": engine.name, "teacher": s.teacher, "personas": s.personas, "cards": len(personas),
-            "settings": asdict(s), "tokens_kept": kept_tokens, "conversations_this_run": conversations,
-            "conversations_total": len(done) + conversations, "replies_kept_this_run": replies_kept,
-            "first_line_kinds_this_run": kinds_kept, "dropped_conversations_this_run": dropped,
-            "generated_tokens_this_run": generated,
-            "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
-            "filtered_replies_this_run": counts}
-    Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return write_meta()
     return meta

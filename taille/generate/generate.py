@@ -175,7 +175,7 @@ class Deduplicator:
         return None
 
 
-ENGINES = ("auto", "torch", "llama.cpp")
+ENGINES = ("auto", "torch", "llama.cpp", "llama-server")
 
 
 @dataclass
@@ -267,15 +267,69 @@ def llama_engine(s: GenerateSettings, path: Path) -> Engine:
                   lambda messages: prompt_ids(llm, messages))
 
 
+def server_engine(s: GenerateSettings, path: Path) -> Engine:
+    """llama.cpp's own server running the GGUF teacher with --batch-size slots: continuous batching (a
+    finished sequence frees its slot at once, no padding) and a prompt cache (a card's system prompt is
+    read once per slot). The process lives as long as this one (taille.serve.engine.LlamaServer)."""
+    import atexit
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    from taille.models.llamacpp import llama_cpp, prompt_ids
+    from taille.serve.engine import LlamaServer, binary_path
+
+    if not binary_path().is_file():
+        raise TailleError(f"--engine llama-server needs llama.cpp's server, not built yet ({binary_path()}); "
+                          "build it once: python -m taille.serve.engine build")
+    vocab = llama_cpp().Llama(model_path=str(path), vocab_only=True, verbose=False)
+    chat = bool(vocab.metadata.get("tokenizer.chat_template"))
+    server = LlamaServer(path, parallel=s.batch_size, n_ctx=2048).start()
+    atexit.register(server.stop)
+    pool = ThreadPoolExecutor(max_workers=s.batch_size)
+
+    def render_text(text: str) -> list[int]:
+        return vocab.tokenize(text.encode(), add_bos=vocab.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                              special=False)
+
+    def render_messages(messages: list[dict]) -> list[int]:
+        return prompt_ids(vocab, messages)
+
+    def one(ids: list[int], max_new_tokens: int, seed: int) -> tuple[str, int]:
+        body = {"prompt": ids[: 2047], "n_predict": max(1, min(max_new_tokens, 2048 - len(ids))),
+                "temperature": s.temperature, "top_p": s.top_p, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
+                "seed": seed, "cache_prompt": True}
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        try:
+            connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise TailleError(f"llama-server answered {response.status}: {answer}; its log: {server.log_path}")
+        return answer["content"].strip(), int(answer["tokens_predicted"])
+
+    def sample(prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
+        return list(pool.map(lambda k: one(prompts[k], max_new_tokens, seed + k), range(len(prompts))))
+
+    def count(text: str) -> int:
+        return len(vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+    return Engine(f"llama-server: {path.name}, {s.batch_size} slots, continuous batching (cpu)", chat,
+                  lambda prompt: render_messages([{"role": "user", "content": prompt}]) if chat else render_text(prompt),
+                  render_text, sample, count, render_messages)
+
+
 def pick_engine(s: GenerateSettings) -> Engine:
     from taille.models.load import resolve_model
 
     source = resolve_model(s.teacher)
-    if s.engine == "llama.cpp":
+    if s.engine in ("llama.cpp", "llama-server"):
         if source.kind != "gguf":
-            raise TailleError(f"--engine llama.cpp needs a GGUF teacher; {s.teacher} is a {source.kind} model "
+            raise TailleError(f"--engine {s.engine} needs a GGUF teacher; {s.teacher} is a {source.kind} model "
                               "(export it first: taille export MODEL --quant f16 --out teacher.gguf)")
-        return llama_engine(s, Path(source.location))
+        make = llama_engine if s.engine == "llama.cpp" else server_engine
+        return make(s, Path(source.location))
     return torch_engine(s)
 
 

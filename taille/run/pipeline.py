@@ -27,7 +27,7 @@ from taille.run import recipe as R
 log = logging.getLogger(__name__)
 
 STAGES = ("personas", "roleplay", "correct", "importance", "search", "prune", "distill", "eval", "export", "report")
-DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/roleplay.jsonl.meta.json", "correct": "corrected/taille.json", "importance": "importance/importance.json",
+DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/done.json", "correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
         "eval": "eval/eval.json", "export": "export/export.json", "report": "report.md"}
 OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "correct": "correct", "search": "search", "export": "export"}
@@ -90,7 +90,8 @@ def stage_personas(recipe, run: Path, teacher: str) -> None:
 def stage_roleplay(recipe, run: Path, teacher: str) -> None:
     from taille.characters.roleplay import generate_roleplay
 
-    generate_roleplay(R.roleplay_settings(recipe, recipe.teacher, run))
+    meta = generate_roleplay(R.roleplay_settings(recipe, recipe.teacher, run))
+    (run / "roleplay" / "done.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def stage_correct(recipe, run: Path, teacher: str) -> None:
