@@ -229,7 +229,7 @@ def eval_(
     """
     from taille.eval.run import evaluate, markdown, write_report
 
-    report = evaluate(models, settings)
+    report = evaluate(models, settings, out)
     if out:
         write_report(report, out)
     if json_out:
@@ -506,12 +506,20 @@ def _run_and_show(recipe_spec: str, out: Optional[Path], until: Optional[str]) -
         won = recovery(report)
         if won is not None:
             print(f"distillation won back {won:.0%} of the log-perplexity that pruning lost")
+        if report.get("characters"):
+            from taille.characters.evaluate import COLUMNS, table_rows
+
+            c = report["characters"]
+            print(f"as a game character, on {len(c['cards'])} held-out cards:")
+            _print_table("", list(COLUMNS), table_rows({**c, "labels": report.get("labels", {})}),
+                         right=set(range(1, len(COLUMNS))))
+    card = next(iter(sorted((run / "personas" / "heldout").glob("*.yaml"))), None)
     if (run / "export" / "export.json").is_file():
         for r in json.loads((run / "export" / "export.json").read_text()):
             v = r.get("verify")
             agreement = f", top-1 agreement with PyTorch {v['top1_agreement']:.1%}" if v else ""
             print(f"on-device: {r['out']} ({r['quant']}, {r['bytes'] / 2**20:.1f} MiB{agreement}); talk to it: "
-                  f"taille chat {r['out']}")
+                  f"taille chat {r['out']}" + (f" --persona {card}" if card else ""))
     if (run / "report.html").is_file():
         print(f"report: {run / 'report.html'} (and report.md)")
 

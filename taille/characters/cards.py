@@ -123,7 +123,7 @@ SETTINGS = (
                     ("park ranger", "trail maps"), ("shop owner", "antiques")),
         never=("as an AI", "language model", "I am an assistant", "OpenAI"),
         facts=_COMMON_FACTS + (
-            "The bakery on {place} closes at {n} o'clock on Sundays.",
+            "The bakery on {place} closes at {hour} o'clock on Sundays.",
             "{other} has run the garage in {place} for {n} years.",
             "The bus to {place} costs {n} dollars and is always late.",
             "There were {n} break-ins near {place} last month.",
@@ -160,7 +160,7 @@ _NUMBERS = (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15, 17, 20, 24, 30, 40, 60)
 def _fill(template: str, rng: random.Random, s: Setting, card: dict) -> str:
     """A template with the card's own home, item, debtor and debt; a fresh number and place each time."""
     places = [p for p in s.places if p != card["home"]]
-    text = template.format(n=rng.choice(_NUMBERS), place=rng.choice(places), other=card["other"],
+    text = template.format(n=rng.choice(_NUMBERS), hour=rng.randint(1, 12), place=rng.choice(places), other=card["other"],
                            item=card["item"], home=card["home"], debt=card["debt"])
     return text[0].upper() + text[1:]
 
@@ -230,12 +230,13 @@ def write_cards(out: str | Path, count: int, seed: int = 0) -> dict[str, int]:
     from taille.chat.persona import load_persona
 
     out = Path(out)
+    cards = make_cards(count, seed)  # a bad count fails before anything is deleted
     counts = {"train": 0, "heldout": 0}
     for split in counts:
         (out / split).mkdir(parents=True, exist_ok=True)
         for old in (out / split).glob("*.yaml"):
             old.unlink()
-    for card in make_cards(count, seed):
+    for card in cards:
         split = split_of(card["name"])
         path = out / split / _file_name(card["name"])
         path.write_text(yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=110))

@@ -24,10 +24,11 @@ of silk", "I cannot fulfil my oath" are all in character):
    `#include <`, `public static void`, `function f(`, `<?php`, `SELECT ... FROM`. A character asked for
    code must not write it.
 
-`degenerate(reply)` names why a reply is not a sentence a character could say: "no_sentence" (fewer than
-3 words or no letters), "loop" (a word n-gram, n in 1..4, repeated LOOP_REPEATS times in a row: "the
-island of the island of the island of"), "distinct3" (a reply of at least DISTINCT3_WORDS words whose
-distinct word 3-grams are less than DISTINCT3_MIN of all its 3-grams). Degenerate replies never count as
+`degenerate(reply)` names why a reply is not a sentence a character could say: "no_sentence" (no letters,
+or fewer than 3 words without a sentence end: "Aye." and "Hmm!" are sentences), "loop" (a word n-gram, n
+in 2..4, repeated LOOP_REPEATS times in a row: "the island of the island of the island of"; a single word
+once more than that, so "Well, well, well." is speech), "distinct3" (a reply of at least DISTINCT3_WORDS
+words whose distinct word 3-grams are less than DISTINCT3_MIN of all its 3-grams). Degenerate replies never count as
 in character: a student that only loops "never breaks character" otherwise.
 """
 
@@ -152,12 +153,13 @@ def words(text: str) -> list[str]:
 def degenerate(reply: str) -> str | None:
     """Why `reply` is not a sentence a character could say ("no_sentence", "loop", "distinct3"), or None."""
     tokens = words(reply)
-    if len(tokens) < 3 or not any(c.isalpha() for c in reply):
-        return "no_sentence"
+    if not any(c.isalpha() for c in reply) or (len(tokens) < 3 and not re.search(r"[.!?][\"')]?\s*$", reply)):
+        return "no_sentence"  # "Aye." and "Hmm!" are sentences; "the" is not
     for n in range(1, LOOP_MAX_N + 1):
-        for i in range(len(tokens) - LOOP_REPEATS * n + 1):
+        repeats = LOOP_REPEATS + (n == 1)  # "Well, well, well." is speech; a word four times in a row is not
+        for i in range(len(tokens) - repeats * n + 1):
             gram = tokens[i:i + n]
-            if all(tokens[i + k * n:i + (k + 1) * n] == gram for k in range(1, LOOP_REPEATS)):
+            if all(tokens[i + k * n:i + (k + 1) * n] == gram for k in range(1, repeats)):
                 return "loop"
     if len(tokens) >= DISTINCT3_WORDS:
         grams = [tuple(tokens[i:i + 3]) for i in range(len(tokens) - 2)]

@@ -13,7 +13,8 @@ these kinds (the shares in KINDS):
                kept in OUT.player_lines.jsonl so a resumed run uses the same ones)
 
 Later turns are knowledge questions and small talk. The teacher answers each turn in character, with the
-card's system prompt (taille.chat.persona.Persona.system_prompt) and the card's sampling temperature.
+card's system prompt (taille.chat.persona.Persona.system_prompt), sampled at --temperature / --top-p (one
+setting for the whole corpus, not each card's own).
 
 Every reply is filtered; the conversation ends before the first reply that fails, and a conversation
 without one good reply is dropped. The filters, in order, each counted in OUT.meta.json:
@@ -37,6 +38,7 @@ import logging
 import random
 import re
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,7 +106,7 @@ def teacher_lines(engine, s, personas, path: Path) -> dict[str, list[str]]:
             if row.strip():
                 record = json.loads(row)
                 lines.setdefault(record["persona"], []).append(record["line"])
-    dedup = Deduplicator(0.7)
+    dedup = Deduplicator(s.near_duplicate)
     for pid, persona in personas.items():
         have = lines[pid]
         for line in have:
@@ -120,7 +122,7 @@ def teacher_lines(engine, s, personas, path: Path) -> dict[str, list[str]]:
                     examples = "\n".join(f"{k}. {p}" for k, p in enumerate(shown, 1))
                     batch.append(engine.render_text(PLAYER_LINES.format(name=persona.name, role=persona.role,
                                                                         examples=examples, next=len(shown) + 1)))
-                for text, _ in engine.sample(batch, 40, s.seed + 104729 * attempt + hash(pid) % 1000):
+                for text, _ in engine.sample(batch, 40, s.seed + 104729 * attempt + zlib.crc32(pid.encode()) % 1000):
                     line = text.strip().splitlines()[0].strip().strip('"') if text.strip() else ""
                     if not 3 <= len(line.split()) <= 40 or not looks_like(line, s.language) or dedup.check_and_add(line):
                         continue
@@ -155,14 +157,22 @@ def plan_conversations(personas: dict, s, rng_seed: int, round_: int, extra: dic
 
 def generate_roleplay(s) -> dict:
     """Write role-play chat JSONL to s.out from the cards in s.personas (see the module docstring)."""
-    from tqdm.auto import tqdm
-
-    from taille.generate.generate import Deduplicator, pick_engine
-
     from taille.characters.cards import load_half
+    from taille.generate.generate import pick_engine
 
     personas = load_half(s.personas, "train")
     engine = pick_engine(s)
+    try:
+        return _generate_roleplay(s, personas, engine)
+    finally:
+        engine.close()
+
+
+def _generate_roleplay(s, personas: dict, engine) -> dict:
+    from tqdm.auto import tqdm
+
+    from taille.generate.generate import Deduplicator
+
     if not engine.chat or engine.render_messages is None:
         raise TailleError(f"--personas needs a chat teacher; {s.teacher} has no chat template")
     out = Path(s.out)
@@ -253,4 +263,3 @@ def generate_roleplay(s) -> dict:
                                   "everything (see OUT.meta.json) or there are too few cards")
     bar.close()
     return write_meta()
-    return meta

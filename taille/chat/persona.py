@@ -205,10 +205,11 @@ def load_persona(path: str | Path) -> Persona:
             if key == "knowledge" and not value:
                 raise TailleError(f"{path}: 'knowledge' is empty; list at least one fact the character knows "
                                   "(or leave the key out)")
-        elif key in ("temperature", "top_p", "repeat_penalty"):
-            value = float(value)
-        elif key == "max_tokens":
-            value = int(value)
+        elif key in ("temperature", "top_p", "repeat_penalty", "max_tokens"):
+            try:
+                value = int(value) if key == "max_tokens" else float(value)
+            except (TypeError, ValueError):
+                raise TailleError(f"{path}: '{key}' must be a number, not {value!r}") from None
         elif not isinstance(value, str):
             raise TailleError(f"{path}: '{key}' must be a string")
         values[key] = value

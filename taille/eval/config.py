@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from taille.characters.settings import PersonaEvalSettings
 from taille.errors import TailleError
-from taille.options import Names, Texts, coerce
+from taille.options import Names, Texts, coerce, from_mapping
 
 from taille.models.precision import check_precision
 
@@ -60,8 +60,8 @@ class EvalSettings:
     def __post_init__(self):
         coerce(self)
         self.tasks = list(self.tasks)
-        if isinstance(self.persona, dict):
-            self.persona = PersonaEvalSettings(**self.persona)
+        if not isinstance(self.persona, PersonaEvalSettings):
+            self.persona = from_mapping(PersonaEvalSettings, self.persona, "eval.persona")
         if not (self.ppl or self.tasks or self.speed or self.reference or self.personas):
             raise TailleError("nothing to evaluate: give --ppl DATA, --tasks, --speed, --reference or --personas")
         if self.personas is not None and not self.reference:

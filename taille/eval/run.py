@@ -49,6 +49,13 @@ def evaluate(models: list[str], s: EvalSettings, out: Path | None = None) -> dic
     s = dataclasses.replace(s, precision=resolve_precision(s.precision, resolve_device(s.device)))
     if s.tasks:
         check_tasks(s.tasks, s.task_data)  # before any model loads
+    personas = None
+    if s.personas:  # the cards and the models' tokenizers are checked before any model loads, too
+        from taille.characters.cards import load_half
+        from taille.characters.evaluate import _check_tokenizers
+
+        personas = list(load_half(s.personas, "heldout").values())
+        _check_tokenizers(models, s.reference)
     reference = None
     if s.reference:
         reference, ref_tokenizer = load_model(s.reference, dtype=s.dtype, device=s.device)
@@ -81,13 +88,11 @@ def evaluate(models: list[str], s: EvalSettings, out: Path | None = None) -> dic
         gc.collect()
     report = {"rows": rows, "settings": asdict(s), **task_records}
     if s.personas:
-        from taille.characters.cards import load_half
         from taille.characters.evaluate import persona_eval
 
         if reference is not None:
             del reference
             gc.collect()
-        personas = list(load_half(s.personas, "heldout").values())
         characters = persona_eval(models, personas, s.reference, s.persona, cache_dir=out, precision=s.precision,
                                   dtype=s.dtype, device=s.device)
         report["characters"] = characters

@@ -196,6 +196,8 @@ class Engine:
     """Tokens of a text."""
     render_messages: Callable[[list[dict]], str | list[int]] | None = None
     """a conversation (system, user, assistant ... ending with a user turn) -> what `sample` takes."""
+    close: Callable[[], None] = lambda: None
+    """Stop what the engine started (llama-server and its threads)."""
 
 
 def torch_engine(s: GenerateSettings) -> Engine:
@@ -295,7 +297,9 @@ def server_engine(s: GenerateSettings, path: Path) -> Engine:
         return prompt_ids(vocab, messages)
 
     def one(ids: list[int], max_new_tokens: int, seed: int) -> tuple[str, int]:
-        body = {"prompt": ids[: 2047], "n_predict": max(1, min(max_new_tokens, 2048 - len(ids))),
+        if len(ids) + max_new_tokens > server.n_ctx:
+            return "", max_new_tokens  # no room for a whole reply: counted as unfinished, never cut short
+        body = {"prompt": ids, "n_predict": max_new_tokens,
                 "temperature": s.temperature, "top_p": s.top_p, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
                 "seed": seed, "cache_prompt": True}
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
@@ -315,9 +319,13 @@ def server_engine(s: GenerateSettings, path: Path) -> Engine:
     def count(text: str) -> int:
         return len(vocab.tokenize(text.encode(), add_bos=False, special=False))
 
+    def close() -> None:
+        pool.shutdown(cancel_futures=True)
+        server.stop()
+
     return Engine(f"llama-server: {path.name}, {s.batch_size} slots, continuous batching (cpu)", chat,
                   lambda prompt: render_messages([{"role": "user", "content": prompt}]) if chat else render_text(prompt),
-                  render_text, sample, count, render_messages)
+                  render_text, sample, count, render_messages, close)
 
 
 def pick_engine(s: GenerateSettings) -> Engine:
@@ -405,8 +413,6 @@ def _done_ids(out: Path, dedup: Deduplicator) -> tuple[set[str], int]:
 
 
 def generate(s: GenerateSettings) -> dict:
-    from tqdm.auto import tqdm
-
     if s.personas is not None:
         from taille.characters.roleplay import generate_roleplay
 
@@ -414,6 +420,15 @@ def generate(s: GenerateSettings) -> dict:
 
     prompts = read_prompts(s.prompts)
     engine = pick_engine(s)
+    try:
+        return _generate(s, prompts, engine)
+    finally:
+        engine.close()
+
+
+def _generate(s: GenerateSettings, prompts: list[str], engine: Engine) -> dict:
+    from tqdm.auto import tqdm
+
     if not engine.chat:
         log.warning("%s has no chat template: generating plain continuations of the prompts (records are text)",
                     s.teacher)

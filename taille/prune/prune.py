@@ -82,21 +82,22 @@ def choose_layers_to_drop(scores: Importance, n_drop: int, criterion: str) -> li
     return sorted(torch.argsort(layer_scores.float(), stable=True)[:n_drop].tolist())
 
 
-def calibration_blocks(stream, cal: Calibration, depth: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(calibration blocks, held-apart blocks for the depth loss or None): disjoint slices of the stream."""
-    blocks = stream.blocks(cal.seq_len)
+def calibration_blocks(blocks, cal: Calibration, depth: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(calibration blocks, held-apart blocks for the depth loss or None): disjoint slices of `blocks` (one
+    source's blocks, or a mixture's, whose every prefix holds the sources' shares)."""
     n_depth = min(cal.depth_samples, max(1, len(blocks) // 4)) if depth else 0
     available = len(blocks) - n_depth
     if available < cal.samples:
-        log.warning("%s has %d blocks of %d tokens: using %d calibration samples instead of %d", stream.meta["source"],
+        log.warning("%s has %d blocks of %d tokens: using %d calibration samples instead of %d", cal.data,
                     len(blocks), cal.seq_len, available, cal.samples)
-    calib = blocks[: min(cal.samples, available)]
-    return calib, (blocks[len(blocks) - n_depth:] if depth else None)
+    calib = np.asarray(blocks[: min(cal.samples, available)])
+    return calib, (np.asarray(blocks[len(blocks) - n_depth:]) if depth else None)
 
 
 def compute_importance(model, tokenizer, cal: Calibration, criterion: str = "activation", depth_metric: str = "bi",
                        block_sizes=(1,), precision: str = "fp32", seed: int = 0) -> Importance:
     """Scores for `criterion`; activation scores (and depth losses) come from calibration data."""
+    from taille.data.mixture import load_blocks, parse_mixture
     from taille.data.tokens import load_tokens
 
     if criterion not in CRITERIA:
@@ -105,10 +106,14 @@ def compute_importance(model, tokenizer, cal: Calibration, criterion: str = "act
         return magnitude_importance(model)
     if criterion == "random":
         return random_importance(model.config, seed)
-    stream = load_tokens(cal.data, tokenizer, split="calib")
-    calib, held = calibration_blocks(stream, cal, depth=depth_metric == "ppl")
+    if parse_mixture(cal.data) is None:
+        stream = load_tokens(cal.data, tokenizer, split="calib")
+        blocks, source = stream.blocks(cal.seq_len), stream.meta["source"]
+    else:  # a weighted mixture: its blocks interleave the sources, so any prefix holds their shares
+        blocks, source = load_blocks(cal.data, tokenizer, cal.seq_len, split="calib"), cal.data
+    calib, held = calibration_blocks(blocks, cal, depth=depth_metric == "ppl")
     scores = activation_importance(model, calib, cal.batch_size, precision)
-    scores.meta.update(data=stream.meta["source"], depth_metric=depth_metric)
+    scores.meta.update(data=source, depth_metric=depth_metric)
     if depth_metric == "ppl":
         depth_loss_(scores, model, held, tuple(block_sizes), cal.batch_size, precision)
         scores.meta["depth_samples"] = len(held)

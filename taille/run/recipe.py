@@ -236,8 +236,11 @@ def eval_settings(recipe: Recipe, run: Path | None = None, teacher: str | None =
     from taille.eval.config import EvalSettings
 
     values = dict(recipe.eval)
-    if not values:
-        values = {"ppl": [data_spec(recipe, run)]}
+    if not values:  # perplexity on each source of the data (held-out plays for shakespeare)
+        from taille.data.mixture import parse_mixture
+
+        spec = data_spec(recipe, run)
+        values = {"ppl": [src for src, _ in parse_mixture(spec) or [(spec, 1.0)]]}
     if recipe.personas is not None and "personas" not in values:
         values["personas"] = str((run or Path("RUN")) / "personas")
     if values.get("personas"):

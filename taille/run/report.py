@@ -36,6 +36,14 @@ def blocks(recipe, run: Path, teacher: str) -> list[tuple]:
         out += [("h2", "Teacher vs pruned vs distilled"), ("table", header, rows)]
         if (run / "eval" / "eval.png").is_file():
             out.append(("img", "eval/eval.png", "evaluation"))
+        if evaluation.get("characters"):
+            from taille.characters.evaluate import COLUMNS, table_rows
+
+            c = evaluation["characters"]
+            out += [("h2", "As a game character"),
+                    ("table", list(COLUMNS), table_rows({**c, "labels": evaluation.get("labels", {})})),
+                    ("p", f"On {len(c['cards'])} held-out cards (never in the role-play data), judged by the teacher; "
+                          "transcripts in eval/eval.md.")]
         recovered = recovery(evaluation)
         if recovered is not None:
             out.append(("p", f"Distillation won back {recovered:.0%} of the log-perplexity pruning lost "

@@ -77,14 +77,20 @@ def test_markers_are_valid_patterns_and_curly_quotes_normalise():
 
 @pytest.mark.parametrize("reply,reason", [
     ("the island of the island of the island of", "loop"),
-    ("No no no, you have it wrong.", "loop"),
+    ("No no no no, you have it wrong.", "loop"),
     ("I will mend it for you. I will mend it for you. I will mend it for you.", "distinct3"),
     ("...", "no_sentence"),
-    ("Yes.", "no_sentence"),
+    ("yes", "no_sentence"),
     ("", "no_sentence"),
 ])
 def test_degenerate_replies_are_named(reply, reason):
     assert degenerate(reply) == reason
+
+
+@pytest.mark.parametrize("reply", ["Well, well, well. A new face.", "No, no, no. That blade is not for sale.",
+                                   "Ha ha ha! Good one.", "Aye.", "Hmm!", "Yes."])
+def test_terse_and_emphatic_speech_is_not_degenerate(reply):
+    assert degenerate(reply) is None
 
 
 def test_ordinary_replies_are_not_degenerate():

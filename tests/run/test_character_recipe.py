@@ -1,0 +1,104 @@
+"""A recipe with characters: `taille run` composes the cards, has the teacher write role-play from the train half
+into the run, distils on a mixture where `roleplay` names that file, and does neither again on a second run;
+the evaluation scores characters on the run's cards against the teacher."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from taille.characters.cards import load_half
+from taille.run.recipe import data_spec, eval_settings, load_recipe
+from tests.characters.test_roleplay import ScriptedTeacher
+from tests.conftest import run_cli, save_tiny
+
+
+def character_recipe(tmp_path) -> Path:
+    """tests/run/test_recipes.py's tiny recipe, with cards and role-play in a half-and-half mixture."""
+    teacher = save_tiny(tmp_path / "teacher", "llama", seed=1, tied=True)
+    data = tmp_path / "train.txt"
+    data.write_text("when shall we three meet again in thunder lightning or in rain upon the heath " * 300)
+    values = {
+        "name": "tiny-npc", "teacher": str(teacher), "data": f"roleplay:0.5,{data}:0.5", "out": str(tmp_path / "run"),
+        "personas": {"count": 8, "seed": 0},
+        "roleplay": {"tokens": 200, "conversations": 1, "turns": 2, "max_new_tokens": 16, "batch_size": 8},
+        "importance": {"samples": 8, "seq_len": 32, "batch_size": 4},
+        "prune": {"hidden": 48, "ffn": 96},
+        "distill": {"tokens": 1024, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "warmup": 2, "eval_every": 8,
+                    "save_every": 4, "log_every": 1, "precision": "fp32", "eval_data": str(data)},
+        "eval": {"ppl": [str(data)], "window": 32, "max_tokens": 2048},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+class Teachers:
+    """Hands the role-play stage a scripted teacher (the tiny random model would never write a sentence),
+    built on the cards the stage reads; keeps each one it made."""
+
+    def __init__(self):
+        self.made: list[ScriptedTeacher] = []
+
+    def __call__(self, s):
+        teacher = ScriptedTeacher(load_half(s.personas, "train"), script=("good",), max_new_tokens=s.max_new_tokens)
+        self.made.append(teacher)
+        return teacher.engine()
+
+
+def refuse(s):
+    raise AssertionError("the role-play stage asked for a teacher again")
+
+
+
+def test_run_makes_cards_and_role_play_and_distils_on_them_once(tmp_path, capsys, monkeypatch):
+    teachers = Teachers()
+    monkeypatch.setattr("taille.generate.generate.pick_engine", teachers)
+    recipe = character_recipe(tmp_path)
+    run_cli(capsys, "run", recipe, "--until", "distill")
+    run, data = tmp_path / "run", str(tmp_path / "train.txt")
+
+    cards = json.loads((run / "personas" / "cards.json").read_text())
+    train, heldout = load_half(run / "personas", "train"), load_half(run / "personas", "heldout")
+    assert cards == {"count": 8, "seed": 0, "train": len(train), "heldout": len(heldout)}
+    assert len(train) + len(heldout) == 8 and train and heldout
+
+    own = run / "roleplay" / "roleplay.jsonl"
+    records = [json.loads(line) for line in own.read_text().splitlines()]
+    done = json.loads((run / "roleplay" / "done.json").read_text())
+    assert done["finished"] and done["tokens_kept"] == sum(r["tokens"] for r in records) >= 200
+    assert done["personas"] == str(run / "personas" / "train") and done["settings"]["turns"] == 2
+    # the teacher played the train half only, with each card's own system prompt
+    assert len(teachers.made) == 1
+    seen = {conversation[0]["content"] for conversation in teachers.made[0].asked}
+    assert seen and seen <= {p.system_prompt() for p in train.values()}
+    assert not seen & {p.system_prompt() for p in heldout.values()}
+    assert {r["persona"] for r in records} <= set(train)
+
+    # the distillation drew from the run's role-play file and the text, half and half
+    distilled = json.loads((run / "distilled" / "taille.json").read_text())["distill"]
+    assert distilled["config"]["data"] == f"{own}:0.5,{data}:0.5"
+    assert {part["source"]: part["weight"] for part in distilled["data"]} == {str(own): 0.5, data: 0.5}
+    assert all(part["drawn"] > 0 for part in distilled["data"])
+    assert not (run / "eval").exists()  # --until distill
+
+    # again: cards and role-play are done, so nothing is rewritten and no teacher is asked for
+    outputs = [run / "personas" / "cards.json", *sorted((run / "personas").glob("*/*.yaml")), own,
+               Path(f"{own}.meta.json"), run / "roleplay" / "done.json", run / "distilled" / "taille.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    monkeypatch.setattr("taille.generate.generate.pick_engine", refuse)
+    run_cli(capsys, "run", recipe, "--until", "distill")
+    assert {p: p.stat().st_mtime_ns for p in outputs} == stamps
+
+
+def test_characters_are_scored_on_the_runs_cards_against_the_teacher(tmp_path):
+    recipe = load_recipe(character_recipe(tmp_path))
+    run = tmp_path / "run"
+    s = eval_settings(recipe, run, "CORRECTED")
+    assert s.personas == str(run / "personas") and s.reference == "CORRECTED"
+    assert eval_settings(recipe, run).reference == recipe.teacher
+    assert s.ppl == [str(tmp_path / "train.txt")]  # the section's own evaluation stays
+    # the recipe's `roleplay` is the run's file in a run, the shipped corpus outside one
+    assert data_spec(recipe, run) == f"{run / 'roleplay' / 'roleplay.jsonl'}:0.5,{tmp_path / 'train.txt'}:0.5"
+    assert data_spec(recipe) == recipe.data
