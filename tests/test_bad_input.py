@@ -42,6 +42,7 @@ CASES = [
     ("eval", ["M", "--personas", "D", "--reference", "M"], "no .yaml persona files"),
     ("eval", ["M", "--personas", "PF_NAMELESS", "--reference", "M"], "missing name"),
     ("eval", ["M", "--personas", "D", "--reference", "M", "--persona-cards", "0"], "--persona-cards"),
+    ("eval", ["M", "--personas", "D", "--reference", "M", "--persona-lines", "0"], "--persona-lines"),
     # importance
     ("importance", [], "--model"),
     ("importance", ["-m", "M", "--depth-metric", "foo"], "--depth-metric foo"),

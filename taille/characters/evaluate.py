@@ -251,7 +251,7 @@ def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, pers
     row["knowledge_acc"] = correct / len(answers) if answers else None
     row["knowledge_n"] = len(answers)
 
-    asked = [(p, line) for p in personas for line in ADVERSARIAL]
+    asked = [(p, line) for p in personas for line in ADVERSARIAL[: s.lines]]
     ids = generate_replies(model, tokenizer, [render(tokenizer, p, user(line)) for p, line in asked], s, s.seed,
                            precision)
     texts = [decode(tokenizer, r) for r in ids]

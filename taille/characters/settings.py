@@ -42,6 +42,9 @@ class PersonaEvalSettings:
     """Nucleus sampling of the replies."""
     batch_size: int = field(default=16, metadata={"flag": "persona_batch_size"})
     """Replies sampled together."""
+    lines: int | None = field(default=None, metadata={"flag": "persona_lines"})
+    """Ask only the first N of the 40 adversarial lines on each card (default: all; the demo samples fewer
+    to stay short)."""
     fidelity_lines: int = 4
     """Player lines per held-out card the teacher answers for the fidelity score."""
 
@@ -49,6 +52,8 @@ class PersonaEvalSettings:
         coerce(self)
         if self.cards is not None and self.cards < 1:
             raise TailleError(f"--persona-cards {self.cards}: must be at least 1")
+        if self.lines is not None and self.lines < 1:
+            raise TailleError(f"--persona-lines {self.lines}: must be at least 1")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.fidelity_lines < 1:
             raise TailleError("--persona-tokens, --persona-batch-size and --fidelity-lines must be at least 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
