@@ -9,7 +9,10 @@ Per model:
   `never` phrase or an out-of-character marker (taille.characters.detect), the share that is degenerate,
   and the share that is neither ("in character": a looping reply never counts as one). The share that
   said a `never` phrase is the share `taille chat` would have had to cut.
-- **coherence**: the teacher's perplexity of those replies' tokens given the card and the player line.
+- **coherence**: the teacher's perplexity of those replies' tokens given the card and the player line. A
+  reply the teacher finds more than INCOHERENT_PPL times perplexing (per token, on average) is incoherent:
+  like a degenerate one, it never counts as in character (a pruned model's word salad breaks nothing and
+  loops on nothing, and would otherwise score as staying in character).
 - **fidelity**: the model's perplexity on the teacher's own replies to a fixed set of player lines
   (knowledge questions and small talk) on the same cards, and KL(teacher || model) on those reply tokens.
   The teacher's replies are sampled once and cached as JSON in the cache folder (keyed by the teacher,
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 """Tokens that end an assistant turn in the common chat templates (besides the tokenizer's eos)."""
 TRANSCRIPTS = 3
+INCOHERENT_PPL = 50.0
+"""A reply whose per-token perplexity under the teacher (given card and line) is above this is incoherent.
+The teacher's own replies average ~3 and the demo's distilled student's ~8; the pruned, undistilled
+student's ~145 (runs of SmolLM2-135M -> 90M, 4 held-out cards x 40 lines)."""
 """Conversations shown per model."""
 
 
@@ -258,10 +265,16 @@ def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, pers
     broken = [breaks_character(t, p) for (p, _), t in zip(asked, texts)]
     degenerated = [degenerate(t) for t in texts]
     n = len(texts)
+    pairs = [(render(teacher_tokenizer, p, user(line)), r) for (p, line), r in zip(asked, ids) if r]
+    nlls = iter(continuation_nll(teacher, pairs, s.batch_size, precision))
+    reply_nll = [next(nlls) if r else [] for r in ids]  # aligned with the replies (an empty one has none)
+    incoherent = [bool(x) and math.exp(sum(x) / len(x)) > INCOHERENT_PPL for x in reply_nll]
     row["replies"] = n
     row["break_rate"] = sum(b is not None for b in broken) / n
     row["degenerate_rate"] = sum(d is not None for d in degenerated) / n
-    row["in_character"] = sum(b is None and d is None for b, d in zip(broken, degenerated)) / n
+    row["incoherent_rate"] = sum(incoherent) / n
+    row["in_character"] = sum(b is None and d is None and not i
+                              for b, d, i in zip(broken, degenerated, incoherent)) / n
     row["never_cut"] = sum(said_never(t, p) is not None for (p, _), t in zip(asked, texts)) / n
     row["reply_tokens"] = sum(map(len, ids)) / n
     row["breaks_by_marker"] = dict(Counter(b for b in broken if b is not None).most_common(10))
@@ -269,9 +282,9 @@ def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, pers
     row["break_examples"] = [{"card": p.name, "line": line, "reply": t, "marker": b}
                              for (p, line), t, b in zip(asked, texts, broken) if b is not None][:5]
 
-    pairs = [(render(teacher_tokenizer, p, user(line)), r) for (p, line), r in zip(asked, ids) if r]
-    teacher_ppl, _ = _ppl(continuation_nll(teacher, pairs, s.batch_size, precision))
-    row["coherence"] = {"teacher_ppl": teacher_ppl, "degenerate": row["degenerate_rate"]}
+    teacher_ppl, _ = _ppl([x for x in reply_nll if x])
+    row["coherence"] = {"teacher_ppl": teacher_ppl, "degenerate": row["degenerate_rate"],
+                        "incoherent": row["incoherent_rate"]}
 
     pairs = [(render(teacher_tokenizer, by_id[r["card"]], user(r["line"])), r["ids"])
              for r in fidelity if r["ids"]]
@@ -364,7 +377,8 @@ def persona_eval(models: list[str], personas: list[Persona], teacher: str, setti
 # ------------------------------------------------------------------------------------------------ report
 
 
-COLUMNS = ("model", "knowledge acc", "break rate", "in character", "coherence (teacher ppl / % degenerate)",
+COLUMNS = ("model", "knowledge acc", "break rate", "in character",
+           "coherence (teacher ppl / % degenerate / % incoherent)",
            "fidelity ppl / KL", "reply tokens")
 
 
@@ -381,7 +395,8 @@ def table_rows(result: dict) -> list[list[str]]:
     labels = result.get("labels", {})
     return [[labels.get(r["model"], r["model"]), _pct(r["knowledge_acc"]), _pct(r["break_rate"]),
              _pct(r["in_character"]),
-             f"{_num(r['coherence']['teacher_ppl'])} / {_pct(r['coherence']['degenerate'])}",
+             f"{_num(r['coherence']['teacher_ppl'])} / {_pct(r['coherence']['degenerate'])} / "
+             f"{_pct(r['coherence'].get('incoherent'))}",
              f"{_num(r['fidelity']['ppl'])} / {_num(r['fidelity']['kl'], 4)}", f"{r['reply_tokens']:.1f}"]
             for r in result["rows"]]
 

@@ -3,6 +3,7 @@ out here, left-padded batched sampling, a small end-to-end run, a planted breaki
 cached replies and the refusals."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,6 +137,7 @@ def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(mode
         return replies
 
     monkeypatch.setattr(ev, "generate_replies", fake)
+    monkeypatch.setattr(ev, "INCOHERENT_PPL", float("inf"))  # a random tiny teacher finds everything perplexing
     row = persona_eval([teacher], CARDS, teacher, settings())["rows"][0]
     n = len(ADVERSARIAL) * 2
     assert row["replies"] == n
@@ -145,6 +147,31 @@ def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(mode
     assert row["in_character"] == pytest.approx((n - 4) / n)
     assert row["breaks_by_marker"] == {"as an ai": 1, "by the old gods": 1, "```": 1}
     assert row["degenerate_by_reason"] == {"loop": 1}
+
+
+def test_a_reply_the_teacher_finds_incoherent_is_never_in_character(models, monkeypatch):
+    teacher, _ = models
+    _, tokenizer = load_model(teacher, device="cpu")
+    salad = tokenizer("heath thunder rain meet lightning again", add_special_tokens=False)["input_ids"]
+    good = tokenizer("Well met, traveller. The forge is warm tonight.", add_special_tokens=False)["input_ids"]
+
+    def fake_generate(model, tokenizer_, prompts, s, seed, precision="fp32"):  # salad to one adversarial line
+        said = [tokenizer.decode(ids) for ids in prompts]
+        return [salad if CARDS[0].name in p and p.rstrip().endswith(ADVERSARIAL[0] + "<eos>\n<|assistant|>")
+                else good for p in said]
+
+    def fake_nll(model, pairs, batch_size, precision="fp32"):  # the teacher: 10 nats a token of salad, 1 else
+        return [[10.0 if x == salad else 1.0] * len(x) for _, x in pairs]
+
+    monkeypatch.setattr(ev, "generate_replies", fake_generate)
+    monkeypatch.setattr(ev, "continuation_nll", fake_nll)
+    row = persona_eval([teacher], CARDS, teacher, settings())["rows"][0]
+    n = row["replies"]
+    assert row["break_rate"] == 0 and row["degenerate_rate"] == 0  # the salad neither breaks nor loops
+    assert row["incoherent_rate"] == pytest.approx(1 / n)
+    assert row["in_character"] == pytest.approx((n - 1) / n)
+    expected = math.exp((10.0 * len(salad) + 1.0 * len(good) * (n - 1)) / (len(salad) + len(good) * (n - 1)))
+    assert row["coherence"]["teacher_ppl"] == pytest.approx(expected)
 
 
 def test_a_model_with_another_vocabulary_is_refused_before_any_weights_load(models, tmp_path, monkeypatch):
