@@ -5,31 +5,22 @@ the evaluation scores characters on the run's cards against the teacher."""
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from taille.characters.cards import load_half
 from taille.run.recipe import data_spec, eval_settings, load_recipe
 from tests.characters.test_roleplay import ScriptedTeacher
-from tests.conftest import run_cli, save_tiny
+from tests.conftest import run_cli
+from tests.run.test_recipes import tiny_recipe
 
 
 def character_recipe(tmp_path) -> Path:
     """tests/run/test_recipes.py's tiny recipe, with cards and role-play in a half-and-half mixture."""
-    teacher = save_tiny(tmp_path / "teacher", "llama", seed=1, tied=True)
-    data = tmp_path / "train.txt"
-    data.write_text("when shall we three meet again in thunder lightning or in rain upon the heath " * 300)
-    values = {
-        "name": "tiny-npc", "teacher": str(teacher), "data": f"roleplay:0.5,{data}:0.5", "out": str(tmp_path / "run"),
-        "personas": {"count": 8, "seed": 0},
-        "roleplay": {"tokens": 200, "conversations": 1, "turns": 2, "max_new_tokens": 16, "batch_size": 8},
-        "importance": {"samples": 8, "seq_len": 32, "batch_size": 4},
-        "prune": {"hidden": 48, "ffn": 96},
-        "distill": {"tokens": 1024, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "warmup": 2, "eval_every": 8,
-                    "save_every": 4, "log_every": 1, "precision": "fp32", "eval_data": str(data)},
-        "eval": {"ppl": [str(data)], "window": 32, "max_tokens": 2048},
-    }
-    path = tmp_path / "recipe.yaml"
+    path = tiny_recipe(tmp_path, name="tiny-npc", personas={"count": 8, "seed": 0},
+                       roleplay={"tokens": 200, "conversations": 1, "turns": 2, "max_new_tokens": 16, "batch_size": 8})
+    values = yaml.safe_load(path.read_text())
+    values["data"] = f"roleplay:0.5,{values['data']}:0.5"
+    values["distill"]["tokens"] = 1024
     path.write_text(yaml.safe_dump(values))
     return path
 
