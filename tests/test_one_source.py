@@ -35,7 +35,7 @@ def _stop():
 
 def settings_of(seen):
     (args, kwargs), = seen
-    value = args[-1] if args else next(iter(kwargs.values()))
+    value, = [v for v in (*args, *kwargs.values()) if dataclasses.is_dataclass(v)]
     return {k: v for k, v in dataclasses.asdict(value).items() if k not in PATHS}
 
 
