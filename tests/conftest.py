@@ -156,14 +156,16 @@ def run_cli(capsys, *args, code: int = 0) -> tuple[str, str]:
 
 
 def kill_when_exists(cmd: list[str], env: dict, path, timeout: float) -> None:
-    """Start `cmd`, SIGKILL it as soon as `path` exists (or after `timeout` seconds), and wait for it."""
+    """Start `cmd`, SIGKILL it and every process it started (torchrun's workers) as soon as `path` exists
+    (or after `timeout` seconds), and wait for it."""
+    import os
     import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline and not path.exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

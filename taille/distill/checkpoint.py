@@ -45,22 +45,40 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def save_checkpoint(folder: Path, step: int, student, optimizer, cfg: DistillConfig, state: dict, keep: int = 2,
                     projections: torch.nn.Module | None = None) -> Path:
-    """checkpoints/step-NNNNNNN (written to a temp folder, then renamed) and checkpoints/latest. A crash
-    while saving leaves the previous checkpoint and `latest` untouched."""
-    root = folder / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """checkpoints/step-NNNNNNN (written to a temp folder, then renamed) and checkpoints/latest, from one
+    process that holds the whole model. A crash while saving leaves the previous checkpoint and `latest`
+    untouched."""
     from safetensors.torch import save_model
 
+    tmp = begin_checkpoint(folder, step)
     save_model(student, str(tmp / "student.safetensors"))  # stores a tied weight once
     if projections is not None and len(list(projections.parameters())):
         save_model(projections, str(tmp / "projections.safetensors"))
     _save_optimizer(optimizer.state_dict(), tmp)
+    write_state(tmp, step, cfg, state)
+    return publish_checkpoint(folder, step, keep)
+
+
+def begin_checkpoint(folder: Path, step: int) -> Path:
+    """An empty temp folder for the checkpoint at `step` (call on one process)."""
+    root = folder / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def write_state(tmp: Path, step: int, cfg: DistillConfig, state: dict) -> None:
+    """The random generators and state.json: written last by the process that publishes."""
     _save_rng(_rng_state(), tmp)
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "config": cfg.to_dict()}, indent=1))
+
+
+def publish_checkpoint(folder: Path, step: int, keep: int = 2) -> Path:
+    """Rename the temp folder into place, point `latest` at it, and keep the newest `keep` checkpoints."""
+    root = folder / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _atomic_write(root / "latest", final.name)
@@ -78,22 +96,25 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_training_state(checkpoint_dir: Path, optimizer) -> None:
+def load_training_state(checkpoint_dir: Path, optimizer, load=None, tensors: dict | None = None) -> None:
     """Restore the optimizer's state and the Python, NumPy and torch random generators from a checkpoint,
     exactly as they were when it was saved (a resumed run then equals an uninterrupted one). `optimizer`
-    is the one the run built, before accelerate wraps it."""
-    if (checkpoint_dir / "optimizer.safetensors").is_file():
+    is the one the run built, before accelerate wraps it; `load(state_dict)` puts a state dict keyed by
+    parameter index in place (default: optimizer.load_state_dict; under FSDP it shards it); `tensors`
+    are the optimizer tensors of a sharded checkpoint, reassembled."""
+    load = load or optimizer.load_state_dict
+    if tensors is not None or (checkpoint_dir / "optimizer.safetensors").is_file():
         from safetensors import SafetensorError
 
         # the safetensors layout wins: a stray optimizer.pt next to it is never opened
         try:
-            optimizer.load_state_dict(_load_optimizer(checkpoint_dir, optimizer.defaults))
+            load(_load_optimizer(checkpoint_dir, optimizer.defaults, tensors))
             _set_rng(_load_rng(checkpoint_dir))
         except (OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated or hand-edited file
             raise TailleError(f"--resume: {checkpoint_dir} is damaged ({' '.join(str(e).split())[:200]}); start "
                               f"without --resume, or delete {checkpoint_dir.parent} to start over") from None
     else:
-        optimizer.load_state_dict(_load_legacy(checkpoint_dir / "optimizer.pt"))
+        load(_load_legacy(checkpoint_dir / "optimizer.pt"))
         _set_rng(_load_legacy(checkpoint_dir / "rng.pt"))
         log.info("%s: read an older checkpoint (optimizer.pt, rng.pt) through torch's restricted loader",
                  checkpoint_dir)
@@ -102,7 +123,9 @@ def load_training_state(checkpoint_dir: Path, optimizer) -> None:
 # --- the optimizer ----------------------------------------------------------------------------------
 
 
-def _save_optimizer(state_dict: dict, folder: Path) -> None:
+def _save_optimizer(state_dict: dict, folder: Path, shard: str = "", json_too: bool = True) -> None:
+    """optimizer{shard}.safetensors (every tensor) and optimizer.json (param_groups and the rest) of a state
+    dict keyed by parameter index; `shard` names one process's file of a sharded checkpoint."""
     from safetensors.torch import save_file
 
     tensors, values = {}, {}
@@ -112,18 +135,21 @@ def _save_optimizer(state_dict: dict, folder: Path) -> None:
                 tensors[f"state.{index}.{name}"] = value
             else:
                 values.setdefault(str(index), {})[name] = value
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(json.dumps({"param_groups": state_dict["param_groups"], "state": values}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"optimizer{shard}.safetensors"))
+    if json_too:
+        (folder / "optimizer.json").write_text(json.dumps({"param_groups": state_dict["param_groups"], "state": values}))
 
 
-def _load_optimizer(folder: Path, defaults: dict) -> dict:
+def _load_optimizer(folder: Path, defaults: dict, tensors: dict | None = None) -> dict:
     """The state dict `_save_optimizer` wrote; `defaults` (the optimizer's own) give back the tuples JSON
-    turned into lists."""
+    turned into lists. `tensors` replaces optimizer.safetensors (a sharded checkpoint's reassembled ones)."""
     from safetensors.torch import load_file
 
     saved = json.loads((folder / "optimizer.json").read_text())
     state = {int(index): values for index, values in saved["state"].items()}
-    for key, tensor in load_file(str(folder / "optimizer.safetensors")).items():
+    if tensors is None:
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+    for key, tensor in tensors.items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = tensor
     # load_state_dict keeps the saved hyper-parameters as they are, and AdamW's betas is a tuple

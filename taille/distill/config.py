@@ -14,6 +14,7 @@ from taille.errors import TailleError
 from taille.options import Count, coerce
 
 KINDS = ("fkl", "rkl", "jsd")
+STRATEGIES = ("auto", "ddp", "fsdp")
 from taille.models.precision import check_precision
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 
@@ -119,9 +120,28 @@ class DistillConfig:
     """Show a progress bar."""
     report_to: str = "none"
     """Also log to tensorboard (OUT/taille-distill) or wandb; none: metrics.jsonl and curves.png only."""
+    strategy: str = "auto"
+    """How N processes (`accelerate launch`, `torchrun`) share the student: ddp (a whole copy on each), fsdp
+    (FSDP2: weights, gradients and AdamW state sharded by decoder layer), auto (fsdp when `accelerate config`
+    chose FSDP, else ddp)."""
+    shard_teacher: bool = False
+    """Under fsdp, shard the frozen teacher's decoder layers too (its embeddings and head stay whole)."""
+    sharded_checkpoints: bool = False
+    """Under fsdp, each process writes its own shard of the weights and AdamW state, with no gather onto one
+    process; a resume on another number of processes reassembles them."""
+    activation_checkpointing: bool = False
+    """Recompute the student's decoder-layer activations in the backward pass instead of keeping them
+    (less memory, about a third more compute)."""
 
     def __post_init__(self):
         coerce(self)
+        if self.strategy not in STRATEGIES:
+            raise TailleError(f"--strategy {self.strategy}: use one of {', '.join(STRATEGIES)}")
+        if self.strategy == "ddp" and (self.shard_teacher or self.sharded_checkpoints):
+            raise TailleError("--shard-teacher and --sharded-checkpoints need --strategy fsdp (or auto under an "
+                              "FSDP accelerate config)")
+        if self.shard_teacher and not self.teacher:
+            raise TailleError("--shard-teacher needs a live --teacher (a teacher cache holds no weights to shard)")
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         if self.eval_data == "none":

@@ -1,7 +1,8 @@
 """`taille distill`: train a student on a frozen teacher's logits (Minitron: forward KL at temperature 1).
 
 One code path for 1 or N processes: `accelerate launch` or `torchrun` starts N copies of this same loop;
-`accelerate.Accelerator` wraps the student in DDP (or FSDP, per `accelerate config`). The order of
+the student is replicated with DDP or sharded with FSDP2 (--strategy, or `accelerate config`; see
+taille/distill/sharding.py). The order of
 samples is a pure function of (seed, step), and each process takes its slice of the global batch, so a
 run on N processes sees the same data as on one, and a resumed run the same as an uninterrupted one.
 
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -23,7 +25,9 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from taille.distill.checkpoint import _atomic_write, latest_checkpoint, load_training_state, save_checkpoint
+from taille.distill.checkpoint import _atomic_write, latest_checkpoint, save_checkpoint
+from taille.distill.sharding import (
+    clip_gradients, no_gradient_sync, parameter_order, resolve_strategy, restore, save_fsdp, shard, tied_groups)
 from taille.distill.hidden import cosine_loss_sum, layer_outputs
 from taille.distill.config import TRACKERS, DistillConfig, LossConfig  # noqa: F401  (re-exported)
 from taille.distill.losses import distill_loss
@@ -33,7 +37,10 @@ from taille.models.lm import hidden_states, logit_softcap
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what it computes.
-RESUME_FREE = ("out", "resume", "eval_every", "eval_data", "eval_tokens", "save_every", "log_every", "progress", "report_to")
+RESUME_FREE = ("out", "resume", "eval_every", "eval_data", "eval_tokens", "save_every", "log_every", "progress", "report_to",
+               "strategy", "shard_teacher", "sharded_checkpoints", "activation_checkpointing")
+PER_PROCESS = ("batch_size", "grad_accum")
+"""Free on resume when the checkpoint records its global batch, which must then stay the same."""
 
 
 def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
@@ -45,9 +52,9 @@ def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
 
 
 class Trunk(torch.nn.Module):
-    """The student as DDP sees it: the whole causal LM (all parameters registered) whose forward
-    returns final hidden states (the LM head is applied by the loss, in slices), and the outputs of the
-    tapped layers through their projections to the teacher's width (for --hidden-layers)."""
+    """The student as DDP and FSDP see it: the whole causal LM (all parameters registered) and the
+    --hidden-layers projections to the teacher's width. Its forward computes the loss itself (the LM head
+    applied in slices): under FSDP the head's whole weight exists only inside the root's forward."""
 
     def __init__(self, lm, taps: list[int] = (), projections: list[torch.nn.Module] = ()):
         super().__init__()
@@ -55,11 +62,55 @@ class Trunk(torch.nn.Module):
         self.taps = list(taps)
         self.projections = torch.nn.ModuleList(projections)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, teacher: dict | None = None, loss_cfg: LossConfig | None = None, evaluate: bool = False):
+        """(loss sum, hidden-state loss sum) over the block's next-token positions, or with `evaluate` the
+        held-out (NLL sum, KL sum). `teacher`: hidden (N, H_t) final states at the same positions, head,
+        softcap, top (a cache batch) and states (its tapped layers' outputs, one per projection)."""
+        teacher = teacher or {}
         captured = {}
-        with layer_outputs(self.lm, self.taps, captured):
+        with record_function("taille.student_forward"), layer_outputs(self.lm, self.taps, captured):
             final = hidden_states(self.lm, input_ids)  # (B, T, H)
-        return final, [proj(captured[i]) for proj, i in zip(self.projections, self.taps)]  # each (B, T, H_teacher)
+        hidden = final[:, :-1].reshape(-1, final.shape[-1])  # positions that predict the next token
+        targets = input_ids[:, 1:].reshape(-1)
+        head, softcap = _head(self.lm)
+        if evaluate:
+            return held_out_sums(hidden, head, softcap, targets, teacher.get("hidden"), teacher.get("head"),
+                                 teacher.get("softcap"))
+        with record_function("taille.loss_forward"):
+            loss_sum, _ = distill_loss(hidden, head, targets, torch.ones_like(targets), loss_cfg, teacher.get("hidden"),
+                                       teacher.get("head"), teacher_top=teacher.get("top"), softcap=softcap,
+                                       teacher_softcap=teacher.get("softcap"))
+        hidden_sum = loss_sum.new_zeros(())
+        if self.taps:
+            with record_function("taille.hidden_loss"):  # the same positions as the logit loss
+                hidden_sum = cosine_loss_sum([proj(captured[i])[:, :-1] for proj, i in zip(self.projections, self.taps)],
+                                             [t[:, :-1] for t in teacher["states"]])
+        return loss_sum, hidden_sum
+
+
+def held_out_sums(hidden, head, softcap, targets, t_hidden=None, t_head=None, t_softcap=None):
+    """(NLL sum, KL(teacher || student) sum) in fp64 over rows of final hidden states (N, H), the heads
+    applied a slice of rows at a time (KL 0 without a teacher)."""
+    import torch.nn.functional as F
+
+    from taille.distill.losses import LOGIT_ELEMENTS
+
+    V = head.shape[0]
+    chunk = max(1, LOGIT_ELEMENTS.get(hidden.device.type, LOGIT_ELEMENTS["cuda"]) // V)
+    nll = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    kl = torch.zeros((), dtype=torch.float64, device=hidden.device)
+
+    def capped(logits, cap):
+        logits = logits.float()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    for i in range(0, hidden.shape[0], chunk):
+        logp = F.log_softmax(capped(hidden[i:i + chunk] @ head.T, softcap), dim=-1)
+        nll -= logp.gather(-1, targets[i:i + chunk, None]).sum(dtype=torch.float64)
+        if t_hidden is not None:
+            t_logp = F.log_softmax(capped(t_hidden[i:i + chunk] @ t_head.T, t_softcap)[:, :V], dim=-1)
+            kl += (t_logp.exp() * (t_logp - logp)).sum(dtype=torch.float64)
+    return nll, kl
 
 
 def prune_record(folder: str) -> dict:
@@ -94,14 +145,16 @@ def check_tokenizers(teacher_tok, student_tok, teacher_vocab: int, student_vocab
                           f"({student_vocab})")
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, per_process_free: bool = False) -> list[str]:
     """Settings that differ between a checkpoint and this run. A setting the checkpoint does not record
-    (an option added since it was written) counts as its default, which is what that run used."""
+    (an option added since it was written) counts as its default, which is what that run used.
+    `per_process_free`: the checkpoint records its global batch (checked on its own), so the per-process
+    batch may change with the number of processes."""
     defaults = {f.name: f.default for f in fields(DistillConfig) if f.default is not MISSING}
     saved = {**{k: v for k, v in defaults.items() if k in current}, **saved}
     out = []
     for key in sorted(set(saved) | set(current)):
-        if key in RESUME_FREE:
+        if key in RESUME_FREE or (per_process_free and key in PER_PROCESS):
             continue
         if saved.get(key) != current.get(key):
             out.append(f"{key}: {saved.get(key)!r} in the checkpoint vs {current.get(key)!r} now")
@@ -112,24 +165,41 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_student(student, teacher, blocks: np.ndarray, batch_size: int, precision: str, device) -> dict:
+def evaluate_student(run: "Run") -> dict:
+    """Held-out NLL (and KL to a live teacher) over run.eval_blocks, through the (wrapped) trunk: every
+    process computes all of it, as FSDP's gathers need every process in each forward."""
     from taille.data.tokens import batches
-    from taille.models.lm import token_kl, token_nll
     from taille.models.precision import autocast
 
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    kl = torch.zeros((), dtype=torch.float64, device=device)
-    for ids in batches(blocks, batch_size, device):
-        with autocast(precision, device.type):
-            nll += token_nll(student, ids).sum(dtype=torch.float64)
-            if teacher is not None:
-                kl += token_kl(teacher, student, ids)[:, :-1].sum(dtype=torch.float64)
-    n = len(blocks) * (blocks.shape[1] - 1)
+    nll = torch.zeros((), dtype=torch.float64, device=run.device)
+    kl = torch.zeros((), dtype=torch.float64, device=run.device)
+    run.trunk.eval()
+    for ids in batches(run.eval_blocks, run.cfg.batch_size, run.device):
+        with autocast(run.precision, run.device.type):
+            n, k = run.trunk(ids, teacher=_teacher_outputs(run, ids), evaluate=True)
+        nll += n
+        kl += k
+    run.trunk.train()
+    n = len(run.eval_blocks) * (run.eval_blocks.shape[1] - 1)
     loss = float(nll) / n
     out = {"eval_loss": loss, "eval_ppl": math.exp(loss)}
-    if teacher is not None:
+    if run.teacher is not None:
         out["eval_kl"] = float(kl) / n
     return out
+
+
+@torch.no_grad()
+def _teacher_outputs(run: "Run", ids: torch.Tensor, top=None) -> dict:
+    """What the trunk's loss needs from the teacher for a batch: its final hidden states at the positions
+    that predict a next token, its head and soft cap, its tapped layers' outputs, or a cache batch."""
+    if run.teacher is None:
+        return {"top": top}
+    _, t_head, t_softcap = run.heads[0], run.heads[2], run.heads[3]
+    taps = sorted({t for _, t in run.pairs})
+    layers = {}
+    with record_function("taille.teacher_forward"), layer_outputs(run.teacher, taps, layers):
+        hidden = hidden_states(run.teacher, ids)[:, :-1].reshape(-1, run.teacher.config.hidden_size)
+    return {"hidden": hidden, "head": t_head, "softcap": t_softcap, "states": [layers[t] for _, t in run.pairs]}
 
 
 @dataclass
@@ -160,7 +230,16 @@ class Run:
     """tokens, seconds, loss: what a checkpoint carries besides the weights."""
     resume_from: Path | None
     heads: tuple
-    """(student head weight, soft cap, teacher head weight, teacher soft cap): what the sliced loss applies."""
+    """(student head weight, soft cap, teacher head weight, teacher soft cap): what the sliced loss applies
+    (the student's is read again inside the trunk's forward, where FSDP has it whole)."""
+    strategy: str = "single"
+    """single, ddp or fsdp (taille/distill/sharding.py)."""
+    raw_optimizer: torch.optim.Optimizer | None = None
+    """The optimizer before accelerate wraps it (what checkpoints read and write)."""
+    tied: list = ()
+    """Groups of names that share one parameter in the trunk."""
+    order: list = ()
+    """Every parameter's names, in the optimizer's order (a checkpoint's indices)."""
 
     @property
     def n_targets(self) -> int:
@@ -178,6 +257,8 @@ def setup(cfg: DistillConfig) -> Run:
 
     # On a machine without an accelerator, cpu=True lets torchrun / accelerate launch form a gloo group.
     trackers = {} if cfg.report_to == "none" else {"log_with": cfg.report_to, "project_dir": cfg.out}
+    # before accelerate reads its launch settings: a DeepSpeed one fails there with an ImportError
+    strategy = resolve_strategy(cfg.strategy, int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = Accelerator(cpu=resolve_device("auto") == "cpu", **trackers)
     device, world = accelerator.device, accelerator.num_processes
     precision = resolve_precision(cfg.precision, device.type)
@@ -188,11 +269,19 @@ def setup(cfg: DistillConfig) -> Run:
             log.warning("--resume: %s has no complete checkpoint, starting from step 0", out / "checkpoints")
         else:
             log.info("no checkpoint in %s yet: starting from step 0", out)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
     if resume_from is not None:
         saved = json.loads((resume_from / "state.json").read_text())
-        diff = config_differences(saved["config"], cfg.to_dict())
+        diff = config_differences(saved["config"], cfg.to_dict(), per_process_free="global_batch" in saved)
         if diff:
             raise TailleError(f"--resume: {resume_from} was written by another configuration: " + "; ".join(diff))
+        if saved.get("global_batch", global_batch) != global_batch:
+            raise TailleError(
+                f"--resume: {resume_from} was written with a global batch of {saved['global_batch']} blocks "
+                f"({saved['processes']} processes x --batch-size x --grad-accum); this run's is {global_batch} "
+                f"({world} x {cfg.batch_size} x {cfg.grad_accum}): keep the global batch so the data order stays")
+        if saved.get("processes", world) != world:
+            log.info("resuming a %d-process run on %d processes (same global batch)", saved["processes"], world)
 
     torch.manual_seed(cfg.seed)
     student, tokenizer = load_model(cfg.student, dtype="fp32", device=str(device))
@@ -209,12 +298,19 @@ def setup(cfg: DistillConfig) -> Run:
         if cfg.teacher_cache:
             from taille.distill.cache import open_cache
 
-            cache = open_cache(cfg.teacher_cache, tokenizer)
-            blocks = cache.blocks
+            try:
+                cache = open_cache(cfg.teacher_cache, tokenizer)
+                seen = json.dumps(cache.meta, sort_keys=True)
+            except TailleError as e:
+                seen = f"error: {e}"
+            blocks = cache.blocks if cache is not None else None
         else:
             blocks = load_blocks(cfg.data, tokenizer, cfg.seq_len, progress=cfg.progress and accelerator.is_main_process,
                                  seed=cfg.seed)
         source = cfg.data or (cache.meta["data"] if cache else "")
+    if cfg.teacher_cache:
+        _same_on_every_process(accelerator, seen, f"--teacher-cache {cfg.teacher_cache}")
+    with accelerator.main_process_first():
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
             eval_spec = "shakespeare:heldout" if source.split(":")[0] == "shakespeare" else None
@@ -223,7 +319,6 @@ def setup(cfg: DistillConfig) -> Run:
             eval_stream = load_tokens(eval_spec, tokenizer, split="heldout", max_tokens=cfg.eval_tokens + 1,
                                       progress=False)
             eval_blocks = eval_stream.blocks(min(cfg.seq_len, len(eval_stream) - 1))
-    global_batch = cfg.batch_size * cfg.grad_accum * world
     total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
 
     pairs, projections = [], []
@@ -236,28 +331,53 @@ def setup(cfg: DistillConfig) -> Run:
         projections = [projection(student.config.hidden_size, teacher.config.hidden_size, kept.get("hidden")).to(device)
                        for _ in pairs]
         log.info("hidden-state loss on (student, teacher) layers %s, weight %s", pairs, cfg.hidden_weight)
+    if cfg.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trunk = Trunk(student, [s for s, _ in pairs], projections)
+    tied = tied_groups(trunk)
+    heads = (*_head(student), *(_head(teacher) if teacher is not None else (None, None)))
+    if strategy == "fsdp":  # before the optimizer: it must hold the sharded parameters
+        shard(trunk, teacher, _layers, cfg.shard_teacher)
     decay = [p for n, p in trunk.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    raw_optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    order = parameter_order(trunk, raw_optimizer)
+    optimizer = raw_optimizer
+    if strategy != "fsdp":
+        trunk, optimizer = accelerator.prepare(trunk, raw_optimizer)
     start_step, state = 0, {"tokens": 0, "seconds": 0.0, "loss": None}
     if resume_from is not None:
-        from safetensors.torch import load_model as load_weights
-
-        load_weights(student, str(resume_from / "student.safetensors"), device=str(device))
-        if (resume_from / "projections.safetensors").is_file():
-            load_weights(trunk.projections, str(resume_from / "projections.safetensors"), device=str(device))
-        load_training_state(resume_from, optimizer)
+        restore(resume_from, trunk if strategy == "fsdp" else accelerator.unwrap_model(trunk), raw_optimizer,
+                strategy, tied, order, accelerator.process_index, world)
         saved = json.loads((resume_from / "state.json").read_text())
         start_step, state = saved["step"], {k: saved.get(k) for k in ("tokens", "seconds", "loss")}
         log.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
-    trunk, optimizer = accelerator.prepare(trunk, optimizer)
     return Run(cfg=cfg, accelerator=accelerator, device=device, precision=precision, student=student,
                tokenizer=tokenizer, teacher=teacher, trunk=trunk, optimizer=optimizer, blocks=blocks, cache=cache,
                eval_blocks=eval_blocks, source=source, pairs=pairs, global_batch=global_batch,
                total_steps=total_steps, start_step=start_step, state=state, resume_from=resume_from,
-               heads=(*_head(student), *(_head(teacher) if teacher is not None else (None, None))))
+               heads=heads, strategy=strategy, raw_optimizer=raw_optimizer, tied=tied, order=order)
+
+
+def _layers(model):
+    from taille.models.arch import get_arch
+
+    return model.get_submodule(get_arch(model.config).layers)
+
+
+def _same_on_every_process(accelerator, value: str, what: str) -> None:
+    """Refuse, on every process at once, what some process sees differently (a cache one node cannot read)."""
+    from accelerate.utils import gather_object
+
+    seen = gather_object([value]) if accelerator.num_processes > 1 else [value]
+    for rank, other in enumerate(seen):
+        if other.startswith("error: "):
+            raise TailleError(f"{what}: process {rank} cannot read it ({other[7:]}); every process needs the "
+                              "same cache at the same path (a shared filesystem, or a copy on each node)")
+    if len(set(seen)) > 1:
+        raise TailleError(f"{what}: the processes read different caches at this path; every process needs the "
+                          "same one (a shared filesystem, or the same copy on each node)")
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -269,8 +389,6 @@ def train_step(run: Run, step: int) -> dict:
 
     cfg, accelerator, device, trunk = run.cfg, run.accelerator, run.device, run.trunk
     rank, world = accelerator.process_index, accelerator.num_processes
-    head, softcap, t_head, t_softcap = run.heads
-    teacher_taps = sorted({t for _, t in run.pairs})
     lr = lr_at(step, run.total_steps, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -281,37 +399,24 @@ def train_step(run: Run, step: int) -> dict:
         first = (micro * world + rank) * cfg.batch_size
         rows = np.sort(order[first:first + cfg.batch_size])
         ids = as_ids(run.blocks[rows], device)  # (B, T)
-        teacher_top = run.cache.batch(rows, device) if run.cache is not None else None
-        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(trunk)
+        top = run.cache.batch(rows, device) if run.cache is not None else None
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last else no_gradient_sync(trunk, run.strategy, accelerator)
         # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
         with sync, autocast(run.precision, device.type):
-            t_hidden, t_layers = None, {}
-            if run.teacher is not None:
-                with torch.no_grad(), record_function("taille.teacher_forward"), \
-                        layer_outputs(run.teacher, teacher_taps, t_layers):
-                    t_hidden = hidden_states(run.teacher, ids)[:, :-1].reshape(-1, run.teacher.config.hidden_size)
-            with record_function("taille.student_forward"):
-                hidden, s_layers = trunk(ids)
-                hidden = hidden[:, :-1]  # (B, T-1, H): positions that predict the next token
-            targets = ids[:, 1:].reshape(-1)
-            with record_function("taille.loss_forward"):
-                loss_sum, _ = distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, targets,
-                                           torch.ones_like(targets), cfg.loss, t_hidden, t_head,
-                                           teacher_top=teacher_top, softcap=softcap, teacher_softcap=t_softcap)
+            teacher = _teacher_outputs(run, ids, top)
+            loss_sum, hidden_sum = trunk(ids, teacher=teacher, loss_cfg=cfg.loss)
             if run.pairs:
-                with record_function("taille.hidden_loss"):  # the same positions as the logit loss
-                    hidden_sum = cosine_loss_sum([h[:, :-1] for h in s_layers],
-                                                 [t_layers[t][:, :-1] for _, t in run.pairs])
                 loss_sum = loss_sum + cfg.hidden_weight * hidden_sum
                 step_hidden += hidden_sum.detach() / run.n_targets
-            # DDP averages gradients over processes: scale so the result is the global token mean.
+            # DDP and FSDP average gradients over processes: scale so the result is the global token mean.
             loss = loss_sum * world / run.n_targets
             with record_function("taille.backward"):
-                accelerator.backward(loss)
+                loss.backward()
         step_loss += loss_sum.detach() / run.n_targets
     with record_function("taille.optimizer"):
         # clipping computes the total norm anyway; without clipping (clip 0) an infinite max_norm measures it
-        grad_norm = accelerator.clip_grad_norm_(trunk.parameters(), cfg.clip or float("inf"))
+        grad_norm = clip_gradients(list(trunk.parameters()), cfg.clip or float("inf"))
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     step_loss = accelerator.reduce(step_loss, reduction="sum")
@@ -322,9 +427,13 @@ def train_step(run: Run, step: int) -> dict:
 
 def save(run: Run, step: int) -> Path | None:
     """A checkpoint at `step` (rank 0 writes; every rank waits for it)."""
+    state = {**run.state, "processes": run.accelerator.num_processes, "global_batch": run.global_batch}
+    if run.strategy == "fsdp":
+        return save_fsdp(Path(run.cfg.out), step, run.trunk, run.raw_optimizer, run.cfg, state, run.tied, run.order,
+                         run.accelerator.process_index, run.accelerator.num_processes, run.cfg.sharded_checkpoints)
     last = None
     if run.accelerator.is_main_process:
-        last = save_checkpoint(Path(run.cfg.out), step, run.student, run.optimizer, run.cfg, run.state,
+        last = save_checkpoint(Path(run.cfg.out), step, run.student, run.raw_optimizer, run.cfg, state,
                                projections=run.accelerator.unwrap_model(run.trunk).projections)
     run.accelerator.wait_for_everyone()
     return last
@@ -392,10 +501,7 @@ def distill(cfg: DistillConfig) -> dict:
         bar.update(1)
         if run.eval_blocks is not None and (done % cfg.eval_every == 0 or done == total_steps):
             eval_start = time.perf_counter()
-            run.student.eval()
-            metrics = evaluate_student(run.student, run.teacher, run.eval_blocks, cfg.batch_size, run.precision,
-                                       run.device)
-            run.student.train()
+            metrics = evaluate_student(run)
             log_metrics({"step": done, "tokens": state["tokens"], **metrics})
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
@@ -408,10 +514,11 @@ def distill(cfg: DistillConfig) -> dict:
     blocks = run.blocks
     record = {"config": cfg.to_dict(), "steps": total_steps, "tokens": state["tokens"],
               "data": trained_on(blocks, run_order(blocks, cfg.seed, 0, total_steps * run.global_batch), run.source),
-              "global_batch": run.global_batch, "processes": accelerator.num_processes, "precision": run.precision,
-              "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
+              "global_batch": run.global_batch, "processes": accelerator.num_processes, "strategy": run.strategy,
+              "precision": run.precision, "final_loss": state["loss"], "seconds": round(state["seconds"], 1)}
+    weights = _gathered_student(run) if run.strategy == "fsdp" else None
     if accelerator.is_main_process:
-        _save_student(run.student, run.tokenizer, out, cfg, record)
+        _save_student(run.student, run.tokenizer, out, cfg, record, weights)
         from taille.distill.figures import plot_curves
 
         plot_curves(metrics_path, out / "curves.png")
@@ -421,10 +528,28 @@ def distill(cfg: DistillConfig) -> dict:
     return record
 
 
-def _save_student(student, tokenizer, out: Path, cfg: DistillConfig, record: dict) -> None:
+def _gathered_student(run: Run) -> dict:
+    """The sharded student's whole weights on rank 0 (in CPU memory; {} elsewhere): every process calls."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(run.trunk, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[3:]: v for k, v in full.items() if k.startswith("lm.")}
+
+
+def _save_student(student, tokenizer, out: Path, cfg: DistillConfig, record: dict, weights: dict | None = None) -> None:
+    """An ordinary Hugging Face folder; `weights` replace the module's own (a sharded student's, gathered)."""
     source = Path(cfg.student) / "taille.json"
     history = json.loads(source.read_text()) if source.is_file() else None
     student.config.name_or_path = str(out)
+    if weights is not None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            whole = AutoModelForCausalLM.from_config(student.config, dtype=next(iter(weights.values())).dtype)
+        whole.load_state_dict(weights, assign=True)
+        whole.tie_weights()
+        whole.generation_config = student.generation_config
+        student = whole
     student.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "taille.json").write_text(json.dumps({"distill": record, "pruned_from": history}, indent=1))
