@@ -15,9 +15,17 @@ from tests.distill.test_train import args, make_setup, metrics
 ENV = {**os.environ, "TAILLE_LOG": "WARNING", "OMP_NUM_THREADS": "1"}
 
 
-def taille(*argv, processes: int = 1, port: int = 29561):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def taille(*argv, processes: int = 1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(port)] if processes > 1 else [sys.executable]
+                "--master_port", str(free_port())] if processes > 1 else [sys.executable]
     return launcher + ["-m", "taille", *map(str, argv)]
 
 
@@ -121,3 +129,35 @@ def test_ddp_strategy_under_an_fsdp_accelerate_config_is_refused(tmp_path, capsy
     monkeypatch.setenv("FSDP_VERSION", "2")
     _, err = run_cli(capsys, *args(*make_setup(tmp_path, tied=False), tmp_path / "o"), "--strategy", "ddp", code=2)
     assert "--strategy ddp, but accelerate is configured for FSDP" in err
+
+
+AGREE = """
+import os, sys
+from accelerate import Accelerator
+from taille.distill.train import _same_on_every_process
+from taille.errors import TailleError
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+seen = {"error": "error: no complete cache here" if rank == 1 else "{}", "differs": str(rank), "same": "{}"}[sys.argv[1]]
+try:
+    _same_on_every_process(accelerator, seen, "--teacher-cache C")
+    print(f"rank {rank}: accepted")
+except TailleError as e:
+    print(f"rank {rank}: refused: {e}")
+"""
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("error", "refused: --teacher-cache C: process 1 cannot read it (no complete cache here)"),
+    ("differs", "refused: --teacher-cache C: the processes read different caches"),
+    ("same", "accepted"),
+])
+def test_a_cache_some_process_cannot_read_is_refused_on_every_process(tmp_path, case, expected):
+    """Over a real 2-process gloo group: one process's view of the cache decides for all, before any step
+    (a process that failed alone would leave the others waiting in the first collective)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                str(script), case])
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and all(line.startswith(f"rank {r}: {expected}") for r, line in enumerate(lines))

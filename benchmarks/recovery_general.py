@@ -1,0 +1,239 @@
+"""Which lever wins back general ability per token: one row per lever, the same 90M student, the same budget.
+
+The student is benchmarks/distill_recovery.py's: SmolLM2-135M-Instruct width-pruned to 90M (hidden 480, MLP
+1152, 6/3 heads). Every row distils it from the live teacher for --tokens (512K) with the recovery
+benchmark's schedule, changing one thing:
+  plays          the Shakespeare training plays (today's `taille run` default data): the reference row
+  demo-mix       the demo's data: shipped role-play and chat corpora and the plays (roleplay:0.45,chat:0.35,
+                 shakespeare:0.2)
+  general        a teacher-generated general corpus (--corpus, from `taille generate`; skipped without one)
+  general-plays  that corpus and the plays, half and half
+  hidden         the plays, + intermediate hidden states (--hidden-layers auto)
+  jsd            the plays, generalised JSD (beta 0.5) instead of forward KL
+  lr-1e-3 / lr-2e-4   the plays at twice / under half the reference peak LR (5e-4)
+  depth          the depth-pruned 90M student (18 layers), on the plays
+  two-rounds     prune to ~112M, distil half the budget, prune that to 90M, distil the other half
+Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
+window 1024), zero-shot ARC-Easy, ARC-Challenge, PIQA, WinoGrande, HellaSwag and LAMBADA through
+lm-evaluation-harness on the local task files (the first --limit examples of each; standard errors from its
+bootstrap). Rows that differ from the reference by less than two standard errors of the zero-shot average
+are flagged for a seed repeat (--seeds adds `ROW-seed1` rows). --curves ROW,... records held-out metrics at
+64K, 128K, 256K, 512K and 1M tokens for those rows (separate runs, one per budget, the same schedule scaled).
+
+Run:  .venv/bin/python benchmarks/recovery_general.py --wikitext2 PATH/wiki.test.raw --task-data PATH/eval \
+          [--corpus general.jsonl] [--only plays,demo-mix] [--seeds plays] [--curves plays]
+Alone on the 2-core CPU a row is ~21 minutes of distillation (~420 tokens/s) plus its measurement; each
+finished step is kept in --work and the command run again goes on from there (an interrupted distillation
+resumes from its last checkpoint). Writes benchmarks/results/recovery_general.{md,json,png} after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_students, remember, run_summary, taille, train_args
+
+TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
+HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
+            "hellaswag": "acc_norm", "lambada_openai": "acc"}
+ROWS = ("plays", "demo-mix", "general", "general-plays", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
+
+
+def measure(model: str, args) -> dict:
+    """One model's perplexities and zero-shot scores (with standard errors), through `taille eval`."""
+    cmd = [sys.executable, "-m", "taille", "eval", model, "--ppl", "shakespeare:heldout", "--ppl",
+           f"wikitext2:{args.wikitext2}", "--max-tokens", str(args.eval_tokens), "--tasks", ",".join(TASKS),
+           "--task-data", args.task_data, "--limit", str(args.limit), "--json"]
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    (row,) = report["rows"]
+    ppl = {name: round(v["ppl"], 3) for name, v in zip(("plays", "wikitext2"), row["ppl"].values())}
+    scores = {}
+    for task in TASKS:
+        metric = HEADLINE[task]
+        s = row["tasks"][task]
+        scores[task] = {"score": round(100 * s[metric], 2), "stderr": round(100 * s[f"{metric}_stderr"], 2)}
+    return {"ppl": ppl, "tasks": scores, "n_samples": report.get("n_samples")}
+
+
+def average(m: dict) -> tuple[float, float]:
+    """Zero-shot mean over the tasks, and its standard error (the tasks' errors, independent)."""
+    values = [t["score"] for t in m["tasks"].values()]
+    errors = [t["stderr"] for t in m["tasks"].values()]
+    return sum(values) / len(values), math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wikitext2", required=True)
+    parser.add_argument("--task-data", required=True, help="local task files (the layout of shared/data/eval)")
+    parser.add_argument("--corpus", default=None, help="a teacher-generated general corpus (`taille generate`)")
+    parser.add_argument("--limit", type=int, default=500, help="examples per zero-shot task")
+    parser.add_argument("--only", default=None, help="comma-separated rows (default: all, in order)")
+    parser.add_argument("--seeds", default="", help="rows to repeat at --seed 1")
+    parser.add_argument("--curves", default="", help="rows to also run at 64K .. 1M tokens")
+    parser.add_argument("--work", default=None, help="default: TAILLE_CACHE/bench/recovery_general")
+    add_train_options(parser)
+    args = parser.parse_args()
+    args.eval_tokens = 65536 if args.eval_tokens is None else args.eval_tokens
+
+    from taille.paths import cache_dir
+
+    work = Path(args.work) if args.work else cache_dir("bench") / "recovery_general"
+    work.mkdir(parents=True, exist_ok=True)
+    width, depth = pruned_students(work)
+    corpus = str(Path(args.corpus).expanduser().resolve()) if args.corpus else None
+    data = {"plays": "shakespeare", "demo-mix": "roleplay:0.45,chat:0.35,shakespeare:0.2"}
+    if corpus:
+        data |= {"general": corpus, "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
+    rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
+            "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
+            "jsd": (width, "shakespeare", ["--loss", "jsd"]),
+            "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
+            "lr-2e-4": (width, "shakespeare", ["--lr", 2e-4, "--min-lr", 2e-5]),
+            "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", [])}
+    if corpus:
+        rows |= {"general": (width, data["general"], []), "general-plays": (width, data["general-plays"], [])}
+    order = [r for r in ROWS if r in rows]
+    for name in filter(None, args.seeds.split(",")):
+        student, source, extra = rows[name]
+        rows[f"{name}-seed1"] = (student, source, [*extra, "--seed", 1])
+        order.append(f"{name}-seed1")
+    chosen = args.only.split(",") if args.only else order
+    unknown = [r for r in chosen if r not in rows]
+    if unknown:
+        sys.exit(f"--only {','.join(unknown)}: rows are {', '.join(rows)} (general rows need --corpus)")
+
+    measured = {"teacher": remember(work / "measured" / f"teacher-{args.limit}.json", lambda: measure(TEACHER, args)),
+                "pruned": remember(work / "measured" / f"pruned-{args.limit}.json", lambda: measure(str(width), args))}
+    trained = {}
+    for name in chosen:
+        out = work / "runs" / name
+        student, source, extra = rows[name]
+        if name == "two-rounds":
+            out = two_rounds(work, args)
+        elif not (out / "taille.json").exists():
+            taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
+                   "--out", out, "--resume")
+        measured[name] = remember(work / "measured" / f"{name}-{args.limit}.json", lambda: measure(str(out), args))
+        trained[name] = {"data": source, **run_summary(out)}
+        write_tables(measured, trained, args)
+    curves = {name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}
+    write_tables(measured, trained, args, curves)
+
+
+def two_rounds(work: Path, args) -> Path:
+    """Prune to ~112M, distil half the budget, prune the result to 90M (its own importance scores), distil
+    the other half: the same tokens as one round."""
+    half = str(int(parse_count(args.tokens) // 2))
+    first, second = work / "two-rounds" / "112m", work / "two-rounds" / "90m"
+    if not (first / "taille.json").exists():
+        taille("prune", "-m", TEACHER, "--scores", work / "importance", "--params", "112M", "--axes", "mlp,hidden,heads",
+               "--out", first)
+    kd1 = work / "two-rounds" / "kd-112m"
+    if not (kd1 / "taille.json").exists():
+        taille("distill", "--student", first, "--teacher", TEACHER, *train_args(args, "shakespeare"), "--tokens", half,
+               "--out", kd1, "--resume")
+    if not (second / "taille.json").exists():
+        taille("importance", "-m", kd1, "--data", "shakespeare", "--samples", 128, "--out", work / "two-rounds" / "scores")
+        taille("prune", "-m", kd1, "--scores", work / "two-rounds" / "scores", "--params", "90M", "--axes",
+               "mlp,hidden,heads", "--out", second)
+    out = work / "runs" / "two-rounds"
+    if not (out / "taille.json").exists():
+        taille("distill", "--student", second, "--teacher", TEACHER, *train_args(args, "shakespeare"), "--tokens", half,
+               "--out", out, "--resume")
+    return out
+
+
+def parse_count(text: str) -> float:
+    from taille.options import parse_count as parse
+
+    return parse(text)
+
+
+def curve_points(work: Path, name: str, row: tuple, args) -> dict:
+    """{budget: measurement} of one row's data and settings at each of CURVE_TOKENS."""
+    student, source, extra = row
+    points = {}
+    for budget in CURVE_TOKENS:
+        out = work / "curves" / f"{name}-{budget}"
+        if not (out / "taille.json").exists():
+            taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
+                   "--tokens", budget, "--out", out, "--resume")
+        points[budget] = remember(work / "measured" / f"curve-{name}-{budget}-{args.limit}.json",
+                                  lambda out=out: measure(str(out), args))
+    return points
+
+
+def write_tables(measured: dict, trained: dict, args, curves: dict | None = None) -> None:
+    teacher = measured["teacher"]
+    t_avg, _ = average(teacher)
+    head = ["row", "data", "WikiText-2 ppl (x teacher)", "plays ppl (x teacher)", *TASKS, "zero-shot avg (gap)",
+            "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = measured.get("plays")
+    for name, m in measured.items():
+        avg, err = average(m)
+        flag = ""
+        if reference is not None and name not in ("teacher", "pruned", "plays"):
+            r_avg, r_err = average(reference)
+            if abs(avg - r_avg) < 2 * math.hypot(err, r_err):
+                flag = " (within 2 SE of plays)"
+        t = trained.get(name, {})
+        lines.append("| " + " | ".join([
+            name, f"`{t['data']}`" if t else "-",
+            f"{m['ppl']['wikitext2']} ({m['ppl']['wikitext2'] / teacher['ppl']['wikitext2']:.2f}x)",
+            f"{m['ppl']['plays']} ({m['ppl']['plays'] / teacher['ppl']['plays']:.2f}x)",
+            *[f"{m['tasks'][k]['score']} ± {m['tasks'][k]['stderr']}" for k in TASKS],
+            f"{avg:.2f} ± {err:.2f} ({avg - t_avg:+.2f}){flag}", str(t.get("tokens_per_s", "-"))]) + " |")
+    note = (f"Budget {args.tokens} tokens per row (seq {args.seq_len}, batch {args.batch_size}, lr {args.lr} -> "
+            f"{args.lr / 10} cosine unless the row says otherwise, forward KL from the live teacher, bf16-mixed). "
+            f"Perplexity: the first {args.eval_tokens:,} tokens, window = stride = 1024. Zero-shot: "
+            "lm-evaluation-harness 0-shot on the local task files, the first "
+            f"{args.limit} examples of each (acc_norm; WinoGrande and LAMBADA acc), ± one standard error; the "
+            "average's error combines the tasks' as independent.")
+    text = "\n".join(lines) + "\n\n" + note + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "recovery_general.md").write_text(text)
+    (RESULTS / "recovery_general.json").write_text(json.dumps(
+        {"measured": measured, "trained": trained, "curves": curves or {}, "settings": vars(args)}, indent=1) + "\n")
+    if curves:
+        plot_curves(curves, teacher, RESULTS / "recovery_general.png")
+    print(text, flush=True)
+
+
+def plot_curves(curves: dict, teacher: dict, path: Path) -> None:
+    """WikiText-2 and plays perplexity and the zero-shot average against tokens, one line per row, the
+    teacher dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (name, points) in enumerate(curves.items()):
+        tokens = [parse_count(b) for b in points]
+        axes[0].plot(tokens, [m["ppl"]["wikitext2"] for m in points.values()], marker="o", color=f"C{i}", label=name)
+        axes[1].plot(tokens, [m["ppl"]["plays"] for m in points.values()], marker="o", color=f"C{i}", label=name)
+        axes[2].errorbar(tokens, [average(m)[0] for m in points.values()], [average(m)[1] for m in points.values()],
+                         marker="o", color=f"C{i}", label=name, capsize=3)
+    for ax, value, title in ((axes[0], teacher["ppl"]["wikitext2"], "WikiText-2 perplexity"),
+                             (axes[1], teacher["ppl"]["plays"], "held-out plays perplexity"),
+                             (axes[2], average(teacher)[0], "zero-shot average (6 tasks)")):
+        ax.axhline(value, color="k", linestyle="--", label="teacher")
+        ax.set(title=title, xlabel="distillation tokens", xscale="log")
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
