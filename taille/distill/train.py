@@ -302,7 +302,9 @@ def setup(cfg: DistillConfig) -> Run:
                 cache = open_cache(cfg.teacher_cache, tokenizer)
                 seen = json.dumps(cache.meta, sort_keys=True)
             except TailleError as e:
-                seen = f"error: {e}"
+                if world == 1:
+                    raise
+                seen = f"error: {e}"  # said on every process at once, below
             blocks = cache.blocks if cache is not None else None
         else:
             blocks = load_blocks(cfg.data, tokenizer, cfg.seq_len, progress=cfg.progress and accelerator.is_main_process,
@@ -332,7 +334,7 @@ def setup(cfg: DistillConfig) -> Run:
                        for _ in pairs]
         log.info("hidden-state loss on (student, teacher) layers %s, weight %s", pairs, cfg.hidden_weight)
     if cfg.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable({"use_reentrant": False})
     trunk = Trunk(student, [s for s, _ in pairs], projections)
     tied = tied_groups(trunk)
     heads = (*_head(student), *(_head(teacher) if teacher is not None else (None, None)))

@@ -161,3 +161,24 @@ def test_a_cache_some_process_cannot_read_is_refused_on_every_process(tmp_path, 
                 str(script), case])
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
     assert len(lines) == 2 and all(line.startswith(f"rank {r}: {expected}") for r, line in enumerate(lines))
+
+
+def test_activation_checkpointing_recomputes_the_layers_and_changes_no_number(tmp_path):
+    """With --activation-checkpointing each student layer runs twice per step (forward, then again in
+    backward) and the step's loss and gradient norm stay the same."""
+    from taille.distill.train import DistillConfig, _layers, setup, train_step
+
+    teacher, student, data, held = make_setup(tmp_path, tied=False)
+    results = {}
+    for recompute in (False, True):
+        cfg = DistillConfig(student=str(student), teacher=str(teacher), data=str(data), eval_data=None,
+                            out=str(tmp_path / f"o{recompute}"), tokens=256, seq_len=32, batch_size=4, precision="fp32",
+                            progress=False, hidden_layers="auto", activation_checkpointing=recompute)
+        state = setup(cfg)
+        calls, mlp = [], _layers(state.student)[0].mlp
+        forward = mlp.forward  # torch skips module hooks while it recomputes: count the calls themselves
+        mlp.forward = lambda *a, forward=forward, calls=calls, **k: (calls.append(1), forward(*a, **k))[1]
+        out = train_step(state, 0)
+        results[recompute] = (len(calls), float(out["loss"]), float(out["grad_norm"]))
+    assert results[False][0] == 1 and results[True][0] == 2
+    assert results[True][1:] == pytest.approx(results[False][1:], rel=1e-6)
