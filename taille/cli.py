@@ -294,14 +294,19 @@ def distill(cfg: DistillConfig) -> None:
     the hardware has fast bf16, with fp32 weights and optimizer state. Logits are computed in slices of
     tokens and rebuilt in backward, so no (batch, seq, vocab) tensor is ever held. Without --teacher it
     trains on the data's next tokens (--ce-weight > 0). Runs unchanged under `accelerate launch` or
-    `torchrun` (DDP; FSDP through `accelerate config`). Checkpoints (safetensors and JSON) are written
-    atomically every --save-every steps; --resume continues with the same data order and optimizer state.
+    `torchrun`: DDP, or FSDP2 with --strategy fsdp or an FSDP `accelerate config` (recipes/accelerate/).
+    Checkpoints (safetensors and JSON) are written atomically every --save-every steps; --resume continues
+    with the same data order and optimizer state, on the same or another number of processes.
     """
+    import os
+
     from taille.distill.train import distill as run
 
     record = run(cfg)
-    print(f"distilled {record['tokens']:,} tokens in {record['steps']} steps ({record['precision']}, "
-          f"{record['processes']} process(es)); final loss {record['final_loss']:.4f} -> {cfg.out}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"distilled {record['tokens']:,} tokens in {record['steps']} steps ({record['precision']}, "
+              f"{record['processes']} process(es), {record['strategy']}); final loss {record['final_loss']:.4f} "
+              f"-> {cfg.out}")
 
 
 @_verb()
@@ -342,13 +347,22 @@ def teacher_cache(cfg: TeacherCacheConfig) -> None:
 
 @_verb()
 def plan(cfg: PlanSettings, model: ModelArg, json_out: JsonOpt = False) -> None:
-    """List the shapes a model could be pruned to for a budget, from its config alone (no weights).
+    """List the shapes a model could be pruned to for a budget, from its config alone (no weights); with
+    --distill, the GPU memory of distilling it into a student.
 
     Layers (down to half), hidden in multiples of 64 (or of the head count where transformers needs it),
     MLP in multiples of 256, query heads per KV group; exact parameter counts, weight size per
     quantization and the fp16 KV cache at --context. Minitron's width recipe comes first: shapes that keep
     every layer, the most even cut of the widths first; then shapes that also drop layers, the fewest first.
+
+    --distill: MODEL is the teacher (offline, a folder holding its config.json), --student the student (a
+    folder, or a shape such as hidden=3072,ffn=9216), or --recipe takes both shape and batch from a recipe.
+    For DDP, FSDP (student sharded; the teacher too) and a teacher cache: the weights, gradients, AdamW state,
+    activations, logit slices and the rest one GPU holds at the step's peak, and the fewest GPUs that fit.
     """
+    if cfg.distill:
+        _plan_distill(model, cfg.training, json_out)
+        return
     from taille.models.load import load_config
     from taille.search.plan import GiB, plan as make_plan
 
@@ -368,6 +382,39 @@ def plan(cfg: PlanSettings, model: ModelArg, json_out: JsonOpt = False) -> None:
     _print_table(f"{len(candidates)} candidate shapes for {model} (first {min(cfg.top, len(candidates))})",
                  ["layers", "hidden", "MLP", "heads/kv", "params", *[f"{q} GiB" for q in candidates[0].weights_gib],
                   f"KV@{cfg.context} GiB", "max cut"], rows, right=set(range(11)))
+
+
+def _plan_distill(model: str, settings, json_out: bool) -> None:
+    from taille.distill.memory import GiB, MAX_GPUS, SETUPS, plan_memory, resolve
+
+    teacher, student, settings = resolve(model, settings)
+    result = plan_memory(teacher, student, settings)
+    if json_out:
+        print(json.dumps({"model": model, **result.to_dict()}, indent=1))
+        return
+
+    def gib(n: int) -> str:
+        return "-" if not n else f"{n / GiB:,.1f}" if n >= 10 * GiB else f"{n / GiB:.2f}"
+
+    s, columns = result.settings, result.columns
+    parts = [p for p in columns[0].parts if any(c.parts[p] for c in columns)]
+    rows = [[p, *[gib(c.parts[p]) for c in columns]] for p in parts]
+    rows.append(["peak (at)", *[f"{gib(c.peak)} ({c.moment})" for c in columns]])
+    rows.append([f"fits {s['gpu_memory'] / GiB:g} GiB", *["yes" if c.peak <= s["gpu_memory"] else "no" for c in columns]])
+    rows.append(["fewest GPUs that fit", *[str(result.fewest[c.strategy].gpus) if result.fewest[c.strategy] else
+                                           f"> {MAX_GPUS}" if c.strategy.startswith("fsdp") else "never" for c in columns]])
+    print(f"{model} ({_human(teacher.params)}) -> student ({_human(student.params)}; hidden {student.hidden}, MLP "
+          f"{student.ffn}, {student.heads}/{student.kv_heads} heads, {student.layers} layers): batch {s['batch_size']} x "
+          f"{s['seq_len']}, grad-accum {s['grad_accum']}, {s['precision']}"
+          + (", activation checkpointing" if s["activation_checkpointing"] else "") + f", {s['device']}")
+    _print_table(f"GiB per GPU on {s['gpus']} GPU{'s' * (s['gpus'] > 1)}", ["", *[SETUPS[c.strategy] for c in columns]],
+                 rows, right=set(range(1, len(columns) + 1)))
+    if result.smallest is not None:
+        c = result.smallest
+        print(f"smallest setup that fits {s['gpu_memory'] / GiB:g} GiB per GPU: {SETUPS[c.strategy]} on {c.gpus} "
+              f"GPU{'s' * (c.gpus > 1)} ({gib(c.peak)} GiB each)")
+    else:
+        print(result.advice)
 
 
 @_verb()

@@ -15,7 +15,6 @@ processes loads its shards directly, another number reassembles them first).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -65,31 +64,22 @@ def tied_groups(module: torch.nn.Module) -> list[list[str]]:
     return [sorted(names) for names in by_tensor.values() if len(names) > 1]
 
 
-def shard(trunk: torch.nn.Module, teacher: torch.nn.Module | None, layers_of, shard_teacher: bool) -> None:
+def shard(trunk: torch.nn.Module, teacher: torch.nn.Module | None, layers_of, shard_teacher: bool,
+          precision: str) -> None:
     """FSDP2 in place: every student decoder layer, then the trunk as root; the teacher's decoder layers
-    when asked (each gathered for its forward and freed after it)."""
-    from torch.distributed.fsdp import fully_shard
+    when asked (each gathered for its forward and freed after it). Under bf16-mixed the gathered weights are
+    bf16 (FSDP's mixed precision; gradients reduced in fp32): autocast's own bf16 copies of fp32 weights
+    would stay alive until backward, whole, one per layer, undoing the sharding."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16-mixed" else MixedPrecisionPolicy())
     for layer in layers_of(trunk.lm):
-        fully_shard(layer)
-    fully_shard(trunk)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(trunk, mp_policy=policy)
     if teacher is not None and shard_teacher:
         for layer in layers_of(teacher):
-            fully_shard(layer, reshard_after_forward=True)
-
-
-def no_gradient_sync(trunk, strategy: str, accelerator):
-    """The context of a micro-step that is not the last: gradients accumulate locally, unreduced."""
-    if strategy == "fsdp":
-        @contextlib.contextmanager
-        def paused():
-            trunk.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                trunk.set_requires_gradient_sync(True)
-        return paused()
-    return accelerator.no_sync(trunk)
+            fully_shard(layer, reshard_after_forward=True, mp_policy=policy)
 
 
 def clip_gradients(parameters, max_norm: float) -> torch.Tensor:

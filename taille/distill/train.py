@@ -27,7 +27,7 @@ from torch.profiler import record_function
 
 from taille.distill.checkpoint import _atomic_write, latest_checkpoint, save_checkpoint
 from taille.distill.sharding import (
-    clip_gradients, no_gradient_sync, parameter_order, resolve_strategy, restore, save_fsdp, shard, tied_groups)
+    clip_gradients, parameter_order, resolve_strategy, restore, save_fsdp, shard, tied_groups)
 from taille.distill.hidden import cosine_loss_sum, layer_outputs
 from taille.distill.config import TRACKERS, DistillConfig, LossConfig  # noqa: F401  (re-exported)
 from taille.distill.losses import distill_loss
@@ -339,7 +339,7 @@ def setup(cfg: DistillConfig) -> Run:
     tied = tied_groups(trunk)
     heads = (*_head(student), *(_head(teacher) if teacher is not None else (None, None)))
     if strategy == "fsdp":  # before the optimizer: it must hold the sharded parameters
-        shard(trunk, teacher, _layers, cfg.shard_teacher)
+        shard(trunk, teacher, _layers, cfg.shard_teacher, precision)
     decay = [p for n, p in trunk.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
     raw_optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -403,7 +403,8 @@ def train_step(run: Run, step: int) -> dict:
         ids = as_ids(run.blocks[rows], device)  # (B, T)
         top = run.cache.batch(rows, device) if run.cache is not None else None
         last = micro == cfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last else no_gradient_sync(trunk, run.strategy, accelerator)
+        # FSDP reduce-scatters every micro-step: gradients held unreduced would be whole on every process
+        sync = contextlib.nullcontext() if last or run.strategy == "fsdp" else accelerator.no_sync(trunk)
         # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
         with sync, autocast(run.precision, device.type):
             teacher = _teacher_outputs(run, ids, top)

@@ -10,8 +10,9 @@ and head_dim stay.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from taille.distill.memory import DistillMemorySettings
 from taille.errors import TailleError
 from taille.options import Bytes, Count, coerce
 from taille.models import quant as formats
@@ -54,9 +55,25 @@ class PlanSettings:
     """How far from the target a candidate may land."""
     top: int = 20
     """Rows to print (the JSON has them all)."""
+    distill: bool = False
+    """Plan the memory of distilling MODEL (the teacher) into --student instead: what one GPU holds under DDP,
+    FSDP and FSDP + teacher cache, and the fewest GPUs that fit --gpu-memory."""
+    training: DistillMemorySettings = field(default_factory=DistillMemorySettings)
 
     def __post_init__(self):
         coerce(self)
+        if isinstance(self.training, dict):
+            self.training = DistillMemorySettings(**self.training)
+        if self.distill:
+            if self.params is not None or self.memory is not None:
+                raise TailleError("--distill plans the memory of training: leave out --params and --memory (pruning targets)")
+            if not self.training.student and not self.training.recipe:
+                raise TailleError("--distill needs the student: --student FOLDER, --student hidden=3072,ffn=9216 (a shape "
+                                  "cut from MODEL) or --recipe RECIPE")
+            return
+        if self.training != DistillMemorySettings():
+            raise TailleError("--student, --recipe, --gpus, --gpu-memory, --batch-size, --seq-len ... plan distillation "
+                              "memory: add --distill")
         if (self.params is None) == (self.memory is None):
             raise TailleError("give a target: --params 8B or --memory 6GB (not both)")
         if self.quant not in QUANT_BITS:

@@ -141,9 +141,10 @@ rank = accelerator.process_index
 seen = {"error": "error: no complete cache here" if rank == 1 else "{}", "differs": str(rank), "same": "{}"}[sys.argv[1]]
 try:
     _same_on_every_process(accelerator, seen, "--teacher-cache C")
-    print(f"rank {rank}: accepted")
+    said = "accepted"
 except TailleError as e:
-    print(f"rank {rank}: refused: {e}")
+    said = f"refused: {e}"
+open(os.path.join(sys.argv[2], f"rank{rank}.txt"), "w").write(f"rank {rank}: {said}")  # one pipe would interleave
 """
 
 
@@ -157,9 +158,9 @@ def test_a_cache_some_process_cannot_read_is_refused_on_every_process(tmp_path, 
     (a process that failed alone would leave the others waiting in the first collective)."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                str(script), case])
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(script), case, str(tmp_path)])
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert len(lines) == 2 and all(line.startswith(f"rank {r}: {expected}") for r, line in enumerate(lines))
 
 
