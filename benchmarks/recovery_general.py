@@ -45,12 +45,14 @@ ROWS = ("plays", "demo-mix", "general", "general-plays", "hidden", "jsd", "lr-1e
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
-def measure(model: str, args) -> dict:
-    """One model's perplexities and zero-shot scores (with standard errors), through `taille eval`."""
+def measure(model: str, args, folder: Path) -> dict:
+    """One model's perplexities and zero-shot scores (with standard errors), through `taille eval --out`
+    (its eval.json: lm-evaluation-harness may print to stdout as well)."""
     cmd = [sys.executable, "-m", "taille", "eval", model, "--ppl", "shakespeare:heldout", "--ppl",
            f"wikitext2:{args.wikitext2}", "--max-tokens", str(args.eval_tokens), "--tasks", ",".join(TASKS),
-           "--task-data", args.task_data, "--limit", str(args.limit), "--json"]
-    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+           "--task-data", args.task_data, "--limit", str(args.limit), "--out", str(folder)]
+    subprocess.run(cmd, check=True)
+    report = json.loads((folder / "eval.json").read_text())
     (row,) = report["rows"]
     ppl = {name: round(v["ppl"], 3) for name, v in zip(("plays", "wikitext2"), row["ppl"].values())}
     scores = {}
@@ -109,19 +111,22 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only {','.join(unknown)}: rows are {', '.join(rows)} (general rows need --corpus)")
 
-    measured = {"teacher": remember(work / "measured" / f"teacher-{args.limit}.json", lambda: measure(TEACHER, args)),
-                "pruned": remember(work / "measured" / f"pruned-{args.limit}.json", lambda: measure(str(width), args))}
-    trained = {}
-    for name in chosen:
-        out = work / "runs" / name
+    def measured_once(name: str, model: str) -> dict:
+        return remember(work / "measured" / f"{name}-{args.limit}.json",
+                        lambda: measure(model, args, work / "eval" / f"{name}-{args.limit}"))
+
+    outs = {}
+    for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
-        if name == "two-rounds":
-            out = two_rounds(work, args)
-        elif not (out / "taille.json").exists():
+        outs[name] = out = two_rounds(work, args) if name == "two-rounds" else work / "runs" / name
+        if not (out / "taille.json").exists():
             taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
                    "--out", out, "--resume")
-        measured[name] = remember(work / "measured" / f"{name}-{args.limit}.json", lambda: measure(str(out), args))
-        trained[name] = {"data": source, **run_summary(out)}
+    measured = {"teacher": measured_once("teacher", TEACHER), "pruned": measured_once("pruned", str(width))}
+    trained = {}
+    for name in chosen:
+        measured[name] = measured_once(name, str(outs[name]))
+        trained[name] = {"data": rows[name][1], **run_summary(outs[name])}
         write_tables(measured, trained, args)
     curves = {name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}
     write_tables(measured, trained, args, curves)
@@ -166,7 +171,7 @@ def curve_points(work: Path, name: str, row: tuple, args) -> dict:
             taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
                    "--tokens", budget, "--out", out, "--resume")
         points[budget] = remember(work / "measured" / f"curve-{name}-{budget}-{args.limit}.json",
-                                  lambda out=out: measure(str(out), args))
+                                  lambda out=out: measure(str(out), args, work / "eval" / f"curve-{name}-{budget}"))
     return points
 
 
