@@ -40,6 +40,10 @@ def resolve_strategy(requested: str, world: int) -> str:
     if _env("ACCELERATE_USE_MEGATRON_LM"):
         raise TailleError("accelerate is configured for Megatron-LM, which taille's distillation loop does not run: "
                           "use FSDP (fsdp_version 2) or DDP")
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        raise TailleError(f"accelerate is configured for mixed_precision {os.environ['ACCELERATE_MIXED_PRECISION']}; "
+                          "taille's --precision chooses (bf16-mixed or fp32): set mixed_precision: 'no' in the "
+                          "accelerate config")
     fsdp_env = _env("ACCELERATE_USE_FSDP")
     if fsdp_env and os.environ.get("FSDP_VERSION", "1") != "2":
         raise TailleError("accelerate is configured for FSDP version 1; taille shards with FSDP2: set "
@@ -76,7 +80,8 @@ def shard(trunk: torch.nn.Module, teacher: torch.nn.Module | None, layers_of, sh
               if precision == "bf16-mixed" else MixedPrecisionPolicy())
     for layer in layers_of(trunk.lm):
         fully_shard(layer, mp_policy=policy)
-    fully_shard(trunk, mp_policy=policy)
+    # the root's inputs keep their dtypes: a teacher cache's fp32 log-probabilities must not be rounded
+    fully_shard(trunk, mp_policy=MixedPrecisionPolicy(policy.param_dtype, policy.reduce_dtype, cast_forward_inputs=False))
     if teacher is not None and shard_teacher:
         for layer in layers_of(teacher):
             fully_shard(layer, reshard_after_forward=True, mp_policy=policy)
@@ -169,6 +174,7 @@ def save_fsdp(out: Path, step: int, trunk, optimizer, cfg, state: dict, groups: 
         tmp = begin_checkpoint(out, step)
     _barrier()
     tmp = out / "checkpoints" / f".tmp-step-{step:07d}"
+    _shared_or_refuse([] if tmp.is_dir() else [rank], tmp)
     local = lambda v: v.to_local() if isinstance(v, DTensor) else v  # noqa: E731
     save_file({k: local(v).contiguous() for k, v in model.items() if k not in aliases},
               str(tmp / f"trunk{_tag(rank, world)}.safetensors"))
@@ -183,12 +189,26 @@ def save_fsdp(out: Path, step: int, trunk, optimizer, cfg, state: dict, groups: 
                                 for n, v in values.items() if isinstance(v, DTensor)),
         }))
     _barrier()
+    _shared_or_refuse([r for r in range(world) if not (tmp / f"trunk{_tag(r, world)}.safetensors").is_file()]
+                      if rank == 0 else [], tmp)
     final = None
     if rank == 0:
         write_state(tmp, step, cfg, state)
         final = publish_checkpoint(out, step)
     _barrier()
     return final
+
+
+def _shared_or_refuse(missing: list[int], tmp: Path) -> None:
+    """Every process refuses at once when some process cannot see the checkpoint folder (node-local disks)."""
+    import torch.distributed as dist
+
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, missing)
+    missing = sorted({r for m in seen for r in m})
+    if missing:
+        raise TailleError(f"--sharded-checkpoints: processes {missing} cannot see {tmp}; OUT must be on a filesystem "
+                          "every process shares, or drop --sharded-checkpoints (rank 0 then gathers and writes)")
 
 
 def _reassemble(checkpoint: Path, stem: str, processes: int, sharded: list[str]) -> dict:

@@ -337,16 +337,21 @@ def setup(cfg: DistillConfig) -> Run:
         student.activation_checkpointing_enable({"use_reentrant": False})
     trunk = Trunk(student, [s for s, _ in pairs], projections)
     tied = tied_groups(trunk)
-    heads = (*_head(student), *(_head(teacher) if teacher is not None else (None, None)))
+    if strategy != "fsdp" and world > 1 and (cfg.shard_teacher or cfg.sharded_checkpoints):
+        raise TailleError("--shard-teacher and --sharded-checkpoints need FSDP, and this run is DDP: add --strategy fsdp "
+                          "(or launch with an FSDP accelerate config)")
     if strategy == "fsdp":  # before the optimizer: it must hold the sharded parameters
         shard(trunk, teacher, _layers, cfg.shard_teacher, precision)
+    # the student's head is read inside the trunk's forward (whole there under FSDP): no reference kept here,
+    # which would also keep the unsharded original alive on every process
+    heads = (None, None, *(_head(teacher) if teacher is not None else (None, None)))
     decay = [p for n, p in trunk.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in trunk.named_parameters() if p.dim() < 2]
     raw_optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     order = parameter_order(trunk, raw_optimizer)
     optimizer = raw_optimizer
-    if strategy != "fsdp":
+    if strategy == "ddp":  # one process needs no wrapper (and accelerate's own FSDP must not take over)
         trunk, optimizer = accelerator.prepare(trunk, raw_optimizer)
     start_step, state = 0, {"tokens": 0, "seconds": 0.0, "loss": None}
     if resume_from is not None:

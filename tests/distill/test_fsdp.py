@@ -77,7 +77,8 @@ def test_fsdp_on_two_processes_matches_one_process_and_saves_a_plain_model(tmp_p
 
 
 def test_a_killed_fsdp_run_resumes_from_its_shards_on_two_processes_or_one(tmp_path, capsys):
-    setup = make_setup(tmp_path, tied=False)
+    """Tied embeddings: one tensor stored once in the shards, under one name, and put back under both."""
+    setup = make_setup(tmp_path, tied=True)
     run(taille(*args(*setup, tmp_path / "one")))  # 32 steps, checkpoints every 8
     fsdp = lambda out, **extra: args(*setup, out, **{"--batch-size": 2, **extra}) + [  # noqa: E731
         "--strategy", "fsdp", "--sharded-checkpoints"]
@@ -106,6 +107,7 @@ def test_a_killed_fsdp_run_resumes_from_its_shards_on_two_processes_or_one(tmp_p
 @pytest.mark.parametrize("env,message", [
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed, which taille's distillation loop does not run"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "taille's --precision chooses"),
 ])
 def test_a_strategy_the_loop_cannot_run_is_refused_at_start(tmp_path, capsys, monkeypatch, env, message):
     for key, value in env.items():
@@ -145,6 +147,9 @@ try:
 except TailleError as e:
     said = f"refused: {e}"
 open(os.path.join(sys.argv[2], f"rank{rank}.txt"), "w").write(f"rank {rank}: {said}")  # one pipe would interleave
+accelerator.wait_for_everyone()
+import torch.distributed
+torch.distributed.destroy_process_group()  # a rank leaving a live gloo group can abort at exit
 """
 
 
