@@ -36,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from taille.options import parse_count
+
 from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_students, remember, run_summary, taille, train_args
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
@@ -176,12 +178,6 @@ def two_rounds(work: Path, args) -> Path:
         taille("distill", "--student", second, "--teacher", TEACHER, *train_args(args, "shakespeare"), "--tokens", half,
                "--out", out, "--resume")
     return out
-
-
-def parse_count(text: str) -> float:
-    from taille.options import parse_count as parse
-
-    return parse(text)
 
 
 def curve_points(work: Path, name: str, row: tuple, args) -> dict:

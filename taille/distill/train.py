@@ -194,7 +194,7 @@ def _teacher_outputs(run: "Run", ids: torch.Tensor, top=None) -> dict:
     that predict a next token, its head and soft cap, its tapped layers' outputs, or a cache batch."""
     if run.teacher is None:
         return {"top": top}
-    _, t_head, t_softcap = run.heads[0], run.heads[2], run.heads[3]
+    t_head, t_softcap = run.heads[2:]
     taps = sorted({t for _, t in run.pairs})
     layers = {}
     with record_function("taille.teacher_forward"), layer_outputs(run.teacher, taps, layers):
