@@ -28,12 +28,14 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = "arc_easy,piqa,winogrande,hellaswag"
 
 
-def measure(model: str, args) -> dict:
-    """One `taille eval` row: perplexity on both texts and the zero-shot tasks."""
+def measure(model: str, args, folder: Path) -> dict:
+    """One `taille eval` row: perplexity on both texts and the zero-shot tasks, read from its eval.json (not
+    from stdout, where lm-evaluation-harness may print too)."""
     cmd = [sys.executable, "-m", "taille", "eval", model, "--ppl", "shakespeare:heldout", "--ppl",
            f"wikitext2:{args.wikitext2}", "--max-tokens", str(args.eval_tokens), "--tasks", TASKS,
-           "--task-data", args.task_data, "--limit", str(args.limit), "--json"]
-    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+           "--task-data", args.task_data, "--limit", str(args.limit), "--out", str(folder)]
+    subprocess.run(cmd, check=True)
+    report = json.loads((folder / "eval.json").read_text())
     (row,) = report["rows"]
     return {"row": row, "n_samples": report.get("n_samples"), "config": report.get("config")}
 
@@ -82,7 +84,7 @@ def main() -> None:
             taille("distill", "--student", width, "--teacher", TEACHER, *train_args(args, sources[name]),
                    "--out", runs[name], "--resume")
         measured[label] = remember(work / "data-rows" / f"{Path(model).name}-{tag}.json",
-                                   lambda model=model: measure(model, args))
+                                   lambda model=model: measure(model, args, work / "eval" / f"{Path(model).name}-{tag}"))
     trained = {f"distilled on {name}": {"data": sources[name], **run_summary(runs[name]),
                                          "trained_on": drawn(runs[name], width)} for name in sources}
     write_tables(measured, trained, args)

@@ -339,9 +339,11 @@ def teacher_cache(cfg: TeacherCacheConfig) -> None:
     else:
         model, tokenizer = load_model(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
         folder = build_cache(model, tokenizer, cfg.data, cfg.out, cfg.top_k, cfg.seq_len, cfg.tokens, cfg.batch_size,
-                             resolve_precision(cfg.precision, resolve_device(cfg.device)), temperature=cfg.temperature)
+                             resolve_precision(cfg.precision, resolve_device(cfg.device)), temperature=cfg.temperature,
+                             sampling=cfg.sampling, seed=cfg.seed)
     meta = json.loads((folder / "meta.json").read_text())
-    print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, top-{cfg.top_k}: "
+    kept = f"{cfg.top_k} draws" if meta.get("sampling") == "random" else f"top-{cfg.top_k}"
+    print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, {kept}: "
           f"{meta['bytes'] / 2**20:,.1f} MiB in {meta['seconds']} s -> {folder}")
 
 

@@ -51,11 +51,11 @@ log = logging.getLogger(__name__)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 """Tokens that end an assistant turn in the common chat templates (besides the tokenizer's eos)."""
 TRANSCRIPTS = 3
+"""Conversations shown per model."""
 INCOHERENT_PPL = 50.0
 """A reply whose per-token perplexity under the teacher (given card and line) is above this is incoherent.
 The teacher's own replies average ~3 and the demo's distilled student's ~8; the pruned, undistilled
 student's ~145 (runs of SmolLM2-135M -> 90M, 4 held-out cards x 40 lines)."""
-"""Conversations shown per model."""
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -247,13 +247,15 @@ def _ppl(nlls: list[list[float]]) -> tuple[float | None, int]:
 
 def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, personas: list[Persona],
                    items: dict[str, list[KnowledgeItem]], fidelity: list[dict], s: PersonaEvalSettings,
-                   precision: str) -> dict:
-    """One model's row (see the module docstring)."""
+                   precision: str, knowing: list[Persona] | None = None) -> dict:
+    """One model's row (see the module docstring): replies sampled on `personas`, knowledge asked on
+    `knowing` (default: the same cards)."""
     by_id = {p.id: p for p in personas}
     row: dict = {"model": spec}
 
-    scores = knowledge_scores(model, tokenizer, [(p, items[p.id]) for p in personas], s.batch_size, precision)
-    answers = [item.answer for p in personas for item in items[p.id]]
+    knowing = personas if knowing is None else knowing
+    scores = knowledge_scores(model, tokenizer, [(p, items[p.id]) for p in knowing], s.batch_size, precision)
+    answers = [item.answer for p in knowing for item in items[p.id]]
     correct = sum(max(range(4), key=lambda k: sc[k]) == a for sc, a in zip(scores, answers))
     row["knowledge_acc"] = correct / len(answers) if answers else None
     row["knowledge_n"] = len(answers)
@@ -333,24 +335,26 @@ def _check_tokenizers(models: list[str], teacher: str) -> None:
 def persona_eval(models: list[str], personas: list[Persona], teacher: str, settings: PersonaEvalSettings,
                  cache_dir: str | Path | None = None, precision: str = "auto", dtype: str = "auto",
                  device: str = "auto") -> dict:
-    """Evaluate each model in character on `personas` (the held-out cards; the first settings.cards by id)
-    against `teacher`. The teacher's fidelity replies are cached in `cache_dir` (the eval output folder;
-    None: not cached). Returns {"rows": [a dict per model, see evaluate_model], "teacher", "cards",
-    "knowledge": {"items", "skipped"}, "settings"}."""
+    """Evaluate each model in character on `personas` (the held-out cards: replies sampled on the first
+    settings.cards by id, knowledge asked on the first settings.knowledge_cards) against `teacher`. The
+    teacher's fidelity replies are cached in `cache_dir` (the eval output folder; None: not cached). Returns
+    {"rows": [a dict per model, see evaluate_model], "teacher", "cards" (sampled), "knowledge": {"items",
+    "skipped", "cards"}, "settings"}."""
     from taille.models.load import load_model, resolve_device
     from taille.models.precision import resolve_precision
 
     s = settings
-    personas = sorted(personas, key=lambda p: p.id)[:s.cards]
+    held_out = sorted(personas, key=lambda p: p.id)
+    personas, knowing = held_out[:s.cards], held_out[:s.knowledge_cards]
     if not personas:
         raise TailleError("--personas: no held-out cards to evaluate")
     _check_tokenizers(models, teacher)
     precision = resolve_precision(precision, resolve_device(device))
 
-    items, skipped = {}, 0
-    for persona in personas:
+    items, skipped, asked = {}, 0, {p.id for p in knowing}
+    for persona in held_out[:max(len(personas), len(knowing))]:
         items[persona.id], missed = knowledge_items(persona, s.seed)
-        skipped += missed
+        skipped += missed if persona.id in asked else 0
     teacher_model, teacher_tokenizer = load_model(teacher, dtype=dtype, device=device)
     lines = [(p, line) for p in personas for line in fidelity_lines(p, items[p.id], s.fidelity_lines, s.seed)]
     fidelity = teacher_replies(teacher_model, teacher_tokenizer, teacher, lines, s,
@@ -363,14 +367,15 @@ def persona_eval(models: list[str], personas: list[Persona], teacher: str, setti
             model, tokenizer = load_model(spec, dtype=dtype, device=device)
         log.info("persona eval: %s on %d cards", spec, len(personas))
         row = evaluate_model(spec, model, tokenizer, teacher_model, teacher_tokenizer, personas, items, fidelity,
-                             s, precision)
+                             s, precision, knowing)
         log.info("persona eval: %s knowledge %s, break rate %.3f, degenerate %.3f", spec, row["knowledge_acc"],
                  row["break_rate"], row["degenerate_rate"])
         rows.append(row)
         del model
         gc.collect()
     return {"rows": rows, "teacher": teacher, "cards": [p.name for p in personas],
-            "knowledge": {"items": sum(map(len, items.values())), "skipped": skipped},
+            "knowledge": {"items": sum(len(items[p.id]) for p in knowing), "skipped": skipped,
+                          "cards": len(knowing)},
             "settings": {**asdict(s), "precision": precision, "dtype": dtype, "device": device}}
 
 

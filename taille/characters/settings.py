@@ -31,7 +31,11 @@ class PersonaEvalSettings:
     """How `taille eval --personas` scores characters (the `persona` part of EvalSettings)."""
 
     cards: int | None = field(default=None, metadata={"flag": "persona_cards"})
-    """Score on the first N held-out cards only (default: all of them)."""
+    """Sample replies (breaks, coherence, fidelity, transcripts) on the first N held-out cards only (default:
+    all of them)."""
+    knowledge_cards: int | None = field(default=None, metadata={"flag": "persona_knowledge_cards"})
+    """Ask the knowledge questions on the first N held-out cards (default: all of them; scoring answers is
+    cheap next to sampling replies, and a few cards give a few dozen questions, too few to compare models)."""
     seed: int = field(default=1234, metadata={"flag": "persona_seed"})
     """Seed of the sampled replies: the same seed gives the same replies to the same lines."""
     max_new_tokens: int = field(default=64, metadata={"flag": "persona_tokens"})
@@ -50,8 +54,9 @@ class PersonaEvalSettings:
 
     def __post_init__(self):
         coerce(self)
-        if self.cards is not None and self.cards < 1:
-            raise TailleError(f"--persona-cards {self.cards}: must be at least 1")
+        for flag, value in (("--persona-cards", self.cards), ("--persona-knowledge-cards", self.knowledge_cards)):
+            if value is not None and value < 1:
+                raise TailleError(f"{flag} {value}: must be at least 1")
         if self.lines is not None and self.lines < 1:
             raise TailleError(f"--persona-lines {self.lines}: must be at least 1")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.fidelity_lines < 1:

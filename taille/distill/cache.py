@@ -6,6 +6,11 @@ outside them (fp32), in memory-mapped files beside the token blocks themselves. 
 then trains with no teacher in memory, which makes comparing many students cheap. `--from` cuts a
 smaller-K cache out of a larger one without the teacher.
 
+`--sampling random` stores K draws from the teacher's distribution instead (Sparse Logit Sampling,
+Anshumann et al., ACL 2025): the distinct ids drawn with log(count / K) and no mass outside them. That
+empirical distribution is an unbiased estimate of the teacher's, so the student's gradient (softmax - p)
+is unbiased, where a top-K cache always leaves the tail out; the same files and the same loss read both.
+
 Layout of DIR: meta.json, blocks.npy (N, T) token ids, top_logp.f16 (N, T-1, K), top_idx.i32 (N, T-1, K),
 rest_logp.f32 (N, T-1).
 """
@@ -50,12 +55,32 @@ def _paths(folder: Path) -> dict[str, Path]:
     return {name: folder / name for name in ("meta.json", "blocks.npy", "top_logp.f16", "top_idx.i32", "rest_logp.f32")}
 
 
+SAMPLINGS = ("top", "random")
+EMPTY_LOGP = -1e4
+"""Stored log-probability of an id that holds no mass (exp underflows to 0 in fp32; -inf would make 0 * inf)."""
+
+
+def sampled_frequencies(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draws` ids drawn with replacement from each row of log-probs (N, V): ((N, draws) log(count / draws)
+    of the distinct ids drawn, EMPTY_LOGP after them; (N, draws) ids, all distinct within a row, the drawn
+    ones first). The frequencies' expectation is exp(logp): an unbiased estimate of the distribution."""
+    n, V = logp.shape
+    picked = torch.multinomial(logp.float().exp(), draws, replacement=True, generator=generator)  # (N, draws)
+    counts = torch.zeros((n, V), dtype=torch.float32, device=logp.device).scatter_add_(
+        -1, picked, torch.ones_like(picked, dtype=torch.float32))  # (N, V)
+    count, index = counts.topk(draws, dim=-1)  # distinct ids; the undrawn ones (count 0) fill the row
+    freq = (count / draws).log().clamp(min=EMPTY_LOGP)
+    return freq, index
+
+
 @torch.no_grad()
 def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128, seq_len: int = 512,
                 max_tokens: int | None = None, batch_size: int = 8, precision: str = "fp32", progress: bool = True,
-                temperature: float = 1.0) -> Path:
+                temperature: float = 1.0, sampling: str = "top", seed: int = 0) -> Path:
     """The teacher's top-`top_k` log-probabilities at `temperature` over every block of `data` (a distillation at
-    another temperature refuses the cache: the outside mass cannot be re-tempered)."""
+    another temperature refuses the cache: the outside mass cannot be re-tempered); with sampling "random",
+    the frequencies of `top_k` draws from it (block i drawn with seed + i, so the cache is reproducible)."""
     from tqdm.auto import tqdm
 
     from taille.data.tokens import as_ids, load_tokens, tokenizer_fingerprint
@@ -66,6 +91,8 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
     V = teacher.config.vocab_size
     if not 1 <= top_k <= V:
         raise TailleError(f"--top-k {top_k}: between 1 and the vocabulary size {V}")
+    if sampling not in SAMPLINGS:
+        raise TailleError(f"--sampling {sampling}: one of {', '.join(SAMPLINGS)}")
     if parse_mixture(data) is not None:  # several weighted sources: the first blocks of their mixture
         mixed = load_blocks(data, tokenizer, seq_len, progress=progress)
         blocks, source = mixed[: (max_tokens // seq_len) if max_tokens else len(mixed)], data
@@ -89,15 +116,21 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
             hidden = hidden_states(teacher, ids)[:, :-1]  # (B, T-1, H)
         for i in range(hidden.shape[0]):  # one block at a time: (T-1, V) logits
             logp = F.log_softmax(head_logits(teacher, hidden[i]) / temperature, dim=-1)  # (T-1, V)
-            values, index = logp.topk(top_k, dim=-1)  # (T-1, K)
+            if sampling == "random":
+                generator = torch.Generator(device).manual_seed(seed + b + i)
+                values, index = sampled_frequencies(logp, top_k, generator)  # (T-1, K)
+                rest[b + i] = EMPTY_LOGP
+            else:
+                values, index = logp.topk(top_k, dim=-1)  # (T-1, K)
+                rest[b + i] = log_mass_outside(logp, index).clamp(min=EMPTY_LOGP).cpu().numpy()
             top_logp[b + i] = values.cpu().numpy().astype(np.float16)
             top_idx[b + i] = index.cpu().numpy().astype(np.int32)
-            rest[b + i] = log_mass_outside(logp, index).clamp(min=-1e4).cpu().numpy()
     for array in (top_logp, top_idx, rest):
         array.flush()
     meta = {"teacher": str(getattr(teacher.config, "name_or_path", "")), "data": source,
             "tokenizer": tokenizer_fingerprint(tokenizer), "top_k": top_k, "seq_len": seq_len, "blocks": N,
-            "vocab": V, "precision": precision, "temperature": temperature, "seconds": round(time.perf_counter() - start, 1),
+            "vocab": V, "precision": precision, "temperature": temperature, "sampling": sampling,
+            **({"seed": seed} if sampling == "random" else {}), "seconds": round(time.perf_counter() - start, 1),
             "bytes": sum(p.stat().st_size for p in paths.values() if p.exists())}
     tmp = paths["meta.json"].with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -111,6 +144,9 @@ def shrink_cache(source: str | Path, out: str | Path, top_k: int, rows_per_chunk
     (exact, not 1 - kept, which cancels when the kept mass is near 1). One teacher pass then serves every K."""
     src = open_cache(source)
     K = src.meta["top_k"]
+    if src.meta.get("sampling", "top") != "top":
+        raise TailleError(f"--from {source}: a sampled cache's first columns are not a smaller sample; build a "
+                          f"sampled cache with --top-k {top_k} from the teacher instead")
     if not 1 <= top_k <= K:
         raise TailleError(f"--top-k {top_k}: a cache of top-{K} can give 1 to {K} log-probabilities per position")
     folder = Path(out)
@@ -131,7 +167,7 @@ def shrink_cache(source: str | Path, out: str | Path, top_k: int, rows_per_chunk
         top_idx[rows] = src.top_idx[rows, :, :top_k]
         dropped = torch.from_numpy(src.top_logp[rows, :, top_k:].astype(np.float32))  # (n, T-1, K - k)
         kept_out = torch.from_numpy(np.array(src.rest_logp[rows]))[..., None]  # (n, T-1, 1)
-        rest[rows] = torch.logsumexp(torch.cat([kept_out, dropped], dim=-1), dim=-1).clamp(min=-1e4).numpy()
+        rest[rows] = torch.logsumexp(torch.cat([kept_out, dropped], dim=-1), dim=-1).clamp(min=EMPTY_LOGP).numpy()
     for array in (top_logp, top_idx, rest):
         array.flush()
     meta = {**src.meta, "top_k": top_k, "from": str(Path(source).resolve()), "seconds": round(time.perf_counter() - start, 1)}

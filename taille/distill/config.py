@@ -261,7 +261,13 @@ class TeacherCacheConfig:
     from_cache: str | None = field(default=None, metadata={"flag": "from"})
     """Cut a smaller --top-k out of this cache instead (no teacher, no data: the same blocks)."""
     top_k: int = 128
-    """Teacher log-probabilities kept per position (Minitron: K <= 100 hurt)."""
+    """Teacher log-probabilities kept per position (Minitron: K <= 100 hurt); with --sampling random, draws."""
+    sampling: str = "top"
+    """top: the K largest log-probabilities and the mass outside them; random: K draws from the teacher,
+    stored as the drawn ids' frequencies, an unbiased estimate of its whole distribution (Sparse Logit
+    Sampling, ACL 2025)."""
+    seed: int = 0
+    """Seed of --sampling random (block i draws with seed + i)."""
     temperature: float = 1.0
     """Softmax temperature of the stored log-probabilities (distill with the same --temperature)."""
     seq_len: int = 512
@@ -280,13 +286,15 @@ class TeacherCacheConfig:
     def __post_init__(self):
         coerce(self)
         if self.from_cache is not None:
-            if self.teacher or self.data or self.tokens or self.temperature != 1.0:
+            if self.teacher or self.data or self.tokens or self.temperature != 1.0 or self.sampling != "top":
                 raise TailleError("--from reuses a cache's teacher, data, blocks and temperature: leave out --teacher, "
-                                  "--data, --tokens and --temperature")
+                                  "--data, --tokens, --temperature and --sampling")
         elif not self.teacher or not self.data:
             raise TailleError("give --teacher and --data (or --from CACHE to cut a smaller K out of an existing cache)")
         if self.top_k < 1 or self.seq_len < 2 or self.batch_size < 1 or (self.tokens is not None and self.tokens < 1):
             raise TailleError("--top-k, --batch-size and --tokens must be at least 1, --seq-len at least 2")
         if self.temperature <= 0:
             raise TailleError(f"--temperature {self.temperature}: must be positive")
+        if self.sampling not in ("top", "random"):
+            raise TailleError(f"--sampling {self.sampling}: one of top, random")
         check_precision(self.precision)

@@ -115,7 +115,8 @@ def characters_markdown(report: dict, transcripts: bool = True) -> str:
     c = {**report["characters"], "labels": report.get("labels", {})}
     k = c.get("knowledge", {})
     text = (f"### In character: {len(c['cards'])} held-out cards, judged by the teacher {c['teacher']}\n\n"
-            + markdown_table(c) + f"\n\nKnowledge: {k.get('items', '?')} questions ({k.get('skipped', 0)} facts skipped: "
+            + markdown_table(c) + f"\n\nKnowledge: {k.get('items', '?')} questions on {k.get('cards', len(c['cards']))} "
+            f"held-out cards ({k.get('skipped', 0)} facts skipped: "
             "no number or name to ask for); break rate counts replies with a `never` phrase or an out-of-character "
             "marker; in character = neither a break nor degenerate.")
     if transcripts:

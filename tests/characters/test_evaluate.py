@@ -83,7 +83,7 @@ def test_persona_eval_end_to_end(models, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "ADVERSARIAL", ADVERSARIAL[:4])  # a few lines keep the test fast
     result = persona_eval([teacher, student], CARDS, teacher, settings(), cache_dir=tmp_path)
     assert result["cards"] == ["Brenna Ironhand", "Old Tam"]
-    assert result["knowledge"] == {"items": 4, "skipped": 1}
+    assert result["knowledge"] == {"items": 4, "skipped": 1, "cards": 2}
     first, second = result["rows"]
     assert [first["model"], second["model"]] == [teacher, student]
     for row in result["rows"]:
@@ -116,6 +116,20 @@ def test_persona_eval_end_to_end(models, tmp_path, monkeypatch):
     _, tokenizer = load_model(teacher, device="cpu")
     lines = [(CARDS[k // 2], r["line"]) for k, r in enumerate(record["replies"])]
     assert ev.teacher_replies(None, tokenizer, teacher, lines, settings(), tmp_path, "fp32") == record["replies"]
+
+
+def test_knowledge_is_asked_on_its_own_cards_and_replies_sampled_on_the_first_cards(models, monkeypatch):
+    teacher, _ = models
+    monkeypatch.setattr(ev, "ADVERSARIAL", ADVERSARIAL[:2])
+    wide = persona_eval([teacher], CARDS, teacher, settings(cards=1))
+    assert wide["cards"] == ["Brenna Ironhand"] and wide["rows"][0]["replies"] == 2
+    assert wide["knowledge"] == {"items": 4, "skipped": 1, "cards": 2} and wide["rows"][0]["knowledge_n"] == 4
+    narrow = persona_eval([teacher], CARDS, teacher, settings(knowledge_cards=1))
+    assert narrow["cards"] == ["Brenna Ironhand", "Old Tam"] and narrow["rows"][0]["replies"] == 4
+    (brenna,) = [p for p in CARDS if p.name == "Brenna Ironhand"]
+    items, skipped = knowledge_items(brenna, settings().seed)
+    assert narrow["knowledge"] == {"items": len(items), "skipped": skipped, "cards": 1}
+    assert narrow["rows"][0]["knowledge_n"] == len(items) < 4
 
 
 def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(models, monkeypatch):

@@ -1,0 +1,187 @@
+"""Characters that stay in character after compression: the same 90M student distilled on different data,
+scored as a game character on held-out cards beside its general ability.
+
+The students are benchmarks/recovery_general.py's (SmolLM2-135M-Instruct width-pruned to 90M, 512K tokens
+each, the same schedule), so their WikiText-2 and zero-shot numbers are that benchmark's measurements:
+  teacher        SmolLM2-135M-Instruct
+  pruned         the 90M student before distillation
+  plays          distilled on the Shakespeare training plays (the recipe before the characters work)
+  general        distilled on the teacher's general answers (the shipped `chat` corpus, or recovery_general's
+                 --corpus)
+  demo-mix       distilled on role-play + general answers + plays (roleplay:0.45,chat:0.35,shakespeare:0.2)
+  demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
+A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
+
+Each model goes through `taille eval MODEL --personas CARDS --reference TEACHER` on the held-out half of
+`taille personas make --count 200 --seed 0` (never in the shipped role-play corpus): knowledge questions on
+every held-out card; replies to the 40 adversarial lines sampled on the first --cards cards (breaks,
+coherence, fidelity, transcripts). The structured-action parse rate is measured on the teacher's GGUF with
+the shipped merchant card (taille.characters.actions.measure: the same prompts with and without the grammar).
+
+Run:  .venv/bin/python benchmarks/characters.py [--cards 4] [--demo runs/demo/distilled]
+Each model's measurement is kept in --work (TAILLE_CACHE/bench/characters) as it finishes; run again to go
+on. Writes benchmarks/results/characters.{md,json} after every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from distill_recovery import RESULTS, TEACHER, remember
+
+ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
+"""The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
+ROWS = ("teacher", "pruned", "plays", "general", "demo-mix", "demo")
+LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
+          "general": "distilled on general generated data", "demo-mix": "distilled on role-play + general + plays",
+          "demo": "the demo's student (`make demo`)"}
+CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
+
+
+def in_character(model: str, cards: Path, args, folder: Path) -> dict:
+    """One model's in-character row, through `taille eval --out` (its eval.json)."""
+    cmd = [sys.executable, "-m", "taille", "eval", model, "--personas", str(cards), "--reference", TEACHER,
+           "--persona-cards", str(args.cards), "--persona-batch-size", str(args.batch_size), "--out", str(folder)]
+    subprocess.run(cmd, check=True)
+    report = json.loads((folder / "eval.json").read_text())
+    characters = report["characters"]
+    (row,) = characters["rows"]
+    return {**row, "cards": characters["cards"], "knowledge": characters["knowledge"]}
+
+
+def general(measured: dict) -> dict | None:
+    """WikiText-2 perplexity and the four-task zero-shot average (standard error) of a recovery_general
+    measurement."""
+    if measured is None:
+        return None
+    tasks = [measured["tasks"][t] for t in ZERO_SHOT]
+    return {"wikitext2": measured["ppl"]["wikitext2"], "zero_shot": sum(t["score"] for t in tasks) / len(tasks),
+            "zero_shot_se": math.sqrt(sum(t["stderr"] ** 2 for t in tasks)) / len(tasks)}
+
+
+def action_rates(work: Path) -> dict:
+    """Constrained vs unconstrained structured replies of the teacher's GGUF, merchant card."""
+    from taille.characters.actions import measure
+    from taille.characters.lines import ADVERSARIAL, SMALL_TALK
+    from taille.chat.persona import load_personas, shipped_personas
+    from taille.models.load import embedded_model_path
+
+    merchant = load_personas(shipped_personas())["sella-vey"]
+    lines = [*SMALL_TALK, *ADVERSARIAL[:20]]
+    gguf = embedded_model_path(TEACHER)
+    return {"model": gguf.name, "card": merchant.name, "lines": len(lines),
+            **measure(gguf, [merchant], lines, seed=0, max_tokens=120)}
+
+
+def corpus_sample(count: int = 5, seed: int = 0) -> dict:
+    records = [json.loads(line) for line in gzip.open(CORPUS, "rt", encoding="utf-8")]
+    picked = random.Random(seed).sample(records, count)
+    return {"records": len(records), "reply_tokens": sum(r.get("tokens", 0) for r in records),
+            "sample": [{"persona": r["persona"], "messages": [m for m in r["messages"] if m["role"] != "system"]}
+                       for r in picked]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cards", type=int, default=4, help="held-out cards whose replies are sampled (40 lines each)")
+    parser.add_argument("--batch-size", type=int, default=40, help="replies sampled together (40: one card's lines)")
+    parser.add_argument("--demo", default=None, help="the distilled student of a `make demo` run (runs/demo/distilled)")
+    parser.add_argument("--only", default=None, help=f"comma-separated rows of {', '.join(ROWS)}")
+    parser.add_argument("--no-actions", action="store_true", help="skip the structured-action measurement")
+    parser.add_argument("--work", default=None, help="default: TAILLE_CACHE/bench/characters")
+    parser.add_argument("--recovery-work", default=None, help="default: TAILLE_CACHE/bench/recovery_general")
+    args = parser.parse_args()
+
+    from taille.paths import cache_dir
+
+    work = Path(args.work) if args.work else cache_dir("bench") / "characters"
+    recovery = Path(args.recovery_work) if args.recovery_work else cache_dir("bench") / "recovery_general"
+    cards = work / "cards"
+    if not (cards / "heldout").is_dir():
+        subprocess.run([sys.executable, "-m", "taille", "personas", "make", "--count", "200", "--seed", "0",
+                        "--out", str(cards)], check=True)
+    models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
+    for name in ("plays", "general", "demo-mix"):
+        if (recovery / "runs" / name / "taille.json").exists():
+            models[name] = str(recovery / "runs" / name)
+    if args.demo:
+        models["demo"] = str(Path(args.demo).resolve())
+    chosen = [r for r in (args.only.split(",") if args.only else ROWS) if r in models]
+
+    committed = json.loads((RESULTS / "recovery_general.json").read_text())["measured"]
+    results_path = RESULTS / "characters.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
+    for name in chosen:
+        row = remember(work / "measured" / f"{name}-{args.cards}.json",
+                       lambda name=name: in_character(models[name], cards, args, work / "eval" / name))
+        results["rows"][name] = {"model": models[name], "characters": row, "general": general(committed.get(name))}
+        results["settings"] = {"cards": args.cards, "lines": 40, "batch_size": args.batch_size, "teacher": TEACHER}
+        write(results)
+    if not args.no_actions:
+        results["actions"] = remember(work / "measured" / "actions.json", lambda: action_rates(work))
+    results["corpus"] = corpus_sample()
+    write(results)
+
+
+def cell(value, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def write(results: dict) -> None:
+    rows = [(name, results["rows"][name]) for name in ROWS if name in results["rows"]]
+    head = ["model", "knowledge acc", "break rate", "in character", "coherence: teacher ppl of replies / % degenerate",
+            "fidelity ppl / KL", "reply tokens", "WikiText-2 ppl", "zero-shot avg (ARC-E, PIQA, WinoGrande, HellaSwag)"]
+    lines = ["# Characters after compression (issue 16)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        c, g = r["characters"], r["general"] or {}
+        lines.append("| " + " | ".join([
+            LABELS[name], f"{100 * c['knowledge_acc']:.1f}% (n={c['knowledge_n']})", f"{100 * c['break_rate']:.1f}%",
+            f"{100 * c['in_character']:.1f}%",
+            f"{cell(c['coherence']['teacher_ppl'])} / {100 * c['degenerate_rate']:.1f}%",
+            f"{cell(c['fidelity']['ppl'])} / {cell(c['fidelity']['kl'], '{:.3f}')}", f"{c['reply_tokens']:.1f}",
+            cell(g.get("wikitext2")),
+            f"{g['zero_shot']:.1f} ± {g['zero_shot_se']:.1f}" if g else "-"]) + " |")
+    if rows:
+        c = rows[0][1]["characters"]
+        s = results["settings"]
+        lines += ["", f"Replies: {s['lines']} adversarial lines on each of {len(c['cards'])} held-out cards "
+                  f"({', '.join(c['cards'])}), sampled at the eval's fixed seed; knowledge: {c['knowledge']['items']} "
+                  f"questions on {c['knowledge']['cards']} held-out cards (chance 25%). WikiText-2 and zero-shot: "
+                  "benchmarks/results/recovery_general.json (500 examples a task; the same trained students)."]
+    if "actions" in results:
+        a = results["actions"]
+        lines += ["", f"## Structured actions ({a['model']}, card {a['card']}, {a['lines']} player lines)", "",
+                  "| decoding | parses | fits the schema | decode tokens/s |", "|---|---|---|---|"]
+        for kind in ("constrained", "unconstrained"):
+            k = a[kind]
+            lines.append(f"| {kind} | {100 * k['parse_rate']:.1f}% | {100 * k['valid_rate']:.1f}% | {k['tokens_per_s']:.1f} |")
+    if "corpus" in results:
+        c = results["corpus"]
+        lines += ["", f"## The shipped role-play corpus: {c['records']} conversations, {c['reply_tokens']:,} reply tokens",
+                  "(filter counts: taille/data/corpora/README.md). Five records drawn at random (seed 0):", ""]
+        for record in c["sample"]:
+            lines.append(f"- **{record['persona']}**: " + " / ".join(
+                f"*{m['role']}*: {m['content']!r}" for m in record["messages"]))
+    for name, r in rows:
+        transcripts = r["characters"].get("transcripts") or []
+        if transcripts:
+            lines += ["", f"## Transcript: {LABELS[name]}", ""]
+            t = transcripts[0]
+            lines.append(f"Card: {t.get('card', '?')}")
+            for turn in t["turns"]:
+                lines += [f"- Player: {turn['player']}", f"- Character: {turn.get('reply', turn.get('character', ''))}"]
+    (RESULTS / "characters.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "characters.json").write_text(json.dumps(results, indent=1))
+    print("\n".join(lines[:len(rows) + 4]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
