@@ -9,6 +9,8 @@ benchmark's schedule, changing one thing:
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
                  `chat` corpus, ~47K tokens of the teacher's answers, so 512K tokens read it ~11 times)
   general-plays  that corpus and the plays, half and half
+  difference     the plays' blocks where the teacher is furthest ahead of the pruned student: `taille select`
+                 (MiniPLM's difference sampling) keeps the best half of 1M tokens
   hidden         the plays, + intermediate hidden states (--hidden-layers auto)
   jsd            the plays, generalised JSD (beta 0.5) instead of forward KL
   lr-1e-3 / lr-2e-4   the plays at twice / under half the reference peak LR (5e-4)
@@ -44,7 +46,7 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "general", "general-plays", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+ROWS = ("plays", "demo-mix", "general", "general-plays", "difference", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -103,7 +105,8 @@ def main() -> None:
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
             "lr-2e-4": (width, "shakespeare", ["--lr", 2e-4, "--min-lr", 2e-5]),
             "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", []),
-            "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], [])}
+            "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], []),
+            "difference": (width, str(work / "difference.jsonl"), [])}
     order = [r for r in ROWS if r in rows]
     for name in filter(None, args.seeds.split(",")):
         student, source, extra = rows[name]
@@ -120,6 +123,9 @@ def main() -> None:
         return remember(work / "measured" / f"{name}-{args.limit}.json",
                         lambda: measure(model, args, work / "eval" / f"{name}-{args.limit}"))
 
+    if "difference" in chosen and not (work / "difference.jsonl").exists():
+        taille("select", "--teacher", TEACHER, "--reference", width, "--data", "shakespeare", "--tokens", args.tokens,
+               "--pool", 2, "--seq-len", args.seq_len, "--out", work / "difference.jsonl")
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]

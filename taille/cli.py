@@ -201,6 +201,7 @@ def info(model: ModelArg, json_out: JsonOpt = False) -> None:
 from taille.bench.config import BenchSettings  # noqa: E402  (settings modules are light: no torch)
 from taille.characters.settings import CardSettings  # noqa: E402
 from taille.chat.chat import ChatSettings  # noqa: E402
+from taille.data.select import SelectSettings  # noqa: E402
 from taille.distill.config import CorrectConfig, DistillConfig, TeacherCacheConfig  # noqa: E402
 from taille.eval.config import EvalSettings  # noqa: E402
 from taille.export.config import ExportSettings  # noqa: E402
@@ -345,6 +346,22 @@ def teacher_cache(cfg: TeacherCacheConfig) -> None:
     kept = f"{cfg.top_k} draws" if meta.get("sampling") == "random" else f"top-{cfg.top_k}"
     print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, {kept}: "
           f"{meta['bytes'] / 2**20:,.1f} MiB in {meta['seconds']} s -> {folder}")
+
+
+@_verb()
+def select(cfg: SelectSettings) -> None:
+    """Keep the training text where the teacher is furthest ahead of a small model (MiniPLM's difference sampling).
+
+    Scores --pool x --tokens tokens of --data, block by block, by the mean of log p_teacher - log p_reference
+    per token, and writes the best --tokens of them to OUT (JSONL that `distill --data` reads, alone or in a
+    mixture) with OUT.meta.json. With the pruned student as --reference: the text pruning damaged most.
+    """
+    from taille.data.select import select as select_blocks
+
+    meta = select_blocks(cfg)
+    kept, dropped = meta["kept"], meta["dropped"]
+    print(f"kept {kept['blocks']} of {meta['pool_blocks']} blocks of {cfg.seq_len} tokens (mean score {kept['mean']:.3f}, "
+          f"dropped {dropped['mean']:.3f}) in {meta['seconds']} s -> {cfg.out}")
 
 
 @_verb()

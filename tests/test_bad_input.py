@@ -93,6 +93,15 @@ CASES = [
     ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "E"], "E"),
     ("teacher-cache", ["--out", "O", "--from", "D"], "no complete cache"),
     ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--temperature", "0"], "--temperature"),
+    ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--sampling", "nucleus"], "one of top, random"),
+    ("teacher-cache", ["--out", "O", "--from", "D", "--sampling", "random"], "--sampling"),
+    # select
+    ("select", ["--out", "O", "--teacher", "M", "--reference", "M", "--data", "T"], "give a .jsonl file"),
+    ("select", ["--out", "sel.jsonl", "--teacher", "M", "--reference", "M", "--data", "T", "--pool", "1"], "--pool 1.0"),
+    ("select", ["--out", "sel.jsonl", "--teacher", "M", "--reference", "N", "--data", "T"], "N"),
+    ("select", ["--out", "sel.jsonl", "--teacher", "M", "--reference", "M", "--data", "T", "--tokens", "1M"],
+     "has 20 blocks of 256 tokens, not more than the 3906 to keep"),
+    ("select", ["--out", "sel.jsonl", "--teacher", "M", "--data", "T"], "--reference"),
     # plan
     ("plan", ["M"], "give a target"),
     ("plan", ["M", "--memory", "6Q"], "--memory 6Q"),
