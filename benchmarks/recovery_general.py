@@ -7,7 +7,7 @@ benchmark's schedule, changing one thing:
   demo-mix       the demo's data: shipped role-play and chat corpora and the plays (roleplay:0.45,chat:0.35,
                  shakespeare:0.2)
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
-                 `chat` corpus, ~47K tokens of the teacher's answers, so 512K tokens read it ~11 times)
+                 `chat` corpus, ~60K tokens of the teacher's answers as the student reads them, so 512K tokens read it ~9 times)
   general-plays  that corpus and the plays, half and half
   difference     the plays' blocks where the teacher is furthest ahead of the pruned student: `taille select`
                  (MiniPLM's difference sampling) keeps the best half of 1M tokens

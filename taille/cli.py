@@ -341,7 +341,7 @@ def teacher_cache(cfg: TeacherCacheConfig) -> None:
         model, tokenizer = load_model(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
         folder = build_cache(model, tokenizer, cfg.data, cfg.out, cfg.top_k, cfg.seq_len, cfg.tokens, cfg.batch_size,
                              resolve_precision(cfg.precision, resolve_device(cfg.device)), temperature=cfg.temperature,
-                             sampling=cfg.sampling, seed=cfg.seed)
+                             sampling=cfg.sampling, seed=cfg.seed or 0)
     meta = json.loads((folder / "meta.json").read_text())
     kept = f"{cfg.top_k} draws" if meta.get("sampling") == "random" else f"top-{cfg.top_k}"
     print(f"cached {meta['blocks']} blocks x {meta['seq_len']} tokens of {meta['data']}, {kept}: "

@@ -94,7 +94,8 @@ CASES = [
     ("teacher-cache", ["--out", "O", "--from", "D"], "no complete cache"),
     ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--temperature", "0"], "--temperature"),
     ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--sampling", "nucleus"], "one of top, random"),
-    ("teacher-cache", ["--out", "O", "--from", "D", "--sampling", "random"], "--sampling"),
+    ("teacher-cache", ["--out", "O", "--from", "D", "--sampling", "random"], "--temperature and --sampling"),
+    ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--seed", "3"], "a top-K cache has none"),
     # select
     ("select", ["--out", "O", "--teacher", "M", "--reference", "M", "--data", "T"], "give a .jsonl file"),
     ("select", ["--out", "sel.jsonl", "--teacher", "M", "--reference", "M", "--data", "T", "--pool", "1"], "--pool 1.0"),

@@ -8,7 +8,11 @@ the highest-scoring blocks, `tokens` of them in all, are written as JSONL text (
 in a mixture) in their pool order, with their score. Easy text that both models predict scores near 0, and
 so does noise that neither predicts; what the teacher knows and the small model does not scores high. With
 the pruned student itself as the reference (the issue's setting), that is the text pruning damaged most.
-`OUT.meta.json` records the settings and the score distribution of kept and dropped blocks.
+Distillation tokenizes the text again, one record a document (EOS between records), so its blocks hold the
+same text but are not cut where the scored blocks were; a tokenizer that merges across a cut (SmolLM2 joins
+two newlines) gives a token fewer here and there. A mixture's small sources repeat in its pool: a block
+drawn twice is kept once. `OUT.meta.json` records the settings and the score distribution of kept and
+dropped blocks.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ class SelectSettings:
     data: str
     """Pool of training text (a source or a weighted mixture, as `distill --data`)."""
     tokens: Count = 512 * 1024
-    """Tokens to keep."""
+    """Tokens to keep (whole blocks)."""
     pool: float = 2.0
     """Score pool x --tokens tokens of the data and keep the best 1/pool of them."""
     seq_len: int = 256
-    """Tokens per block (distil with the same --seq-len)."""
+    """Tokens per scored block."""
     batch_size: int = 8
     """Blocks per forward pass."""
     seed: int = 0
@@ -89,32 +93,47 @@ def select(s: SelectSettings, progress: bool = True) -> dict:
     """Score the pool, write the kept blocks to s.out (and s.out + .meta.json); returns the meta record."""
     import numpy as np
 
-    from taille.data.mixture import load_blocks
-    from taille.data.tokens import tokenizer_fingerprint
-    from taille.models.load import load_model, resolve_device
+    from taille.data.mixture import MixedBlocks, load_blocks, parse_mixture
+    from taille.data.tokens import load_tokens, tokenizer_fingerprint
+    from taille.models.load import load_model, load_tokenizer, resolve_device
     from taille.models.precision import resolve_precision
 
-    teacher, tokenizer = load_model(s.teacher, dtype=s.dtype, device=s.device)
-    reference, ref_tokenizer = load_model(s.reference, dtype=s.dtype, device=s.device)
-    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(ref_tokenizer):
+    tokenizer = load_tokenizer(s.teacher)
+    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(s.reference)):
         raise TailleError(f"--reference {s.reference} has another tokenizer than the teacher: their log-probabilities "
                           "of the same tokens cannot be compared")
-    precision = resolve_precision(s.precision, resolve_device(s.device))
-    blocks = load_blocks(s.data, tokenizer, s.seq_len, progress=progress, seed=s.seed)
     keep = max(1, s.tokens // s.seq_len)
-    size = min(len(blocks), int(round(keep * s.pool)))
+    wanted = int(round(keep * s.pool))
+    if parse_mixture(s.data) is None:  # one source: tokenize only the pool
+        blocks = load_tokens(s.data, tokenizer, split="train", max_tokens=wanted * s.seq_len,
+                             progress=progress).blocks(s.seq_len)
+    else:
+        blocks = load_blocks(s.data, tokenizer, s.seq_len, progress=progress, seed=s.seed)
+    size = min(len(blocks), wanted)
     if size <= keep:
         raise TailleError(f"--data {s.data} has {len(blocks)} blocks of {s.seq_len} tokens, not more than the {keep} "
                           f"to keep: give fewer --tokens or more data")
+    if size < wanted:
+        log.warning("--data %s holds %d blocks, fewer than --pool %s x %d: keeping %d of %d (1 in %.2f)", s.data,
+                    len(blocks), s.pool, keep, keep, size, size / keep)
+    teacher, _ = load_model(s.teacher, dtype=s.dtype, device=s.device)
+    reference, _ = load_model(s.reference, dtype=s.dtype, device=s.device)
+    precision = resolve_precision(s.precision, resolve_device(s.device))
     start = time.perf_counter()
     scores = block_scores(teacher, reference, blocks[:size], s.batch_size, precision, progress)
-    kept = np.sort(np.argsort(-scores, kind="stable")[:keep])  # the best, in pool order
+    # a mixture repeats its small sources: the same source block counts once
+    same = (blocks.which[:size] * (1 << 40) + blocks.index[:size]) if isinstance(blocks, MixedBlocks) else np.arange(size)
+    order = np.argsort(-scores, kind="stable")
+    _, first = np.unique(same[order], return_index=True)
+    kept = np.sort(order[np.sort(first)][:keep])  # the best distinct blocks, in pool order
+    if len(kept) < keep:
+        log.warning("the pool holds %d distinct blocks, fewer than the %d asked: keeping them all", len(kept), keep)
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for i in kept:
-            text = tokenizer.decode(np.asarray(blocks[int(i)]).tolist())
+            text = tokenizer.decode(np.asarray(blocks[int(i)]).reshape(-1).tolist())  # a mixture gives (1, T)
             f.write(json.dumps({"text": text, "score": round(float(scores[i]), 6), "block": int(i)}) + "\n")
     tmp.replace(out)
     dropped = np.setdiff1d(np.arange(size), kept)
@@ -123,8 +142,8 @@ def select(s: SelectSettings, progress: bool = True) -> dict:
         return {"blocks": int(len(values)), "mean": round(float(np.mean(values)), 4),
                 "min": round(float(np.min(values)), 4), "max": round(float(np.max(values)), 4)} if len(values) else {}
 
-    meta = {"settings": asdict(s), "pool_blocks": size, "kept": stats(scores[kept]), "dropped": stats(scores[dropped]),
-            "seconds": round(time.perf_counter() - start, 1)}
+    meta = {"settings": asdict(s), "pool_blocks": size, "distinct_blocks": int(len(first)), "kept": stats(scores[kept]),
+            "dropped": stats(scores[dropped]), "seconds": round(time.perf_counter() - start, 1)}
     Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=1))
     log.info("kept %d of %d blocks (score %.3f vs %.3f dropped) -> %s", len(kept), size, meta["kept"]["mean"],
              meta["dropped"].get("mean", float("nan")), out)

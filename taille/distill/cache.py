@@ -64,13 +64,15 @@ def sampled_frequencies(logp: torch.Tensor, draws: int, generator: torch.Generat
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """`draws` ids drawn with replacement from each row of log-probs (N, V): ((N, draws) log(count / draws)
     of the distinct ids drawn, EMPTY_LOGP after them; (N, draws) ids, all distinct within a row, the drawn
-    ones first). The frequencies' expectation is exp(logp): an unbiased estimate of the distribution."""
-    n, V = logp.shape
-    picked = torch.multinomial(logp.float().exp(), draws, replacement=True, generator=generator)  # (N, draws)
-    counts = torch.zeros((n, V), dtype=torch.float32, device=logp.device).scatter_add_(
-        -1, picked, torch.ones_like(picked, dtype=torch.float32))  # (N, V)
-    count, index = counts.topk(draws, dim=-1)  # distinct ids; the undrawn ones (count 0) fill the row
-    freq = (count / draws).log().clamp(min=EMPTY_LOGP)
+    ones first, then the likeliest undrawn ids). The frequencies' expectation is exp(logp): an unbiased
+    estimate of the distribution."""
+    probs = logp.float().exp()  # (N, V)
+    picked = torch.multinomial(probs, draws, replacement=True, generator=generator)  # (N, draws)
+    # counts + p / 2: the drawn ids first, by count; then the undrawn ones by the teacher's probability (halved,
+    # so that a count plus a probability near 1 never rounds up to the next count in fp32)
+    ranked = probs.mul_(0.5).scatter_add_(-1, picked, torch.ones_like(picked, dtype=probs.dtype))  # (N, V), in place
+    rank, index = ranked.topk(draws, dim=-1)
+    freq = (rank.floor() / draws).log().clamp(min=EMPTY_LOGP)
     return freq, index
 
 
@@ -80,7 +82,7 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
                 temperature: float = 1.0, sampling: str = "top", seed: int = 0) -> Path:
     """The teacher's top-`top_k` log-probabilities at `temperature` over every block of `data` (a distillation at
     another temperature refuses the cache: the outside mass cannot be re-tempered); with sampling "random",
-    the frequencies of `top_k` draws from it (block i drawn with seed + i, so the cache is reproducible)."""
+    the frequencies of `top_k` draws from it (block i drawn from a stream of (seed, i): reproducible)."""
     from tqdm.auto import tqdm
 
     from taille.data.tokens import as_ids, load_tokens, tokenizer_fingerprint
@@ -117,7 +119,9 @@ def build_cache(teacher, tokenizer, data: str, out: str | Path, top_k: int = 128
         for i in range(hidden.shape[0]):  # one block at a time: (T-1, V) logits
             logp = F.log_softmax(head_logits(teacher, hidden[i]) / temperature, dim=-1)  # (T-1, V)
             if sampling == "random":
-                generator = torch.Generator(device).manual_seed(seed + b + i)
+                # one stream per (seed, block), none shared between seeds (the CPU generator keeps 32 bits)
+                state = int(np.random.SeedSequence([seed, b + i]).generate_state(1)[0])
+                generator = torch.Generator(device).manual_seed(state)
                 values, index = sampled_frequencies(logp, top_k, generator)  # (T-1, K)
                 rest[b + i] = EMPTY_LOGP
             else:

@@ -266,8 +266,8 @@ class TeacherCacheConfig:
     """top: the K largest log-probabilities and the mass outside them; random: K draws from the teacher,
     stored as the drawn ids' frequencies, an unbiased estimate of its whole distribution (Sparse Logit
     Sampling, ACL 2025)."""
-    seed: int = 0
-    """Seed of --sampling random (block i draws with seed + i)."""
+    seed: int | None = None
+    """Seed of --sampling random (default 0)."""
     temperature: float = 1.0
     """Softmax temperature of the stored log-probabilities (distill with the same --temperature)."""
     seq_len: int = 512
@@ -297,4 +297,6 @@ class TeacherCacheConfig:
             raise TailleError(f"--temperature {self.temperature}: must be positive")
         if self.sampling not in ("top", "random"):
             raise TailleError(f"--sampling {self.sampling}: one of top, random")
+        if self.seed is not None and self.sampling != "random":
+            raise TailleError("--seed sets the draws of --sampling random; a top-K cache has none")
         check_precision(self.precision)

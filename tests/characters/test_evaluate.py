@@ -124,12 +124,14 @@ def test_knowledge_is_asked_on_its_own_cards_and_replies_sampled_on_the_first_ca
     wide = persona_eval([teacher], CARDS, teacher, settings(cards=1))
     assert wide["cards"] == ["Brenna Ironhand"] and wide["rows"][0]["replies"] == 2
     assert wide["knowledge"] == {"items": 4, "skipped": 1, "cards": 2} and wide["rows"][0]["knowledge_n"] == 4
-    narrow = persona_eval([teacher], CARDS, teacher, settings(knowledge_cards=1))
-    assert narrow["cards"] == ["Brenna Ironhand", "Old Tam"] and narrow["rows"][0]["replies"] == 4
-    (brenna,) = [p for p in CARDS if p.name == "Brenna Ironhand"]
-    items, skipped = knowledge_items(brenna, settings().seed)
-    assert narrow["knowledge"] == {"items": len(items), "skipped": skipped, "cards": 1}
-    assert narrow["rows"][0]["knowledge_n"] == len(items) < 4
+    # knowledge on the first card only: the facts skipped on the other card are not counted
+    inn = Persona(name="Aldo Inn", role="an innkeeper", knowledge=("A room costs 3 silver a night.",))
+    narrow = persona_eval([teacher], [inn, CARDS[0]], teacher, settings(knowledge_cards=1))
+    assert narrow["cards"] == ["Aldo Inn", "Brenna Ironhand"] and narrow["rows"][0]["replies"] == 4
+    items, skipped = knowledge_items(inn, settings().seed)
+    assert skipped == 0 and knowledge_items(CARDS[0], settings().seed)[1] == 1
+    assert narrow["knowledge"] == {"items": len(items), "skipped": 0, "cards": 1}
+    assert narrow["rows"][0]["knowledge_n"] == len(items) == 1
 
 
 def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(models, monkeypatch):

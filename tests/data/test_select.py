@@ -65,3 +65,16 @@ def test_select_keeps_the_blocks_where_the_teacher_is_furthest_ahead(setup, tmp_
             "--seq-len", 32, "--batch-size", 4, "--eval-data", data, "--eval-every", 100, "--precision", "fp32",
             "--out", tmp_path / "run")
     assert (tmp_path / "run" / "taille.json").exists()
+
+
+def test_a_mixture_pool_keeps_each_repeated_block_once(setup, tmp_path, capsys):
+    teacher, reference, data = setup
+    small = tmp_path / "small.txt"
+    small.write_text("upon the heath there to meet with macbeth " * 12)  # a few blocks, repeated in the pool
+    out = tmp_path / "mix.jsonl"
+    run_cli(capsys, "select", "--teacher", teacher, "--reference", reference, "--data", f"{data}:0.5,{small}:0.5",
+            "--tokens", 12 * 32, "--pool", 2, "--seq-len", 32, "--precision", "fp32", "--out", out)
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    meta = json.loads((tmp_path / "mix.jsonl.meta.json").read_text())
+    assert meta["distinct_blocks"] < meta["pool_blocks"] == 24  # the small source came more than once
+    assert len(texts) == len(set(texts)) == min(12, meta["distinct_blocks"])

@@ -36,6 +36,11 @@ def test_frequencies_are_an_unbiased_estimate_of_the_teacher():
     assert all(len(set(row)) == DRAWS for row in idx[:50].tolist())  # distinct ids in every row
     assert torch.allclose(freq.exp().sum(-1), torch.ones(ROWS))  # the draws hold all the mass
     assert ((freq.exp() * DRAWS).round() - freq.exp() * DRAWS).abs().max() < 1e-4  # counts / DRAWS
+    # undrawn ids fill a row by the teacher's probability, and a near-certain id counts every draw exactly
+    sure = torch.full((V,), -30.0)
+    sure[3] = 0.0
+    f, i = sampled_frequencies(F.log_softmax(sure, -1)[None], DRAWS)
+    assert i[0, 0] == 3 and f[0, 0].exp() == 1 and (f[0, 1:] == EMPTY_LOGP).all()
     estimate = torch.zeros(ROWS, V).scatter_add_(-1, idx, freq.exp()).mean(0)
     p = logp[0].exp()
     se = (p * (1 - p) / (DRAWS * ROWS)).sqrt()
@@ -74,14 +79,15 @@ def setup(tmp_path):
 
 def test_a_sampled_cache_is_reproducible_trains_a_student_and_cannot_be_cut(setup, tmp_path, capsys):
     teacher, student, data, held = setup
-    for name in ("s1", "s2"):
+    for name, seed in (("s1", 5), ("s2", 5), ("s3", 6)):
         out, _ = run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", data, "--out", tmp_path / name,
-                         "--top-k", 16, "--seq-len", 32, "--precision", "fp32", "--sampling", "random", "--seed", 5)
+                         "--top-k", 16, "--seq-len", 32, "--precision", "fp32", "--sampling", "random", "--seed", seed)
     assert "16 draws" in out
     meta = json.loads((tmp_path / "s1" / "meta.json").read_text())
     assert meta["sampling"] == "random" and meta["seed"] == 5
-    a, b = open_cache(tmp_path / "s1"), open_cache(tmp_path / "s2")
+    a, b, c = (open_cache(tmp_path / name) for name in ("s1", "s2", "s3"))
     assert np.array_equal(a.top_idx, b.top_idx) and np.array_equal(a.top_logp, b.top_logp)
+    assert not np.array_equal(a.top_logp, c.top_logp)  # another seed, other draws
     logp, idx, rest = a.batch([0, 1], "cpu")
     assert torch.allclose(logp.exp().sum(-1), torch.ones(len(logp)), atol=1e-3) and (rest.exp() == 0).all()
     # drawn from the teacher: the frequency of its most likely id is about its probability
