@@ -11,6 +11,9 @@ benchmark's schedule, changing one thing:
   general-plays  that corpus and the plays, half and half
   difference     the plays' blocks where the teacher is furthest ahead of the pruned student: `taille select`
                  (MiniPLM's difference sampling) keeps the best half of 1M tokens
+  cache-top / cache-sampled   from a teacher cache of the first --tokens of the plays, 128 per position: the
+                 top-128 log-probabilities, or 128 draws from the teacher (Sparse Logit Sampling); both read
+                 the same blocks, so the pair compares the two caches
   hidden         the plays, + intermediate hidden states (--hidden-layers auto)
   jsd            the plays, generalised JSD (beta 0.5) instead of forward KL
   lr-1e-3 / lr-2e-4   the plays at twice / under half the reference peak LR (5e-4)
@@ -46,7 +49,7 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "general", "general-plays", "difference", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+ROWS = ("plays", "demo-mix", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -106,7 +109,9 @@ def main() -> None:
             "lr-2e-4": (width, "shakespeare", ["--lr", 2e-4, "--min-lr", 2e-5]),
             "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", []),
             "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], []),
-            "difference": (width, str(work / "difference.jsonl"), [])}
+            "difference": (width, str(work / "difference.jsonl"), []),
+            "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
+            "cache-sampled": (width, None, ["--teacher-cache", work / "cache-sampled"])}
     order = [r for r in ROWS if r in rows]
     for name in filter(None, args.seeds.split(",")):
         student, source, extra = rows[name]
@@ -131,14 +136,24 @@ def main() -> None:
         student, source, extra = rows[name]
         outs[name] = out = two_rounds(work, args) if name == "two-rounds" else work / "runs" / name
         if not (out / "taille.json").exists():
-            taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
-                   "--out", out, "--resume")
+            if source is None:  # from a teacher cache, which holds the blocks
+                cache = extra[1]
+                if not (cache / "meta.json").exists():
+                    taille("teacher-cache", "--teacher", TEACHER, "--data", "shakespeare", "--tokens", args.tokens,
+                           "--seq-len", args.seq_len, "--top-k", 128, "--out", cache,
+                           *(["--sampling", "random"] if name.startswith("cache-sampled") else []))
+                train = train_args(args, "shakespeare")
+                del train[train.index("--data"):train.index("--data") + 2]
+                taille("distill", "--student", student, *train, *extra, "--out", out, "--resume")
+            else:
+                taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
+                       "--out", out, "--resume")
     measured = {"teacher": measured_once("teacher", TEACHER), "pruned": measured_once("pruned", str(width))}
     trained = {}
     write_tables(measured, trained, args)
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
-        trained[name] = {"data": rows[name][1], **run_summary(outs[name])}
+        trained[name] = {"data": rows[name][1] or f"teacher cache {rows[name][2][1].name}", **run_summary(outs[name])}
         write_tables(measured, trained, args)
     curves = {name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}
     write_tables(measured, trained, args, curves)
