@@ -150,6 +150,15 @@ def main() -> None:
                        "--out", out, "--resume")
     measured = {"teacher": measured_once("teacher", TEACHER), "pruned": measured_once("pruned", str(width))}
     trained = {}
+    # rows measured by earlier runs stay in the tables (--only adds rows, it does not drop the others)
+    committed = json.loads((RESULTS / "recovery_general.json").read_text()) if (RESULTS / "recovery_general.json").is_file() else {}
+    for name in (n for n in order if n not in chosen and n != "two-rounds"):
+        kept = work / "measured" / f"{name}-{args.limit}.json"
+        if kept.is_file():
+            measured[name] = json.loads(kept.read_text())
+            run = work / "runs" / name
+            trained[name] = ({"data": rows[name][1], **run_summary(run)} if (run / "metrics.jsonl").is_file()
+                             else committed.get("trained", {}).get(name, {}))
     write_tables(measured, trained, args)
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
