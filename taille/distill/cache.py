@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from taille.distill.config import SAMPLINGS
 from taille.distill.losses import log_mass_outside
 from taille.errors import TailleError
 
@@ -55,7 +56,6 @@ def _paths(folder: Path) -> dict[str, Path]:
     return {name: folder / name for name in ("meta.json", "blocks.npy", "top_logp.f16", "top_idx.i32", "rest_logp.f32")}
 
 
-SAMPLINGS = ("top", "random")
 EMPTY_LOGP = -1e4
 """Stored log-probability of an id that holds no mass (exp underflows to 0 in fp32; -inf would make 0 * inf)."""
 

@@ -250,6 +250,10 @@ class CorrectConfig:
         return DistillConfig(student=values.pop("teacher"), loss=LossConfig(ce_weight=1.0, kd_weight=0.0), **values)
 
 
+SAMPLINGS = ("top", "random")
+"""What a teacher cache keeps per position: the K largest log-probabilities, or K draws."""
+
+
 @dataclass
 class TeacherCacheConfig:
     out: str
@@ -295,8 +299,8 @@ class TeacherCacheConfig:
             raise TailleError("--top-k, --batch-size and --tokens must be at least 1, --seq-len at least 2")
         if self.temperature <= 0:
             raise TailleError(f"--temperature {self.temperature}: must be positive")
-        if self.sampling not in ("top", "random"):
-            raise TailleError(f"--sampling {self.sampling}: one of top, random")
+        if self.sampling not in SAMPLINGS:
+            raise TailleError(f"--sampling {self.sampling}: one of {', '.join(SAMPLINGS)}")
         if self.seed is not None and self.sampling != "random":
             raise TailleError("--seed sets the draws of --sampling random; a top-K cache has none")
         check_precision(self.precision)
