@@ -9,6 +9,8 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
   general        distilled on the teacher's general answers (the shipped `chat` corpus, or recovery_general's
                  --corpus)
   demo-mix       distilled on role-play + general answers + plays (roleplay:0.45,chat:0.35,shakespeare:0.2)
+  demo-mix-on-policy   the same data, every block ending in 64 tokens the student samples itself and the
+                 teacher grades (`--on-policy 1`): aimed at the student's loops
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
 
@@ -38,9 +40,10 @@ from distill_recovery import RESULTS, TEACHER, remember
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "demo-mix", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "demo-mix", "demo-mix-on-policy", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data", "demo-mix": "distilled on role-play + general + plays",
+          "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 
@@ -108,7 +111,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "taille", "personas", "make", "--count", "200", "--seed", "0",
                         "--out", str(cards)], check=True)
     models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
-    for name in ("plays", "general", "demo-mix"):
+    for name in ("plays", "general", "demo-mix", "demo-mix-on-policy"):
         if (recovery / "runs" / name / "taille.json").exists():
             models[name] = str(recovery / "runs" / name)
     if args.demo:

@@ -6,6 +6,8 @@ benchmark's schedule, changing one thing:
   plays          the Shakespeare training plays (today's `taille run` default data): the reference row
   demo-mix       the demo's data: shipped role-play and chat corpora and the plays (roleplay:0.45,chat:0.35,
                  shakespeare:0.2)
+  demo-mix-on-policy   the demo's data, every block's last 64 tokens sampled by the student itself from the
+                 block's first 192 and graded by the teacher (`--on-policy 1 --on-policy-tokens 64`, GKD)
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
                  `chat` corpus, ~60K tokens of the teacher's answers as the student reads them, so 512K tokens read it ~9 times)
   general-plays  that corpus and the plays, half and half
@@ -49,7 +51,7 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -103,6 +105,7 @@ def main() -> None:
     data = {"plays": "shakespeare", "demo-mix": "roleplay:0.45,chat:0.35,shakespeare:0.2", "general": corpus,
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
+            "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),

@@ -102,6 +102,13 @@ class DistillConfig:
     projection maps a narrower student to the teacher's width."""
     hidden_weight: float = 1.0
     """Weight of the hidden-state term."""
+    on_policy: float = 0.0
+    """Share of each step's blocks whose last --on-policy-tokens the student samples itself (temperature 1)
+    before the teacher grades every position: on-policy distillation (GKD), which corrects the student in
+    the states its own sampling reaches, such as the start of a loop. 0: the data's tokens only."""
+    on_policy_tokens: int = 64
+    """Tokens the student writes at the end of each on-policy block (the block's first seq_len minus these
+    are its prompt)."""
     precision: str = "auto"
     """auto (bf16-mixed on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), bf16-mixed or fp32."""
     seed: int = 1234
@@ -164,6 +171,8 @@ class DistillConfig:
                               "(a teacher cache holds only logits)")
         if self.hidden_weight < 0:
             raise TailleError(f"--hidden-weight {self.hidden_weight} must be non-negative")
+        if self.on_policy:
+            self._check_on_policy()
         if self.teacher_cache:
             self._check_cache()
         elif not self.data:
@@ -187,6 +196,26 @@ class DistillConfig:
             module, install = TRACKERS[self.report_to]
             if importlib.util.find_spec(module) is None:
                 raise TailleError(f"--report-to {self.report_to} needs the {module} package: {install}")
+
+    def _check_on_policy(self) -> None:
+        """The student's own samples need a live teacher to grade them, and a whole number of them per
+        micro-batch (every process samples alike, so FSDP's gathers stay in step)."""
+        if not 0 < self.on_policy <= 1:
+            raise TailleError(f"--on-policy {self.on_policy}: a share between 0 and 1")
+        if not (self.teacher and self.loss.kd):
+            raise TailleError("--on-policy needs a live --teacher to grade the student's own tokens (a teacher cache "
+                              "holds distributions at the data's tokens only)")
+        if self.loss.ce_weight:
+            raise TailleError("--on-policy with --ce-weight: the cross-entropy's targets would be the student's own "
+                              "samples; use one or the other")
+        per_batch = self.on_policy * self.batch_size
+        if abs(per_batch - round(per_batch)) > 1e-9:
+            shares = ", ".join(f"{k}/{self.batch_size}" for k in range(1, min(self.batch_size, 4) + 1))
+            raise TailleError(f"--on-policy {self.on_policy} of --batch-size {self.batch_size} is {per_batch:g} blocks: "
+                              f"give a whole number of blocks per micro-batch ({shares}, ...)")
+        if not 1 <= self.on_policy_tokens < self.seq_len:
+            raise TailleError(f"--on-policy-tokens {self.on_policy_tokens}: between 1 and --seq-len - 1 "
+                              f"({self.seq_len - 1}); the rest of the block is the prompt")
 
     def _check_cache(self) -> None:
         """What a cache fixes (its blocks, their length, the temperature its log-probs were taken at)

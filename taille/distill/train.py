@@ -62,10 +62,23 @@ class Trunk(torch.nn.Module):
         self.taps = list(taps)
         self.projections = torch.nn.ModuleList(projections)
 
-    def forward(self, input_ids, teacher: dict | None = None, loss_cfg: LossConfig | None = None, evaluate: bool = False):
+    def forward(self, input_ids, teacher: dict | None = None, loss_cfg: LossConfig | None = None, evaluate: bool = False,
+                sample: int = 0, generators: list | None = None):
         """(loss sum, hidden-state loss sum) over the block's next-token positions, or with `evaluate` the
         held-out (NLL sum, KL sum). `teacher`: hidden (N, H_t) final states at the same positions, head,
-        softcap, top (a cache batch) and states (its tapped layers' outputs, one per projection)."""
+        softcap, top (a cache batch) and states (its tapped layers' outputs, one per projection).
+        With `sample` N: the (B, N) tokens the student samples after `input_ids`, one generator a row
+        (on-policy distillation; here because under FSDP the whole head and embeddings exist only inside
+        this forward)."""
+        if sample:
+            from taille.distill.onpolicy import sample_tail
+
+            was_training = self.lm.training
+            self.lm.eval()  # with activation checkpointing, training mode would switch the KV cache off
+            try:
+                return sample_tail(self.lm, input_ids, sample, generators)
+            finally:
+                self.lm.train(was_training)
         teacher = teacher or {}
         captured = {}
         with record_function("taille.student_forward"), layer_outputs(self.lm, self.taps, captured):
@@ -404,9 +417,12 @@ def train_step(run: Run, step: int) -> dict:
     step_hidden = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         first = (micro * world + rank) * cfg.batch_size
-        rows = np.sort(order[first:first + cfg.batch_size])
+        places = first + np.argsort(order[first:first + cfg.batch_size], kind="stable")  # global places, by block
+        rows = order[places]
         ids = as_ids(run.blocks[rows], device)  # (B, T)
         top = run.cache.batch(rows, device) if run.cache is not None else None
+        if cfg.on_policy:
+            ids = _student_tails(run, step, ids, places)
         last = micro == cfg.grad_accum - 1
         # FSDP reduce-scatters every micro-step: gradients held unreduced would be whole on every process
         sync = contextlib.nullcontext() if last or run.strategy == "fsdp" else accelerator.no_sync(trunk)
@@ -431,6 +447,28 @@ def train_step(run: Run, step: int) -> dict:
     if run.pairs:
         step_hidden = accelerator.reduce(step_hidden, reduction="sum")
     return {"loss": step_loss, "hidden_loss": step_hidden, "grad_norm": grad_norm, "lr": lr}
+
+
+def _student_tails(run: Run, step: int, ids: torch.Tensor, places: np.ndarray) -> torch.Tensor:
+    """`ids` (B, T) with the last on_policy_tokens of its on-policy blocks sampled by the student from the
+    rest (taille/distill/onpolicy.py). Every process has the same number of them (a whole share of its
+    batch): the student's forward passes here are collective under FSDP."""
+    from taille.distill.onpolicy import on_policy_places, place_generators
+    from taille.models.precision import autocast
+
+    cfg = run.cfg
+    chosen = on_policy_places(0, run.global_batch, cfg.on_policy)[places]  # (B,) bool
+    if not chosen.any():
+        return ids
+    prompt = ids.shape[1] - cfg.on_policy_tokens
+    sampled = torch.from_numpy(np.flatnonzero(chosen)).to(ids.device)  # (n,)
+    # no_grad outside the wrapper too: DDP would otherwise wait for this forward's gradients
+    with torch.no_grad(), record_function("taille.on_policy_sample"), autocast(run.precision, run.device.type):
+        tails = run.trunk(ids[sampled, :prompt], sample=cfg.on_policy_tokens,
+                          generators=place_generators(cfg.seed, step, places[chosen]))  # (n, on_policy_tokens)
+    ids = ids.clone()
+    ids[sampled, prompt:] = tails
+    return ids
 
 
 def save(run: Run, step: int) -> Path | None:

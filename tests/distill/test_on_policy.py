@@ -1,0 +1,138 @@
+"""On-policy distillation (--on-policy): the student's sampled tails are real draws from it, the teacher grades
+exactly those tokens, the choice of blocks and draws is the same on any number of processes, bad settings
+are refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli, save_tiny
+from tests.distill.test_train import args, make_setup
+
+
+def tiny(tmp_path, family="llama", seed=3):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "m", family, seed=seed)).eval()
+
+
+def generators(seeds):
+    out = []
+    for s in seeds:
+        g = torch.Generator()
+        g.manual_seed(s)
+        out.append(g)
+    return out
+
+
+def test_a_sampled_tail_equals_sampling_without_the_kv_cache_row_by_row(tmp_path, family):
+    """The KV-cache loop against the whole model's logits recomputed from scratch at every token, with the
+    same Gumbel noise, in every family; and a row sampled alone gives the tokens it gets inside a batch."""
+    from taille.distill.onpolicy import sample_tail
+
+    model = tiny(tmp_path, family)
+    prefix = torch.randint(0, 200, (3, 10))
+    tails = sample_tail(model, prefix, 6, generators([11, 12, 13]))
+    assert tails.shape == (3, 6)
+    expected = []
+    for row, g in zip(prefix, generators([11, 12, 13])):
+        seq = row[None]
+        for _ in range(6):
+            with torch.no_grad():
+                logits = model(seq).logits[0, -1].float()  # (V,)
+            u = torch.rand(logits.shape[-1], generator=g)
+            seq = torch.cat([seq, (logits - torch.log(-torch.log(u))).argmax()[None, None]], dim=1)
+        expected.append(seq[0, 10:])
+    assert torch.equal(tails, torch.stack(expected))
+    assert torch.equal(sample_tail(model, prefix[1:2], 6, generators([12])), tails[1:2])
+
+
+def test_the_draws_follow_the_students_softmax(tmp_path):
+    """4,000 first tokens after one prompt: each likely token's frequency is within 4 standard errors of the
+    model's probability (a sharpened head, so a few tokens carry most of the mass)."""
+    from taille.distill.onpolicy import sample_tail
+
+    model = tiny(tmp_path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+        prompt = torch.randint(0, 200, (1, 8))
+        probs = torch.softmax(model(prompt).logits[0, -1].float(), dim=-1)  # (V,)
+    n = 4000
+    draws = sample_tail(model, prompt.expand(n, -1), 1, generators(range(n)))[:, 0]
+    counts = torch.bincount(draws, minlength=probs.shape[0]).double() / n
+    top = probs.topk(5).indices
+    assert probs[top].sum() > 0.5
+    se = (probs[top] * (1 - probs[top]) / n).sqrt()
+    assert ((counts[top] - probs[top].double()).abs() < 4 * se + 1e-3).all(), (counts[top], probs[top])
+
+
+def test_on_policy_places_are_spread_evenly_whatever_the_slicing():
+    from taille.distill.onpolicy import on_policy_places
+
+    assert on_policy_places(0, 8, 0.5).tolist() == [False, True] * 4
+    quarter = on_policy_places(0, 16, 0.25)
+    assert quarter.sum() == 4 and all(quarter[i:i + 4].sum() == 1 for i in range(0, 16, 4))
+    # 3/8 of a global batch of 16 cut into two processes' slices of 8: 3 each
+    three = on_policy_places(0, 16, 3 / 8)
+    assert three[:8].sum() == three[8:].sum() == 3
+    assert on_policy_places(0, 5, 1.0).all()
+
+
+def test_an_on_policy_step_grades_the_students_own_tails(tmp_path, monkeypatch):
+    """Half of each micro-batch's blocks reach the teacher with their last tokens replaced by the student's
+    samples (exactly those an independent call draws with the same generators), the rest as the data holds
+    them; with activation checkpointing on (the sampling switches to eval mode for its KV cache)."""
+    import taille.distill.train as train
+    from taille.data.mixture import run_order
+    from taille.distill.onpolicy import place_generators, sample_tail
+
+    teacher, student, data, held = make_setup(tmp_path, tied=False)
+    cfg = train.DistillConfig(student=str(student), teacher=str(teacher), data=str(data), eval_data=None,
+                              out=str(tmp_path / "o"), tokens=1024, seq_len=32, batch_size=4, grad_accum=2,
+                              precision="fp32", progress=False, on_policy=0.5, on_policy_tokens=8,
+                              activation_checkpointing=True)
+    run = train.setup(cfg)
+    seen = []
+    real = train._teacher_outputs
+    monkeypatch.setattr(train, "_teacher_outputs", lambda run, ids, top=None: (seen.append(ids.clone()), real(run, ids, top))[1])
+    step = 3
+    before = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
+    train.train_step(run, step)
+    order = run_order(run.blocks, cfg.seed, step * run.global_batch, run.global_batch)
+    assert len(seen) == 2  # two micro-steps
+    for micro, ids in enumerate(seen):
+        places = micro * 4 + np.argsort(order[micro * 4:micro * 4 + 4], kind="stable")
+        data_ids = torch.from_numpy(run.blocks[order[places]].astype(np.int64))
+        assert torch.equal(ids[:, :24], data_ids[:, :24])  # every prompt is the data's
+        on = places % 2 == 1  # the places a share of 1/2 marks
+        assert torch.equal(ids[~on], data_ids[~on])
+        assert not torch.equal(ids[on, 24:], data_ids[on, 24:])
+        # the same draws from the student as it was before this step's update
+        model = run.student
+        updated = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(before)
+        model.eval()
+        tails = sample_tail(model, data_ids[on, :24], 8, place_generators(cfg.seed, step, places[on]))
+        model.load_state_dict(updated)
+        assert torch.equal(ids[on, 24:], tails)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"--on-policy": 1.5}, "--on-policy 1.5: a share between 0 and 1"),
+    ({"--on-policy": 0.3}, "give a whole number of blocks per micro-batch (1/4, 2/4, 3/4, 4/4, ...)"),
+    ({"--on-policy": 0.5, "--on-policy-tokens": 32}, "--on-policy-tokens 32: between 1 and --seq-len - 1 (31)"),
+    ({"--on-policy": 0.5, "--ce-weight": 0.5}, "the cross-entropy's targets would be the student's own samples"),
+])
+def test_bad_on_policy_settings_are_refused_in_one_line(tmp_path, capsys, extra, message):
+    teacher, student, data, held = make_setup(tmp_path, tied=False)
+    _, err = run_cli(capsys, *args(teacher, student, data, held, tmp_path / "o", **extra), code=2)
+    assert message in err and "Traceback" not in err
+
+
+def test_on_policy_without_a_live_teacher_is_refused(tmp_path, capsys):
+    teacher, student, data, held = make_setup(tmp_path, tied=False)
+    run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", data, "--out", tmp_path / "cache", "--top-k", 8,
+            "--seq-len", 32, "--precision", "fp32")
+    _, err = run_cli(capsys, "distill", "--student", student, "--teacher-cache", tmp_path / "cache", "--out",
+                     tmp_path / "o", "--seq-len", 32, "--batch-size", 4, "--on-policy", 0.5, code=2)
+    assert "--on-policy needs a live --teacher" in err
