@@ -209,7 +209,7 @@ class DistillConfig:
             raise TailleError("--on-policy with --ce-weight: the cross-entropy's targets would be the student's own "
                               "samples; use one or the other")
         per_batch = self.on_policy * self.batch_size
-        if abs(per_batch - round(per_batch)) > 1e-9:
+        if abs(per_batch - round(per_batch)) > 1e-6 or round(per_batch) < 1:
             shares = ", ".join(f"{k}/{self.batch_size}" for k in range(1, min(self.batch_size, 4) + 1))
             raise TailleError(f"--on-policy {self.on_policy} of --batch-size {self.batch_size} is {per_batch:g} blocks: "
                               f"give a whole number of blocks per micro-batch ({shares}, ...)")

@@ -14,8 +14,9 @@ configured divergence at every position, so the prefix is ordinary data and the 
 student's samples carry no gradient (the targets are the teacher's distributions at those states).
 
 Which blocks are on-policy, and each one's random draws, depend only on (seed, step, the block's place in the
-step's global batch): a run on N processes samples what one process samples, and a resumed run what the
-uninterrupted one sampled. Every process holds the same number of on-policy blocks per micro-step and
+step's global batch): a run on N processes draws what one process draws, and a resumed run what the
+uninterrupted one drew (the tokens are then the same where the logits are: in fp32; under bf16 another
+batch layout can move a logit by its last bit and, rarely, a draw across a token boundary). Every process holds the same number of on-policy blocks per micro-step and
 samples a fixed number of tokens (no stop at end of turn: a block is a stretch of a token stream, and an
 end-of-turn token followed by more text is what the stream holds too), so FSDP's gathers stay in step.
 """
@@ -29,13 +30,15 @@ from taille.models.arch import get_arch
 from taille.models.lm import head_logits
 
 
-def on_policy_places(first: int, count: int, share: float) -> np.ndarray:
-    """(count,) bool: which of the global batch's places first..first+count-1 are on-policy. Spread evenly
-    (place j is on-policy when floor((j + 1) * share) > floor(j * share)), so any run of 1/share places
-    holds one, and a slice of batch_size places holds share * batch_size of them when that is whole."""
+def on_policy_places(first: int, count: int, share: float, batch_size: int) -> np.ndarray:
+    """(count,) bool: which of the global batch's places first..first+count-1 are on-policy, for a share
+    that is k / batch_size blocks of each micro-batch (the settings refuse any other). Spread evenly in
+    integers (place j is on-policy when floor((j + 1) k / B) > floor(j k / B)), so every slice of
+    batch_size places, i.e. every process's micro-batch, holds exactly k: the same count on every process,
+    and the same places after a resume that splits the global batch differently."""
+    k = round(share * batch_size)
     places = np.arange(first, first + count)
-    # exact in rationals for the shares the settings allow (k / batch_size): round before flooring
-    return np.floor(np.round((places + 1) * share, 9)) > np.floor(np.round(places * share, 9))
+    return (places + 1) * k // batch_size > places * k // batch_size
 
 
 def place_generators(seed: int, step: int, places) -> list[torch.Generator]:
@@ -48,11 +51,20 @@ def place_generators(seed: int, step: int, places) -> list[torch.Generator]:
     return generators
 
 
+def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B,) one token per row of `logits` (B, V), drawn from softmax(logits) by inverting its cumulative
+    distribution at one fp64 uniform from the row's own generator: a row's token does not depend on the
+    other rows, and the draw costs one random number, not V."""
+    u = torch.tensor([torch.rand((), generator=g, dtype=torch.float64).item() for g in generators],
+                     dtype=torch.float64, device=logits.device)  # (B,)
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(dim=-1)  # (B, V)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_tail(lm, prefix: torch.Tensor, new_tokens: int, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B, new_tokens) tokens sampled from `lm` after `prefix` (B, P), with its KV cache. Each row draws
-    Gumbel-max noise from its own generator (argmax(logits - log(-log u)) is a draw from softmax(logits)),
-    so a row's tokens do not depend on which other rows share its batch."""
+    """(B, new_tokens) tokens sampled from `lm` (temperature 1) after `prefix` (B, P), with its KV cache,
+    each row from its own generator (`draw`)."""
     from transformers import DynamicCache
 
     base = lm.get_submodule(get_arch(lm.config).base)
@@ -60,13 +72,9 @@ def sample_tail(lm, prefix: torch.Tensor, new_tokens: int, generators: list[torc
     # renamed from past_key_values to cache within transformers 5)
     cache = DynamicCache(config=lm.config)
     hidden = base(prefix, None, None, cache, use_cache=True).last_hidden_state  # (B, P, H)
-    logits = head_logits(lm, hidden[:, -1])  # (B, V) fp32
     tokens = []
     for i in range(new_tokens):
-        u = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)  # (B, V)
-        next_token = (logits - torch.log(-torch.log(u))).argmax(-1)  # (B,)
-        tokens.append(next_token)
+        tokens.append(draw(head_logits(lm, hidden[:, -1]), generators))  # (B,)
         if i + 1 < new_tokens:
-            hidden = base(next_token[:, None], None, None, cache, use_cache=True).last_hidden_state  # (B, 1, H)
-            logits = head_logits(lm, hidden[:, -1])
+            hidden = base(tokens[-1][:, None], None, None, cache, use_cache=True).last_hidden_state  # (B, 1, H)
     return torch.stack(tokens, dim=1)

@@ -11,9 +11,15 @@ from tests.distill.test_train import args, make_setup
 
 
 def tiny(tmp_path, family="llama", seed=3):
-    from transformers import AutoModelForCausalLM
+    """A tiny model of `family`; a family with sliding-window attention gets a window of 4 tokens, so the
+    KV cache's sliding layers are exercised by 10-token prompts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "m", family, seed=seed)).eval()
+    path = save_tiny(tmp_path / "m", family, seed=seed)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = 4
+    return AutoModelForCausalLM.from_pretrained(path, config=config).eval()
 
 
 def generators(seeds):
@@ -27,7 +33,8 @@ def generators(seeds):
 
 def test_a_sampled_tail_equals_sampling_without_the_kv_cache_row_by_row(tmp_path, family):
     """The KV-cache loop against the whole model's logits recomputed from scratch at every token, with the
-    same Gumbel noise, in every family; and a row sampled alone gives the tokens it gets inside a batch."""
+    same uniform draws, in every family (sliding windows included); and a row sampled alone gives the tokens
+    it gets inside a batch."""
     from taille.distill.onpolicy import sample_tail
 
     model = tiny(tmp_path, family)
@@ -40,8 +47,10 @@ def test_a_sampled_tail_equals_sampling_without_the_kv_cache_row_by_row(tmp_path
         for _ in range(6):
             with torch.no_grad():
                 logits = model(seq).logits[0, -1].float()  # (V,)
-            u = torch.rand(logits.shape[-1], generator=g)
-            seq = torch.cat([seq, (logits - torch.log(-torch.log(u))).argmax()[None, None]], dim=1)
+            u = torch.rand((), generator=g, dtype=torch.float64)
+            probs = torch.softmax(logits.double(), dim=-1)
+            token = int((probs.cumsum(0) < u * probs.sum()).sum())  # the first id whose cumulative mass reaches u
+            seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
         expected.append(seq[0, 10:])
     assert torch.equal(tails, torch.stack(expected))
     assert torch.equal(sample_tail(model, prefix[1:2], 6, generators([12])), tails[1:2])
@@ -69,13 +78,17 @@ def test_the_draws_follow_the_students_softmax(tmp_path):
 def test_on_policy_places_are_spread_evenly_whatever_the_slicing():
     from taille.distill.onpolicy import on_policy_places
 
-    assert on_policy_places(0, 8, 0.5).tolist() == [False, True] * 4
-    quarter = on_policy_places(0, 16, 0.25)
+    assert on_policy_places(0, 8, 0.5, 8).tolist() == [False, True] * 4
+    quarter = on_policy_places(0, 16, 0.25, 4)
     assert quarter.sum() == 4 and all(quarter[i:i + 4].sum() == 1 for i in range(0, 16, 4))
-    # 3/8 of a global batch of 16 cut into two processes' slices of 8: 3 each
-    three = on_policy_places(0, 16, 3 / 8)
+    # 3/8 of a global batch of 16 cut into two processes' slices of 8: 3 each; the same places when a resume
+    # on 2 processes keeps the global batch (2 x 8) that one process ran as 1 x 16 (6/16)
+    three = on_policy_places(0, 16, 3 / 8, 8)
     assert three[:8].sum() == three[8:].sum() == 3
-    assert on_policy_places(0, 5, 1.0).all()
+    assert (on_policy_places(0, 16, 6 / 16, 16) == three).all()
+    # a third of micro-batches of 3, as a user types it, over 8 micro-batches: one in each, never none
+    assert (on_policy_places(0, 24, 0.3333333, 3).reshape(8, 3).sum(1) == 1).all()
+    assert on_policy_places(0, 5, 1.0, 5).all()
 
 
 def test_an_on_policy_step_grades_the_students_own_tails(tmp_path, monkeypatch):
@@ -104,7 +117,7 @@ def test_an_on_policy_step_grades_the_students_own_tails(tmp_path, monkeypatch):
         places = micro * 4 + np.argsort(order[micro * 4:micro * 4 + 4], kind="stable")
         data_ids = torch.from_numpy(run.blocks[order[places]].astype(np.int64))
         assert torch.equal(ids[:, :24], data_ids[:, :24])  # every prompt is the data's
-        on = places % 2 == 1  # the places a share of 1/2 marks
+        on = places % 2 == 1  # the places a share of 2/4 marks
         assert torch.equal(ids[~on], data_ids[~on])
         assert not torch.equal(ids[on, 24:], data_ids[on, 24:])
         # the same draws from the student as it was before this step's update
@@ -120,6 +133,7 @@ def test_an_on_policy_step_grades_the_students_own_tails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     ({"--on-policy": 1.5}, "--on-policy 1.5: a share between 0 and 1"),
     ({"--on-policy": 0.3}, "give a whole number of blocks per micro-batch (1/4, 2/4, 3/4, 4/4, ...)"),
+    ({"--on-policy": 1e-10}, "give a whole number of blocks per micro-batch"),
     ({"--on-policy": 0.5, "--on-policy-tokens": 32}, "--on-policy-tokens 32: between 1 and --seq-len - 1 (31)"),
     ({"--on-policy": 0.5, "--ce-weight": 0.5}, "the cross-entropy's targets would be the student's own samples"),
 ])
@@ -136,3 +150,30 @@ def test_on_policy_without_a_live_teacher_is_refused(tmp_path, capsys):
     _, err = run_cli(capsys, "distill", "--student", student, "--teacher-cache", tmp_path / "cache", "--out",
                      tmp_path / "o", "--seq-len", 32, "--batch-size", 4, "--on-policy", 0.5, code=2)
     assert "--on-policy needs a live --teacher" in err
+
+
+def test_a_killed_on_policy_run_resumes_to_the_uninterrupted_curve(tmp_path):
+    """The draws are a function of (seed, step, place): after a SIGKILL, --resume samples what the
+    uninterrupted run sampled, and its losses are that run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import kill_when_exists
+
+    setup = make_setup(tmp_path, tied=False)
+    extra = {"--tokens": 1024, "--save-every": 4, "--on-policy": 0.5, "--on-policy-tokens": 8}
+    env = {**os.environ, "TAILLE_LOG": "WARNING"}
+    cmd = [sys.executable, "-m", "taille"]
+    full = subprocess.run(cmd + args(*setup, tmp_path / "full", **extra), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    kill_when_exists(cmd + args(*setup, tmp_path / "killed", **extra), env, tmp_path / "killed" / "checkpoints" / "latest", 120)
+    resumed = subprocess.run(cmd + args(*setup, tmp_path / "killed", **extra) + ["--resume"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    curve = lambda out: [(r["step"], r["loss"]) for r in  # noqa: E731
+                         map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [s for s, _ in curve(tmp_path / "killed")] == list(range(1, 9))
+    assert [loss for _, loss in curve(tmp_path / "killed")] == pytest.approx([loss for _, loss in curve(tmp_path / "full")],
+                                                                            abs=1e-5)
