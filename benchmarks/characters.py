@@ -137,6 +137,12 @@ def cell(value, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def rate(p: float, n: int) -> str:
+    """A share of n trials with its binomial standard error: two rows closer than about twice the errors
+    combined are not told apart by this many replies."""
+    return f"{100 * p:.1f}% ± {100 * math.sqrt(p * (1 - p) / n):.1f}"
+
+
 def write(results: dict) -> None:
     rows = [(name, results["rows"][name]) for name in ROWS if name in results["rows"]]
     head = ["model", "knowledge acc", "break rate", "in character", "coherence: teacher ppl of replies / % degenerate",
@@ -145,10 +151,11 @@ def write(results: dict) -> None:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows:
         c, g = r["characters"], r["general"] or {}
+        n = c["replies"]
         lines.append("| " + " | ".join([
-            LABELS[name], f"{100 * c['knowledge_acc']:.1f}% (n={c['knowledge_n']})", f"{100 * c['break_rate']:.1f}%",
-            f"{100 * c['in_character']:.1f}%",
-            f"{cell(c['coherence']['teacher_ppl'])} / {100 * c['degenerate_rate']:.1f}%",
+            LABELS[name], f"{rate(c['knowledge_acc'], c['knowledge_n'])} (n={c['knowledge_n']})",
+            rate(c["break_rate"], n), rate(c["in_character"], n),
+            f"{cell(c['coherence']['teacher_ppl'])} / {rate(c['degenerate_rate'], n)}",
             f"{cell(c['fidelity']['ppl'])} / {cell(c['fidelity']['kl'], '{:.3f}')}", f"{c['reply_tokens']:.1f}",
             cell(g.get("wikitext2")),
             f"{g['zero_shot']:.1f} ± {g['zero_shot_se']:.1f}" if g else "-"]) + " |")
@@ -156,7 +163,7 @@ def write(results: dict) -> None:
         c = rows[0][1]["characters"]
         s = results["settings"]
         lines += ["", f"Replies: {s['lines']} adversarial lines on each of {len(c['cards'])} held-out cards "
-                  f"({', '.join(c['cards'])}), sampled at the eval's fixed seed; knowledge: {c['knowledge']['items']} "
+                  f"({', '.join(c['cards'])}), sampled at the eval's fixed seed (± one binomial standard error, replies counted as independent: it understates the spread between cards); knowledge: {c['knowledge']['items']} "
                   f"questions on {c['knowledge']['cards']} held-out cards (chance 25%). WikiText-2 and zero-shot: "
                   "benchmarks/results/recovery_general.json (500 examples a task; the same trained students)."]
     if "actions" in results:
