@@ -52,6 +52,23 @@ class TeacherCache:
                 torch.from_numpy(self.rest_logp[rows]).reshape(-1).to(device))
 
 
+    def check_fits(self, vocab: int, folder: str) -> None:
+        """Refuse a cache holding a token id the student has no logit for: a teacher whose output rows are
+        padded past the tokenizer (Qwen2.5 7B's 152,064 against 0.5B's 151,936) can rank a padding row among
+        its K (more often in a sampled cache); the loss would index past the student's head. Read only when
+        the cache's vocabulary is the larger, one block range at a time (memory-mapped)."""
+        if self.meta.get("vocab", vocab) <= vocab:
+            return
+        step = max(1, (1 << 24) // max(1, self.top_idx[0].size))  # ~64 MiB of ids per read
+        for start in range(0, len(self.top_idx), step):
+            largest = int(self.top_idx[start:start + step].max())
+            if largest >= vocab:
+                raise TailleError(
+                    f"--teacher-cache {folder} holds token id {largest}, past the student's vocabulary ({vocab}): "
+                    f"the teacher's output is padded to {self.meta['vocab']} rows and ranked a padding row among its "
+                    "K; distil from the live --teacher, whose logits are cut to the student's vocabulary")
+
+
 def _paths(folder: Path) -> dict[str, Path]:
     return {name: folder / name for name in ("meta.json", "blocks.npy", "top_logp.f16", "top_idx.i32", "rest_logp.f32")}
 

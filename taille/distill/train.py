@@ -323,6 +323,7 @@ def setup(cfg: DistillConfig) -> Run:
 
             try:
                 cache = open_cache(cfg.teacher_cache, tokenizer)
+                cache.check_fits(student.config.vocab_size, cfg.teacher_cache)
                 seen = json.dumps(cache.meta, sort_keys=True)
             except TailleError as e:
                 if world == 1:

@@ -203,3 +203,25 @@ def test_tensorboard_gets_the_same_scalars_as_the_jsonl(setup, tmp_path, capsys)
 def test_report_to_an_unknown_tracker(setup, tmp_path, capsys):
     _, err = run_cli(capsys, *args(*setup, tmp_path / "o"), "--report-to", "mlflowish", code=2)
     assert "--report-to mlflowish: use none, tensorboard, wandb" in err
+
+
+def test_a_cache_from_a_padded_teacher_that_ranks_a_padding_row_is_refused(setup, tmp_path, capsys):
+    """A teacher whose head has rows past the tokenizer (padding) puts their ids in a cache when they rank
+    among its K; the student has no logit for them: refused in one line, not an index error mid-run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher, student, data, held = setup
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 16)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[vocab:] = 5 * model.get_output_embeddings().weight[:16]
+    model.save_pretrained(teacher)
+    run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", data, "--out", tmp_path / "cache", "--top-k", 32,
+            "--seq-len", 32, "--precision", "fp32")
+    _, err = run_cli(capsys, "distill", "--student", student, "--teacher-cache", tmp_path / "cache", "--out",
+                     tmp_path / "o", "--seq-len", 32, "--batch-size", 4, "--tokens", 256, code=2)
+    assert f"past the student's vocabulary ({vocab})" in err and "Traceback" not in err
+    # the live teacher is cut to the student's vocabulary and distils
+    run_cli(capsys, *args(teacher, student, data, held, tmp_path / "live", **{"--tokens": 256}))
