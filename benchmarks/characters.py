@@ -163,7 +163,9 @@ def write(results: dict) -> None:
         c = rows[0][1]["characters"]
         s = results["settings"]
         lines += ["", f"Replies: {s['lines']} adversarial lines on each of {len(c['cards'])} held-out cards "
-                  f"({', '.join(c['cards'])}), sampled at the eval's fixed seed (± one binomial standard error, replies counted as independent: it understates the spread between cards); knowledge: {c['knowledge']['items']} "
+                  f"({', '.join(c['cards'])}), sampled at the eval's fixed seed (± one binomial standard error, "
+                  "replies counted as independent: it understates the spread between cards); knowledge: "
+                  f"{c['knowledge']['items']} "
                   f"questions on {c['knowledge']['cards']} held-out cards (chance 25%). WikiText-2 and zero-shot: "
                   "benchmarks/results/recovery_general.json (500 examples a task; the same trained students)."]
     if "actions" in results:

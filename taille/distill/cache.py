@@ -51,7 +51,6 @@ class TeacherCache:
                 torch.from_numpy(self.top_idx[rows].astype(np.int64)).reshape(-1, K).to(device),
                 torch.from_numpy(self.rest_logp[rows]).reshape(-1).to(device))
 
-
     def check_fits(self, vocab: int, folder: str) -> None:
         """Refuse a cache holding a token id the student has no logit for: a teacher whose output rows are
         padded past the tokenizer (Qwen2.5 7B's 152,064 against 0.5B's 151,936) can rank a padding row among

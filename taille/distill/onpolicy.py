@@ -16,9 +16,10 @@ student's samples carry no gradient (the targets are the teacher's distributions
 Which blocks are on-policy, and each one's random draws, depend only on (seed, step, the block's place in the
 step's global batch): a run on N processes draws what one process draws, and a resumed run what the
 uninterrupted one drew (the tokens are then the same where the logits are: in fp32; under bf16 another
-batch layout can move a logit by its last bit and, rarely, a draw across a token boundary). Every process holds the same number of on-policy blocks per micro-step and
-samples a fixed number of tokens (no stop at end of turn: a block is a stretch of a token stream, and an
-end-of-turn token followed by more text is what the stream holds too), so FSDP's gathers stay in step.
+batch layout can move a logit by its last bit and, rarely, a draw across a token boundary). Every process
+holds the same number of on-policy blocks per micro-step and samples a fixed number of tokens (no stop at
+end of turn: a block is a stretch of a token stream, and an end-of-turn token followed by more text is what
+the stream holds too), so FSDP's gathers stay in step.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ from taille.models.arch import get_arch
 from taille.models.lm import head_logits
 
 
-def on_policy_places(first: int, count: int, share: float, batch_size: int) -> np.ndarray:
-    """(count,) bool: which of the global batch's places first..first+count-1 are on-policy, for a share
+def on_policy_places(count: int, share: float, batch_size: int) -> np.ndarray:
+    """(count,) bool: which of a global batch's `count` places are on-policy, for a share
     that is k / batch_size blocks of each micro-batch (the settings refuse any other). Spread evenly in
     integers (place j is on-policy when floor((j + 1) k / B) > floor(j k / B)), so every slice of
     batch_size places, i.e. every process's micro-batch, holds exactly k: the same count on every process,
     and the same places after a resume that splits the global batch differently."""
     k = round(share * batch_size)
-    places = np.arange(first, first + count)
+    places = np.arange(count)
     return (places + 1) * k // batch_size > places * k // batch_size
 
 

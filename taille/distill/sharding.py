@@ -15,6 +15,7 @@ processes loads its shards directly, another number reassembles them first).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +86,24 @@ def shard(trunk: torch.nn.Module, teacher: torch.nn.Module | None, layers_of, sh
     if teacher is not None and shard_teacher:
         for layer in layers_of(teacher):
             fully_shard(layer, reshard_after_forward=True, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def kept_gathered(module: torch.nn.Module):
+    """Inside, `module`'s FSDP units keep their weights gathered between forward passes (a token-by-token
+    decode would otherwise gather every layer again for each token); freed on the way out. Nothing to do
+    without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
 
 
 def clip_gradients(parameters, max_norm: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.profiler import record_function
 
 from taille.distill.checkpoint import _atomic_write, latest_checkpoint, save_checkpoint
 from taille.distill.sharding import (
-    clip_gradients, parameter_order, resolve_strategy, restore, save_fsdp, shard, tied_groups)
+    clip_gradients, kept_gathered, parameter_order, resolve_strategy, restore, save_fsdp, shard, tied_groups)
 from taille.distill.hidden import cosine_loss_sum, layer_outputs
 from taille.distill.config import TRACKERS, DistillConfig, LossConfig  # noqa: F401  (re-exported)
 from taille.distill.losses import distill_loss
@@ -73,22 +73,13 @@ class Trunk(torch.nn.Module):
         if sample:
             from taille.distill.onpolicy import sample_tail
 
-            from torch.distributed.fsdp import FSDPModule
-
-            # under FSDP each layer would gather its weights again for every sampled token: keep them
-            # gathered while sampling, and free them after
-            units = [m for m in self.lm.modules() if isinstance(m, FSDPModule)]
-            for unit in units:
-                unit.set_reshard_after_forward(False)
             was_training = self.lm.training
             self.lm.eval()  # the student samples as it will be used: no dropout, whatever the family's config
             try:
-                return sample_tail(self.lm, input_ids, sample, generators)
+                with kept_gathered(self.lm):
+                    return sample_tail(self.lm, input_ids, sample, generators)
             finally:
                 self.lm.train(was_training)
-                for unit in units:
-                    unit.reshard()
-                    unit.set_reshard_after_forward(True)
         teacher = teacher or {}
         captured = {}
         with record_function("taille.student_forward"), layer_outputs(self.lm, self.taps, captured):
@@ -468,7 +459,7 @@ def _student_tails(run: Run, step: int, ids: torch.Tensor, places: np.ndarray) -
     from taille.models.precision import autocast
 
     cfg = run.cfg
-    chosen = on_policy_places(0, run.global_batch, cfg.on_policy, cfg.batch_size)[places]  # (B,) bool, never all False
+    chosen = on_policy_places(run.global_batch, cfg.on_policy, cfg.batch_size)[places]  # (B,) bool, never all False
     prompt = ids.shape[1] - cfg.on_policy_tokens
     sampled = torch.from_numpy(np.flatnonzero(chosen)).to(ids.device)  # (n,)
     # no_grad outside the wrapper too: DDP would otherwise wait for this forward's gradients

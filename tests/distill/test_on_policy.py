@@ -78,17 +78,17 @@ def test_the_draws_follow_the_students_softmax(tmp_path):
 def test_on_policy_places_are_spread_evenly_whatever_the_slicing():
     from taille.distill.onpolicy import on_policy_places
 
-    assert on_policy_places(0, 8, 0.5, 8).tolist() == [False, True] * 4
-    quarter = on_policy_places(0, 16, 0.25, 4)
+    assert on_policy_places(8, 0.5, 8).tolist() == [False, True] * 4
+    quarter = on_policy_places(16, 0.25, 4)
     assert quarter.sum() == 4 and all(quarter[i:i + 4].sum() == 1 for i in range(0, 16, 4))
     # 3/8 of a global batch of 16 cut into two processes' slices of 8: 3 each; the same places when a resume
     # on 2 processes keeps the global batch (2 x 8) that one process ran as 1 x 16 (6/16)
-    three = on_policy_places(0, 16, 3 / 8, 8)
+    three = on_policy_places(16, 3 / 8, 8)
     assert three[:8].sum() == three[8:].sum() == 3
-    assert (on_policy_places(0, 16, 6 / 16, 16) == three).all()
+    assert (on_policy_places(16, 6 / 16, 16) == three).all()
     # a third of micro-batches of 3, as a user types it, over 8 micro-batches: one in each, never none
-    assert (on_policy_places(0, 24, 0.3333333, 3).reshape(8, 3).sum(1) == 1).all()
-    assert on_policy_places(0, 5, 1.0, 5).all()
+    assert (on_policy_places(24, 0.3333333, 3).reshape(8, 3).sum(1) == 1).all()
+    assert on_policy_places(5, 1.0, 5).all()
 
 
 def test_an_on_policy_step_grades_the_students_own_tails(tmp_path, monkeypatch):
