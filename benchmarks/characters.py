@@ -11,6 +11,8 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
   demo-mix       distilled on role-play + general answers + plays (roleplay:0.45,chat:0.35,shakespeare:0.2)
   demo-mix-on-policy   the same data, every block ending in 64 tokens the student samples itself and the
                  teacher grades (`--on-policy 1`): aimed at the student's loops
+  demo-mix-on-policy-reply   the same data, the student writing from the first reply that starts in each
+                 block's last 128 tokens (`--on-policy 1 --on-policy-tokens 128 --on-policy-from reply`)
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
 
@@ -40,10 +42,11 @@ from distill_recovery import RESULTS, TEACHER, remember
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "demo-mix", "demo-mix-on-policy", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data", "demo-mix": "distilled on role-play + general + plays",
           "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
+          "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 
@@ -111,7 +114,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "taille", "personas", "make", "--count", "200", "--seed", "0",
                         "--out", str(cards)], check=True)
     models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
-    for name in ("plays", "general", "demo-mix", "demo-mix-on-policy"):
+    for name in ("plays", "general", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply"):
         if (recovery / "runs" / name / "taille.json").exists():
             models[name] = str(recovery / "runs" / name)
     if args.demo:

@@ -8,6 +8,8 @@ benchmark's schedule, changing one thing:
                  shakespeare:0.2)
   demo-mix-on-policy   the demo's data, every block's last 64 tokens sampled by the student itself from the
                  block's first 192 and graded by the teacher (`--on-policy 1 --on-policy-tokens 64`, GKD)
+  demo-mix-on-policy-reply   the same, the student writing from the first reply (assistant turn) that starts
+                 in the block's last 128 tokens, else those 128 (`--on-policy-from reply`): aimed at replies
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
                  `chat` corpus, ~60K tokens of the teacher's answers as the student reads them, so 512K tokens read it ~9 times)
   general-plays  that corpus and the plays, half and half
@@ -51,7 +53,7 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -106,6 +108,8 @@ def main() -> None:
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
+            "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
+                                                                   "--on-policy-from", "reply"]),
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),

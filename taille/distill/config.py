@@ -15,6 +15,7 @@ from taille.options import Count, coerce
 
 KINDS = ("fkl", "rkl", "jsd")
 STRATEGIES = ("auto", "ddp", "fsdp")
+ON_POLICY_FROM = ("end", "reply")
 from taille.models.precision import check_precision
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 
@@ -109,6 +110,10 @@ class DistillConfig:
     on_policy_tokens: int = 64
     """Tokens the student writes at the end of each on-policy block (the block's first seq_len minus these
     are its prompt)."""
+    on_policy_from: str = "end"
+    """Where the student's tokens start in an on-policy block: end (the last --on-policy-tokens) or reply
+    (right after the first assistant header within them, so it writes a character's reply; blocks with
+    none there keep the fixed tail)."""
     precision: str = "auto"
     """auto (bf16-mixed on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), bf16-mixed or fp32."""
     seed: int = 1234
@@ -173,6 +178,8 @@ class DistillConfig:
             raise TailleError(f"--hidden-weight {self.hidden_weight} must be non-negative")
         if self.on_policy:
             self._check_on_policy()
+        elif self.on_policy_from != "end":
+            raise TailleError(f"--on-policy-from {self.on_policy_from} needs --on-policy SHARE")
         if self.teacher_cache:
             self._check_cache()
         elif not self.data:
@@ -213,6 +220,8 @@ class DistillConfig:
             shares = ", ".join(f"{k}/{self.batch_size}" for k in range(1, min(self.batch_size, 4) + 1))
             raise TailleError(f"--on-policy {self.on_policy} of --batch-size {self.batch_size} is {per_batch:g} blocks: "
                               f"give a whole number of blocks per micro-batch ({shares}, ...)")
+        if self.on_policy_from not in ON_POLICY_FROM:
+            raise TailleError(f"--on-policy-from {self.on_policy_from}: use one of {', '.join(ON_POLICY_FROM)}")
         if not 1 <= self.on_policy_tokens < self.seq_len:
             raise TailleError(f"--on-policy-tokens {self.on_policy_tokens}: between 1 and --seq-len - 1 "
                               f"({self.seq_len - 1}); the rest of the block is the prompt")

@@ -13,6 +13,12 @@ distribution) from the block's first T - tokens; the teacher then reads the whol
 configured divergence at every position, so the prefix is ordinary data and the tail is on-policy. The
 student's samples carry no gradient (the targets are the teacher's distributions at those states).
 
+With `--on-policy-from reply` the student's part of a block starts where a reply does: right after the first
+assistant header (the chat template's generation prompt) inside the last `tokens` positions, the data's
+tokens standing before it; a block with no reply starting there (plays, or a long card) keeps the fixed
+tail. The correction then lands where a character's loops happen, in its replies, rather than as often in a
+card's backstory or a player's line.
+
 Which blocks are on-policy, and each one's random draws, depend only on (seed, step, the block's place in the
 step's global batch): a run on N processes draws what one process draws, and a resumed run what the
 uninterrupted one drew (the tokens are then the same where the logits are: in fp32; under bf16 another
@@ -52,6 +58,44 @@ def place_generators(seed: int, step: int, places) -> list[torch.Generator]:
     return generators
 
 
+def reply_marker(tokenizer) -> list[int]:
+    """The token ids of the chat template's assistant header (what add_generation_prompt appends), checked to
+    tokenize the same inside a rendered conversation; refused in one line when the template has none."""
+    from taille.errors import TailleError
+
+    turn = [{"role": "user", "content": "Good morning."}]
+    where = "--on-policy-from reply"
+    if not getattr(tokenizer, "chat_template", None):
+        raise TailleError(f"{where}: the student's tokenizer has no chat template to find replies by; use --on-policy-from end")
+    bare = tokenizer.apply_chat_template(turn, tokenize=False)
+    prompted = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    header = prompted[len(bare):] if prompted.startswith(bare) else ""
+    marker = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
+    whole = tokenizer.apply_chat_template([*turn, {"role": "assistant", "content": "Welcome, traveller."}], tokenize=False)
+    ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+    found = sum(ids[i:i + len(marker)] == marker for i in range(len(ids))) if marker else 0
+    if found != 1:
+        raise TailleError(f"{where}: this chat template's assistant header ({header!r}) is not a fixed run of tokens "
+                          "inside a conversation; use --on-policy-from end")
+    return marker
+
+
+def tail_starts(ids: torch.Tensor, tokens: int, marker: list[int] | None) -> torch.Tensor:
+    """(B,) the position where each block's sampled part begins: the first position within the last `tokens`
+    that follows `marker` (a reply's first token), else (or without a marker) T - tokens."""
+    B, T = ids.shape
+    starts = torch.full((B,), T - tokens, dtype=torch.long, device=ids.device)
+    m = len(marker or ())
+    if not m or T < m:
+        return starts
+    hits = (ids.unfold(1, m, 1) == torch.tensor(marker, device=ids.device)).all(-1)  # (B, T - m + 1): marker at j
+    after = torch.arange(m, T + 1, device=ids.device)  # the position after a marker at j
+    hits &= (after >= T - tokens) & (after <= T - 1)
+    found = hits.any(1)
+    starts[found] = after[hits.float().argmax(1)[found]]  # the first hit of each row
+    return starts
+
+
 def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """(B,) one token per row of `logits` (B, V), drawn from softmax(logits) by inverting its cumulative
     distribution at one fp64 uniform from the row's own generator: a row's token does not depend on the
@@ -63,9 +107,12 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 
 
 @torch.no_grad()
-def sample_tail(lm, prefix: torch.Tensor, new_tokens: int, generators: list[torch.Generator]) -> torch.Tensor:
+def sample_tail(lm, prefix: torch.Tensor, new_tokens: int, generators: list[torch.Generator],
+                forced: torch.Tensor | None = None) -> torch.Tensor:
     """(B, new_tokens) tokens sampled from `lm` (temperature 1) after `prefix` (B, P), with its KV cache,
-    each row from its own generator (`draw`)."""
+    each row from its own generator (`draw`). `forced` (B, new_tokens): where it holds a token id (>= 0),
+    that token is taken instead of a draw (the data before a row's reply begins); a row's generator is
+    drawn from only where it samples, so its tokens do not depend on the rows beside it."""
     from transformers import DynamicCache
 
     base = lm.get_submodule(get_arch(lm.config).base)
@@ -75,7 +122,14 @@ def sample_tail(lm, prefix: torch.Tensor, new_tokens: int, generators: list[torc
     hidden = base(prefix, None, None, cache, use_cache=True).last_hidden_state  # (B, P, H)
     tokens = []
     for i in range(new_tokens):
-        tokens.append(draw(head_logits(lm, hidden[:, -1]), generators))  # (B,)
+        if forced is None:
+            tokens.append(draw(head_logits(lm, hidden[:, -1]), generators))  # (B,)
+        else:
+            token = forced[:, i].clone()  # (B,)
+            free = torch.nonzero(token < 0).flatten().tolist()
+            if free:
+                token[free] = draw(head_logits(lm, hidden[free, -1]), [generators[r] for r in free])
+            tokens.append(token)
         if i + 1 < new_tokens:
             hidden = base(tokens[-1][:, None], None, None, cache, use_cache=True).last_hidden_state  # (B, 1, H)
     return torch.stack(tokens, dim=1)

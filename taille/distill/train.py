@@ -31,6 +31,7 @@ from taille.distill.sharding import (
 from taille.distill.hidden import cosine_loss_sum, layer_outputs
 from taille.distill.config import TRACKERS, DistillConfig, LossConfig  # noqa: F401  (re-exported)
 from taille.distill.losses import distill_loss
+from taille.distill.onpolicy import reply_marker
 from taille.errors import TailleError
 from taille.models.lm import hidden_states, logit_softcap
 
@@ -63,13 +64,13 @@ class Trunk(torch.nn.Module):
         self.projections = torch.nn.ModuleList(projections)
 
     def forward(self, input_ids, teacher: dict | None = None, loss_cfg: LossConfig | None = None, evaluate: bool = False,
-                sample: int = 0, generators: list | None = None):
+                sample: int = 0, generators: list | None = None, forced: torch.Tensor | None = None):
         """(loss sum, hidden-state loss sum) over the block's next-token positions, or with `evaluate` the
         held-out (NLL sum, KL sum). `teacher`: hidden (N, H_t) final states at the same positions, head,
         softcap, top (a cache batch) and states (its tapped layers' outputs, one per projection).
         With `sample` N: the (B, N) tokens the student samples after `input_ids`, one generator a row
         (on-policy distillation; here because under FSDP the whole head and embeddings exist only inside
-        this forward)."""
+        this forward); `forced` as sample_tail takes it."""
         if sample:
             from taille.distill.onpolicy import sample_tail
 
@@ -77,7 +78,7 @@ class Trunk(torch.nn.Module):
             self.lm.eval()  # the student samples as it will be used: no dropout, whatever the family's config
             try:
                 with kept_gathered(self.lm):
-                    return sample_tail(self.lm, input_ids, sample, generators)
+                    return sample_tail(self.lm, input_ids, sample, generators, forced)
             finally:
                 self.lm.train(was_training)
         teacher = teacher or {}
@@ -254,6 +255,8 @@ class Run:
     """Groups of names that share one parameter in the trunk."""
     order: list = ()
     """Every parameter's names, in the optimizer's order (a checkpoint's indices)."""
+    reply_marker: list | None = None
+    """The chat template's assistant header as token ids, with --on-policy-from reply."""
 
     @property
     def n_targets(self) -> int:
@@ -299,6 +302,7 @@ def setup(cfg: DistillConfig) -> Run:
 
     torch.manual_seed(cfg.seed)
     student, tokenizer = load_model(cfg.student, dtype="fp32", device=str(device))
+    marker = reply_marker(tokenizer) if cfg.on_policy and cfg.on_policy_from == "reply" else None
     student.train()
     teacher = None
     if cfg.teacher and cfg.loss.kd:
@@ -379,7 +383,8 @@ def setup(cfg: DistillConfig) -> Run:
                tokenizer=tokenizer, teacher=teacher, trunk=trunk, optimizer=optimizer, blocks=blocks, cache=cache,
                eval_blocks=eval_blocks, source=source, pairs=pairs, global_batch=global_batch,
                total_steps=total_steps, start_step=start_step, state=state, resume_from=resume_from,
-               heads=heads, strategy=strategy, raw_optimizer=raw_optimizer, tied=tied, order=order)
+               heads=heads, strategy=strategy, raw_optimizer=raw_optimizer, tied=tied, order=order,
+               reply_marker=marker)
 
 
 def _layers(model):
@@ -452,20 +457,25 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def _student_tails(run: Run, step: int, ids: torch.Tensor, places: np.ndarray) -> torch.Tensor:
-    """`ids` (B, T) with the last on_policy_tokens of its on-policy blocks sampled by the student from the
-    rest (taille/distill/onpolicy.py). Every process has the same number of them (a whole share of its
+    """`ids` (B, T) with the last on_policy_tokens of its on-policy blocks (from a reply's start within them,
+    with --on-policy-from reply) sampled by the student from the rest (taille/distill/onpolicy.py). Every process has the same number of them (a whole share of its
     batch): the student's forward passes here are collective under FSDP."""
-    from taille.distill.onpolicy import on_policy_places, place_generators
+    from taille.distill.onpolicy import on_policy_places, place_generators, tail_starts
     from taille.models.precision import autocast
 
     cfg = run.cfg
     chosen = on_policy_places(run.global_batch, cfg.on_policy, cfg.batch_size)[places]  # (B,) bool, never all False
     prompt = ids.shape[1] - cfg.on_policy_tokens
     sampled = torch.from_numpy(np.flatnonzero(chosen)).to(ids.device)  # (n,)
+    forced = None
+    if run.reply_marker:  # the data's tokens stand until each block's reply begins
+        starts = tail_starts(ids[sampled], cfg.on_policy_tokens, run.reply_marker)  # (n,)
+        forced = ids[sampled, prompt:].clone()  # (n, on_policy_tokens)
+        forced[torch.arange(prompt, ids.shape[1], device=ids.device)[None] >= starts[:, None]] = -1
     # no_grad outside the wrapper too: DDP would otherwise wait for this forward's gradients
     with torch.no_grad(), record_function("taille.on_policy_sample"), autocast(run.precision, run.device.type):
         tails = run.trunk(ids[sampled, :prompt], sample=cfg.on_policy_tokens,
-                          generators=place_generators(cfg.seed, step, places[chosen]))  # (n, on_policy_tokens)
+                          generators=place_generators(cfg.seed, step, places[chosen]), forced=forced)
     ids = ids.clone()
     ids[sampled, prompt:] = tails
     return ids

@@ -152,6 +152,108 @@ def test_on_policy_without_a_live_teacher_is_refused(tmp_path, capsys):
     assert "--on-policy needs a live --teacher" in err
 
 
+def test_a_replys_start_is_found_within_the_tail_and_nowhere_else():
+    """The first position within the last `tokens` that follows the marker; a marker ending before the tail,
+    or the block's last token being a marker's end, is not a start; no marker: the fixed tail."""
+    from taille.distill.onpolicy import tail_starts
+
+    M = [7, 8, 9]
+    T = 20
+    rows = torch.zeros(5, T, dtype=torch.long)
+    rows[0, 12:15] = torch.tensor(M)  # reply at 15, inside the last 8 (12..19)
+    rows[0, 16:19] = torch.tensor(M)  # a second one later: the first wins
+    rows[1, 8:11] = torch.tensor(M)  # reply at 11: before the tail
+    rows[2, 10:13] = torch.tensor(M)  # reply at 13, its header straddling the tail's start
+    rows[3, 17:20] = torch.tensor(M)  # a header ending the block: no reply token after it
+    rows[4, 12:14] = torch.tensor(M[:2])  # an incomplete header
+    assert tail_starts(rows, 8, M).tolist() == [15, 12, 13, 12, 12]
+    assert tail_starts(rows, 8, None).tolist() == [12] * 5
+
+
+def test_forced_tokens_stand_and_a_row_samples_as_it_would_alone(tmp_path):
+    """Rows whose replies start at different places in one batch: the forced positions keep the data's
+    tokens, and from its start each row draws exactly what it draws sampled alone from that start (its
+    generator is used only where it samples)."""
+    from taille.distill.onpolicy import sample_tail
+
+    model = tiny(tmp_path)
+    data = torch.randint(0, 200, (3, 16))
+    prompt, starts = 10, [10, 13, 15]
+    forced = data[:, prompt:].clone()
+    for r, start in enumerate(starts):
+        forced[r, start - prompt:] = -1
+    tails = sample_tail(model, data[:, :prompt], 6, generators([21, 22, 23]), forced)
+    for r, start in enumerate(starts):
+        assert torch.equal(tails[r, :start - prompt], data[r, prompt:start])
+        alone = sample_tail(model, data[r:r + 1, :start], 16 - start, generators([21 + r]))
+        assert torch.equal(tails[r, start - prompt:], alone[0])
+
+
+def test_an_on_policy_step_from_replies_samples_each_reply_from_its_start(tmp_path, monkeypatch):
+    """--on-policy-from reply on chat data: in each on-policy block the data stands up to the first reply that
+    starts within the tail (found here by a plain scan) and the student's own draws follow; blocks with no
+    reply there are sampled over the whole tail."""
+    import json
+
+    import taille.distill.train as train
+    from taille.data.mixture import run_order
+    from taille.distill.onpolicy import place_generators, sample_tail
+
+    teacher, student, _, _ = make_setup(tmp_path, tied=False)
+    data = tmp_path / "chat.jsonl"
+    turns = [("user", "Where the place?"), ("assistant", "Upon the heath."), ("user", "When shall we three meet?"),
+             ("assistant", "When the battle is lost and won, in thunder.")]
+    data.write_text("\n".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns[:k]]})
+                              for k in (2, 4, 4, 2, 4) * 8))
+    cfg = train.DistillConfig(student=str(student), teacher=str(teacher), data=str(data), eval_data=None,
+                              out=str(tmp_path / "o"), tokens=2048, seq_len=64, batch_size=4, grad_accum=2,
+                              precision="fp32", progress=False, on_policy=1.0, on_policy_tokens=24,
+                              on_policy_from="reply")
+    run = train.setup(cfg)
+    marker = run.reply_marker
+    assert run.tokenizer.decode(marker) == "<|assistant|>"
+    seen = []
+    real = train._teacher_outputs
+    monkeypatch.setattr(train, "_teacher_outputs", lambda run, ids, top=None: (seen.append(ids.clone()), real(run, ids, top))[1])
+    before = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
+    step = 1
+    train.train_step(run, step)
+    run.student.load_state_dict(before)
+    run.student.eval()
+    order = run_order(run.blocks, cfg.seed, step * run.global_batch, run.global_batch)
+    found = 0
+    for micro, ids in enumerate(seen):
+        places = micro * 4 + np.argsort(order[micro * 4:micro * 4 + 4], kind="stable")
+        data_ids = torch.from_numpy(run.blocks[order[places]].astype(np.int64))
+        for r in range(4):
+            row = data_ids[r].tolist()
+            start = next((j + len(marker) for j in range(64 - len(marker)) if row[j:j + len(marker)] == marker
+                          and 40 <= j + len(marker) <= 63), 40)
+            found += start > 40
+            assert torch.equal(ids[r, :start], data_ids[r, :start])
+            alone = sample_tail(run.student, data_ids[r:r + 1, :start], 64 - start,
+                                place_generators(cfg.seed, step, places[r:r + 1]))
+            assert torch.equal(ids[r, start:], alone[0])
+    assert found >= 2  # replies were found, not only fixed tails
+
+
+def test_replies_need_a_chat_template_and_on_policy(tmp_path, capsys):
+    from tests.conftest import save_tiny
+
+    teacher, student, data, held = make_setup(tmp_path, tied=False)
+    plain = save_tiny(tmp_path / "plain", "llama", seed=2, chat_template=None)
+    _, err = run_cli(capsys, *args(teacher, plain, data, held, tmp_path / "o", **{"--on-policy": 0.5,
+                                                                                   "--on-policy-tokens": 8,
+                                                                                   "--on-policy-from": "reply"}), code=2)
+    assert "--on-policy-from reply: the student's tokenizer has no chat template" in err and "Traceback" not in err
+    _, err = run_cli(capsys, *args(teacher, student, data, held, tmp_path / "o", **{"--on-policy-from": "reply"}), code=2)
+    assert "--on-policy-from reply needs --on-policy SHARE" in err
+    _, err = run_cli(capsys, *args(teacher, student, data, held, tmp_path / "o", **{"--on-policy": 0.5,
+                                                                                   "--on-policy-tokens": 8,
+                                                                                   "--on-policy-from": "start"}), code=2)
+    assert "--on-policy-from start: use one of end, reply" in err
+
+
 def test_a_killed_on_policy_run_resumes_to_the_uninterrupted_curve(tmp_path):
     """The draws are a function of (seed, step, place): after a SIGKILL, --resume samples what the
     uninterrupted run sampled, and its losses are that run's."""
