@@ -20,8 +20,10 @@ Per model:
 - **transcripts**: three short conversations, the same player lines and seeds for every model.
 
 Generation is batched PyTorch `generate` with left padding (as taille/generate/generate.py), replies cut
-at the end-of-turn token. Sampling uses the settings' temperature and top-p for every card and no
-repetition penalty: it measures the model, not llama.cpp's sampler. Scoring right-pads sequences (causal
+at the end-of-turn token. Sampling uses the settings' temperature and top-p for every card and by default
+no repetition penalty: it measures the model, not llama.cpp's sampler; --persona-repeat-penalty 1.1
+samples the breaks and transcripts as `taille chat` does with a card's default (llama.cpp's penalty over
+the last PENALTY_WINDOW tokens, applied before top-p and temperature as llama.cpp's sampler chain does). Scoring right-pads sequences (causal
 attention never lets a token see the padding after it) and slices the continuation's positions. Every
 model must share the teacher's vocabulary and have a chat template (refused before any weights load).
 """
@@ -86,12 +88,36 @@ def stop_ids(tokenizer) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ generation
 
+PENALTY_WINDOW = 64
+"""Tokens the repetition penalty looks back over: llama.cpp's default (llama-cpp-python's
+last_n_tokens_size, llama-server's repeat_last_n)."""
+
+
+def recent_repetition_penalty(penalty: float, window: int = PENALTY_WINDOW):
+    """A transformers logits processor that applies llama.cpp's repeat penalty: each token id among the
+    sequence's last `window` ids (prompt included) has its logit divided by `penalty` when positive and
+    multiplied by it when negative, once however often it occurs."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class RecentRepetitionPenalty(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            recent = input_ids[:, -window:]  # (B, window)
+            picked = scores.gather(1, recent)
+            return scores.scatter(1, recent, torch.where(picked < 0, picked * penalty, picked / penalty))
+
+    return RecentRepetitionPenalty()
+
+
 
 def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalSettings, seed: int,
-                     precision: str = "fp32") -> list[list[int]]:
+                     precision: str = "fp32", penalty: float = 1.0) -> list[list[int]]:
     """A sampled reply (token ids, cut before the end-of-turn token) for each prompt. Batch b is sampled
-    after torch.manual_seed(seed + b), so the same prompts and seed give the same replies."""
+    after torch.manual_seed(seed + b), so the same prompts and seed give the same replies. A `penalty` above
+    1 goes first, then temperature and top-p (llama.cpp's order; transformers would put a given processor
+    after its own)."""
     import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     from taille.models.precision import autocast
 
@@ -107,11 +133,14 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalS
         for i, p in enumerate(chunk):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        sampling = {"temperature": s.temperature, "top_p": s.top_p}
+        if penalty != 1.0:  # every step of the chain given here, in order; generate's own left out
+            sampling = {"temperature": 1.0, "top_p": 1.0, "logits_processor": LogitsProcessorList([
+                recent_repetition_penalty(penalty), TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p)])}
         torch.manual_seed(seed + b)
         with torch.no_grad(), autocast(precision, device.type):
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 temperature=s.temperature, top_p=s.top_p, top_k=0, max_new_tokens=s.max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=stops)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=0,
+                                 max_new_tokens=s.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **sampling)
         for row in out[:, width:].tolist():  # (B, new)
             cut = next((k for k, t in enumerate(row) if t in stops), len(row))
             replies.append(row[:cut])
@@ -262,7 +291,7 @@ def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, pers
 
     asked = [(p, line) for p in personas for line in ADVERSARIAL[: s.lines]]
     ids = generate_replies(model, tokenizer, [render(tokenizer, p, user(line)) for p, line in asked], s, s.seed,
-                           precision)
+                           precision, s.repeat_penalty)
     texts = [decode(tokenizer, r) for r in ids]
     broken = [breaks_character(t, p) for (p, _), t in zip(asked, texts)]
     degenerated = [degenerate(t) for t in texts]
@@ -305,7 +334,8 @@ def transcripts(model, tokenizer, plan: list[tuple[Persona, list[str]]], s: Pers
     for turn in range(len(plan[0][1])):
         asked = [turns + user(lines[turn]) for turns, (_, lines) in zip(history, plan)]
         prompts = [render(tokenizer, persona, turns) for (persona, _), turns in zip(plan, asked)]
-        replies = generate_replies(model, tokenizer, prompts, s, s.seed + 7919 * (turn + 1), precision)
+        replies = generate_replies(model, tokenizer, prompts, s, s.seed + 7919 * (turn + 1), precision,
+                                   s.repeat_penalty)
         history = [turns + [{"role": "assistant", "content": decode(tokenizer, reply)}]
                    for turns, reply in zip(asked, replies)]
     return [{"card": persona.name,

@@ -78,6 +78,47 @@ def test_left_padded_batches_sample_what_single_prompts_sample(tmp_path):
     assert all(tokenizer.eos_token_id not in r for r in batched)  # replies are cut at the end of the turn
 
 
+def test_a_repeat_penalty_samples_as_llama_cpps_chain_written_out_here(tmp_path):
+    """--persona-repeat-penalty against a sampling loop written here: llama.cpp's penalty over the last 64
+    ids of the context (a positive logit divided, a negative one multiplied, once per id), then temperature,
+    then top-p, then a draw from what is left (a sharp head and a small nucleus: the penalty applied after
+    top-p would sample other tokens); the replies differ from unpenalised ones."""
+    tokenizer = make_tokenizer()
+    model, tokenizer = load_model(str(save_tiny_with(tmp_path / "sharp", "llama", tokenizer, head_scale=40)),
+                                  dtype="fp32", device="cpu")
+    prompt = ev.render(tokenizer, CARDS[0], ev.user(ADVERSARIAL[0]))
+    assert len(prompt) > 64
+    s = settings(temperature=0.7, top_p=0.5, max_new_tokens=12, repeat_penalty=1.8)
+    got = generate_replies(model, tokenizer, [prompt], s, seed=5, penalty=s.repeat_penalty)[0]
+
+    torch.manual_seed(5)
+    seq = list(prompt)
+    expected = []
+    for _ in range(s.max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+        for token in set(seq[-64:]):
+            logits[token] = logits[token] * 1.8 if logits[token] < 0 else logits[token] / 1.8
+        probs = torch.softmax(logits / 0.7, dim=-1)
+        order = probs.argsort(descending=True)
+        mass_before = probs[order].cumsum(0) - probs[order]
+        kept = torch.zeros_like(probs, dtype=torch.bool)
+        kept[order[mass_before < 0.5]] = True  # the most likely tokens until 0.5 is reached (the smallest nucleus)
+        probs = torch.where(kept, probs, torch.zeros_like(probs))
+        token = int(torch.multinomial(probs / probs.sum(), 1))
+        if token == tokenizer.eos_token_id:
+            break
+        expected.append(token)
+        seq.append(token)
+    assert got == expected
+    assert generate_replies(model, tokenizer, [prompt], s, seed=5)[0] != got
+
+
+def test_a_repeat_penalty_outside_a_cards_range_is_refused():
+    with pytest.raises(TailleError, match="--persona-repeat-penalty 0.9: between 1"):
+        settings(repeat_penalty=0.9)
+
+
 def test_persona_eval_end_to_end(models, tmp_path, monkeypatch):
     teacher, student = models
     monkeypatch.setattr(ev, "ADVERSARIAL", ADVERSARIAL[:4])  # a few lines keep the test fast
