@@ -183,7 +183,7 @@ def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(mode
                (1, ADVERSARIAL[3]): "the island of the island of the island of"}
     _, tokenizer = load_model(teacher, device="cpu")
 
-    def fake(model, tokenizer, prompts, s, seed, precision="fp32"):
+    def fake(model, tokenizer, prompts, s, seed, precision="fp32", penalty=1.0):
         replies = []
         for ids in prompts:
             prompt = tokenizer.decode(ids)
@@ -212,7 +212,7 @@ def test_a_reply_the_teacher_finds_incoherent_is_never_in_character(models, monk
     salad = tokenizer("heath thunder rain meet lightning again", add_special_tokens=False)["input_ids"]
     good = tokenizer("Well met, traveller. The forge is warm tonight.", add_special_tokens=False)["input_ids"]
 
-    def fake_generate(model, tokenizer_, prompts, s, seed, precision="fp32"):  # salad to one adversarial line
+    def fake_generate(model, tokenizer_, prompts, s, seed, precision="fp32", penalty=1.0):  # salad to one adversarial line
         said = [tokenizer.decode(ids) for ids in prompts]
         return [salad if CARDS[0].name in p and p.rstrip().endswith(ADVERSARIAL[0] + "<eos>\n<|assistant|>")
                 else good for p in said]
