@@ -55,7 +55,7 @@ def in_character(model: str, cards: Path, args, folder: Path) -> dict:
     """One model's in-character row, through `taille eval --out` (its eval.json)."""
     cmd = [sys.executable, "-m", "taille", "eval", model, "--personas", str(cards), "--reference", TEACHER,
            "--persona-cards", str(args.cards), "--persona-batch-size", str(args.batch_size), "--out", str(folder),
-           "--persona-repeat-penalty", str(args.repeat_penalty)]
+           "--persona-sampler", args.sampler]
     subprocess.run(cmd, check=True)
     report = json.loads((folder / "eval.json").read_text())
     characters = report["characters"]
@@ -101,9 +101,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=40, help="replies sampled together (40: one card's lines)")
     parser.add_argument("--demo", default=None, help="the distilled student of a `make demo` run (runs/demo/distilled)")
     parser.add_argument("--only", default=None, help=f"comma-separated rows of {', '.join(ROWS)}")
-    parser.add_argument("--repeat-penalty", type=float, default=1.0,
-                        help="sample the replies with llama.cpp's repeat penalty (1.1: a card's default in chat and "
-                             "serve); other than 1, the results go to characters_repeat_penalty.{md,json}")
+    parser.add_argument("--sampler", choices=("model", "chat"), default="model",
+                        help="sample the replies as the model alone (temperature, top-p) or as `taille chat` plays a "
+                             "card (its repeat penalty, llama-cpp-python's top-k and min-p): the chat results go to "
+                             "characters_chat_sampler.{md,json}")
     parser.add_argument("--no-actions", action="store_true", help="skip the structured-action measurement")
     parser.add_argument("--work", default=None, help="default: TAILLE_CACHE/bench/characters")
     parser.add_argument("--recovery-work", default=None, help="default: TAILLE_CACHE/bench/recovery_general")
@@ -126,8 +127,8 @@ def main() -> None:
     chosen = [r for r in (args.only.split(",") if args.only else ROWS) if r in models]
 
     committed = json.loads((RESULTS / "recovery_general.json").read_text())["measured"]
-    stem = "characters" if args.repeat_penalty == 1.0 else "characters_repeat_penalty"
-    tag = f"{args.cards}" if args.repeat_penalty == 1.0 else f"{args.cards}-rp{args.repeat_penalty:g}"
+    stem = "characters" if args.sampler == "model" else "characters_chat_sampler"
+    tag = f"{args.cards}" if args.sampler == "model" else f"{args.cards}-chat"
     results_path = RESULTS / f"{stem}.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
     for name in chosen:
@@ -135,9 +136,9 @@ def main() -> None:
                        lambda name=name: in_character(models[name], cards, args, work / "eval" / f"{name}-{tag}"))
         results["rows"][name] = {"model": models[name], "characters": row, "general": general(committed.get(name))}
         results["settings"] = {"cards": args.cards, "lines": 40, "batch_size": args.batch_size, "teacher": TEACHER,
-                               "repeat_penalty": args.repeat_penalty}
+                               "sampler": args.sampler}
         write(results, stem)
-    if not args.no_actions:
+    if not args.no_actions and args.sampler == "model":
         results["actions"] = remember(work / "measured" / "actions.json", lambda: action_rates(work))
     results["corpus"] = corpus_sample()
     write(results, stem)
@@ -157,8 +158,8 @@ def write(results: dict, stem: str = "characters") -> None:
     rows = [(name, results["rows"][name]) for name in ROWS if name in results["rows"]]
     head = ["model", "knowledge acc", "break rate", "in character", "coherence: teacher ppl of replies / % degenerate",
             "fidelity ppl / KL", "reply tokens", "WikiText-2 ppl", "zero-shot avg (ARC-E, PIQA, WinoGrande, HellaSwag)"]
-    penalty = results.get("settings", {}).get("repeat_penalty", 1.0)
-    title = "" if penalty == 1.0 else f", replies sampled with llama.cpp's repeat penalty {penalty:g} (as chat plays a card)"
+    chat = results.get("settings", {}).get("sampler") == "chat"
+    title = ", replies sampled as `taille chat` plays a card (--persona-sampler chat)" if chat else ""
     lines = [f"# Characters after compression (issue 16){title}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows:

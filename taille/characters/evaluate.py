@@ -21,9 +21,8 @@ Per model:
 
 Generation is batched PyTorch `generate` with left padding (as taille/generate/generate.py), replies cut
 at the end-of-turn token. Sampling uses the settings' temperature and top-p for every card and by default
-no repetition penalty: it measures the model, not llama.cpp's sampler; --persona-repeat-penalty 1.1
-samples the breaks and transcripts as `taille chat` does with a card's default (llama.cpp's penalty over
-the last PENALTY_WINDOW tokens, applied before top-p and temperature as llama.cpp's sampler chain does). Scoring right-pads sequences (causal
+nothing else: it measures the model, not llama.cpp's sampler; `--persona-sampler chat` samples the breaks
+and transcripts with the chain `taille chat` runs through llama-cpp-python (CHAT_CHAIN). Scoring right-pads sequences (causal
 attention never lets a token see the padding after it) and slices the continuation's positions. Every
 model must share the teacher's vocabulary and have a chat template (refused before any weights load).
 """
@@ -89,35 +88,44 @@ def stop_ids(tokenizer) -> list[int]:
 # ------------------------------------------------------------------------------------------ generation
 
 PENALTY_WINDOW = 64
-"""Tokens the repetition penalty looks back over: llama.cpp's default (llama-cpp-python's
-last_n_tokens_size, llama-server's repeat_last_n)."""
+"""Reply tokens the repetition penalty looks back over: llama-cpp-python's last_n_tokens_size."""
+CHAT_TOP_K, CHAT_MIN_P = 40, 0.05
+"""llama-cpp-python's create_completion defaults, which `taille chat` leaves as they are."""
+CHAT_CHAIN = "repeat penalty (the card's), top-k 40, top-p, min-p 0.05, temperature"
+"""The order of llama-cpp-python's sampler chain (Llama._init_sampler), which chat_processors follows."""
 
 
-def recent_repetition_penalty(penalty: float, window: int = PENALTY_WINDOW):
-    """A transformers logits processor that applies llama.cpp's repeat penalty: each token id among the
-    sequence's last `window` ids (prompt included) has its logit divided by `penalty` when positive and
-    multiplied by it when negative, once however often it occurs."""
+def chat_processors(penalties: list[float], prompt_width: int, temperature: float, top_p: float):
+    """transformers logits processors that sample as `taille chat` does (CHAT_CHAIN). The penalty is
+    llama.cpp's: each id among a row's last PENALTY_WINDOW reply tokens (llama-cpp-python feeds its sampler
+    the sampled tokens, not the prompt; the prompt is the first `prompt_width` columns) has its logit divided
+    by the row's penalty when positive and multiplied by it when negative, once however often it occurs."""
     import torch
-    from transformers import LogitsProcessor
+    from transformers import (
+        LogitsProcessor, LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     class RecentRepetitionPenalty(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            recent = input_ids[:, -window:]  # (B, window)
+            recent = input_ids[:, prompt_width:][:, -PENALTY_WINDOW:]  # (B, <= window)
+            if recent.shape[1] == 0:
+                return scores
+            penalty = torch.tensor(penalties, dtype=scores.dtype, device=scores.device)[:, None]  # (B, 1)
             picked = scores.gather(1, recent)
             return scores.scatter(1, recent, torch.where(picked < 0, picked * penalty, picked / penalty))
 
-    return RecentRepetitionPenalty()
-
+    return LogitsProcessorList([RecentRepetitionPenalty(), TopKLogitsWarper(CHAT_TOP_K), TopPLogitsWarper(top_p),
+                                MinPLogitsWarper(CHAT_MIN_P), TemperatureLogitsWarper(temperature)])
 
 
 def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalSettings, seed: int,
-                     precision: str = "fp32", penalty: float = 1.0) -> list[list[int]]:
+                     precision: str = "fp32", penalties: list[float] | None = None) -> list[list[int]]:
     """A sampled reply (token ids, cut before the end-of-turn token) for each prompt. Batch b is sampled
-    after torch.manual_seed(seed + b), so the same prompts and seed give the same replies. A `penalty` above
-    1 goes first, then temperature and top-p (llama.cpp's order; transformers would put a given processor
-    after its own)."""
+    after torch.manual_seed(seed + b), so the same prompts and seed give the same replies. With `penalties`
+    (one repeat penalty a prompt) the chat chain samples (chat_processors; generate's own warpers are all
+    turned off, since it would run a given processor after them)."""
     import torch
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     from taille.models.precision import autocast
 
@@ -134,13 +142,14 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalS
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         sampling = {"temperature": s.temperature, "top_p": s.top_p}
-        if penalty != 1.0:  # every step of the chain given here, in order; generate's own left out
-            sampling = {"temperature": 1.0, "top_p": 1.0, "logits_processor": LogitsProcessorList([
-                recent_repetition_penalty(penalty), TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p)])}
+        if penalties is not None:
+            sampling = {"temperature": 1.0, "top_p": 1.0, "logits_processor": chat_processors(
+                penalties[b:b + s.batch_size], width, s.temperature, s.top_p)}
         torch.manual_seed(seed + b)
         with torch.no_grad(), autocast(precision, device.type):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=0,
-                                 max_new_tokens=s.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **sampling)
+                                 max_new_tokens=s.max_new_tokens, pad_token_id=pad, eos_token_id=stops,
+                                 repetition_penalty=1.0, min_p=None, typical_p=1.0, **sampling)
         for row in out[:, width:].tolist():  # (B, new)
             cut = next((k for k, t in enumerate(row) if t in stops), len(row))
             replies.append(row[:cut])
@@ -291,7 +300,7 @@ def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, pers
 
     asked = [(p, line) for p in personas for line in ADVERSARIAL[: s.lines]]
     ids = generate_replies(model, tokenizer, [render(tokenizer, p, user(line)) for p, line in asked], s, s.seed,
-                           precision, s.repeat_penalty)
+                           precision, [p.repeat_penalty for p, _ in asked] if s.sampler == "chat" else None)
     texts = [decode(tokenizer, r) for r in ids]
     broken = [breaks_character(t, p) for (p, _), t in zip(asked, texts)]
     degenerated = [degenerate(t) for t in texts]
@@ -335,7 +344,7 @@ def transcripts(model, tokenizer, plan: list[tuple[Persona, list[str]]], s: Pers
         asked = [turns + user(lines[turn]) for turns, (_, lines) in zip(history, plan)]
         prompts = [render(tokenizer, persona, turns) for (persona, _), turns in zip(plan, asked)]
         replies = generate_replies(model, tokenizer, prompts, s, s.seed + 7919 * (turn + 1), precision,
-                                   s.repeat_penalty)
+                                   [p.repeat_penalty for p, _ in plan] if s.sampler == "chat" else None)
         history = [turns + [{"role": "assistant", "content": decode(tokenizer, reply)}]
                    for turns, reply in zip(asked, replies)]
     return [{"card": persona.name,

@@ -9,6 +9,9 @@ from taille.errors import TailleError
 from taille.options import coerce
 
 
+SAMPLERS = ("model", "chat")
+
+
 @dataclass
 class CardSettings:
     out: str
@@ -44,11 +47,11 @@ class PersonaEvalSettings:
     """Sampling temperature of the replies."""
     top_p: float = field(default=0.9, metadata={"flag": "persona_top_p"})
     """Nucleus sampling of the replies."""
-    repeat_penalty: float = field(default=1.0, metadata={"flag": "persona_repeat_penalty"})
-    """Repetition penalty of the breaks' and transcripts' replies, as llama.cpp applies it before top-p and
-    temperature (a logit among the context's last 64 tokens divided by it when positive, multiplied when
-    negative). 1.0: none, the model alone; 1.1 samples as `taille chat` and `serve` do with a card's default,
-    what a player sees. The teacher's fidelity replies are sampled without it either way."""
+    sampler: str = field(default="model", metadata={"flag": "persona_sampler"})
+    """How the breaks' and transcripts' replies are sampled: model (temperature and top-p alone: the model
+    itself) or chat (the chain llama-cpp-python runs for `taille chat`: each card's repeat penalty over the
+    reply's last 64 tokens, top-k 40, top-p, min-p 0.05, then temperature: what a player sees). The
+    teacher's fidelity replies are sampled with `model` either way."""
     batch_size: int = field(default=16, metadata={"flag": "persona_batch_size"})
     """Replies sampled together."""
     lines: int | None = field(default=None, metadata={"flag": "persona_lines"})
@@ -66,7 +69,7 @@ class PersonaEvalSettings:
             raise TailleError(f"--persona-lines {self.lines}: must be at least 1")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.fidelity_lines < 1:
             raise TailleError("--persona-tokens, --persona-batch-size and --fidelity-lines must be at least 1")
-        if not 1 <= self.repeat_penalty <= 2:
-            raise TailleError(f"--persona-repeat-penalty {self.repeat_penalty}: between 1 (none) and 2, as a card's")
+        if self.sampler not in SAMPLERS:
+            raise TailleError(f"--persona-sampler {self.sampler}: use one of {', '.join(SAMPLERS)}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise TailleError("--persona-temperature must be positive and --persona-top-p in (0, 1]")

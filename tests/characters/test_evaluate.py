@@ -78,45 +78,50 @@ def test_left_padded_batches_sample_what_single_prompts_sample(tmp_path):
     assert all(tokenizer.eos_token_id not in r for r in batched)  # replies are cut at the end of the turn
 
 
-def test_a_repeat_penalty_samples_as_llama_cpps_chain_written_out_here(tmp_path):
-    """--persona-repeat-penalty against a sampling loop written here: llama.cpp's penalty over the last 64
-    ids of the context (a positive logit divided, a negative one multiplied, once per id), then temperature,
-    then top-p, then a draw from what is left (a sharp head and a small nucleus: the penalty applied after
-    top-p would sample other tokens); the replies differ from unpenalised ones."""
+def test_the_chat_sampler_follows_llama_cpps_chain_written_out_here(tmp_path):
+    """--persona-sampler chat against a sampling loop written here as llama-cpp-python runs `taille chat`:
+    the card's repeat penalty over the reply's last 64 tokens (the prompt not counted; a positive logit
+    divided, a negative one multiplied, once per id), top-k 40, top-p, min-p 0.05 of the top probability,
+    then temperature, then a draw; the replies differ from the model sampler's."""
+    import dataclasses
+
     tokenizer = make_tokenizer()
     model, tokenizer = load_model(str(save_tiny_with(tmp_path / "sharp", "llama", tokenizer, head_scale=40)),
                                   dtype="fp32", device="cpu")
-    prompt = ev.render(tokenizer, CARDS[0], ev.user(ADVERSARIAL[0]))
-    assert len(prompt) > 64
-    s = settings(temperature=0.7, top_p=0.5, max_new_tokens=12, repeat_penalty=1.8)
-    got = generate_replies(model, tokenizer, [prompt], s, seed=5, penalty=s.repeat_penalty)[0]
+    card = dataclasses.replace(CARDS[0], repeat_penalty=1.8)
+    prompt = ev.render(tokenizer, card, ev.user(ADVERSARIAL[0]))
+    s = settings(temperature=0.7, top_p=0.5, max_new_tokens=12, sampler="chat")
+    got = generate_replies(model, tokenizer, [prompt], s, seed=5, penalties=[card.repeat_penalty])[0]
 
     torch.manual_seed(5)
-    seq = list(prompt)
-    expected = []
+    seq, reply = list(prompt), []
     for _ in range(s.max_new_tokens):
         with torch.no_grad():
             logits = model(torch.tensor([seq])).logits[0, -1].float()
-        for token in set(seq[-64:]):
+        for token in set(reply[-64:]):
             logits[token] = logits[token] * 1.8 if logits[token] < 0 else logits[token] / 1.8
-        probs = torch.softmax(logits / 0.7, dim=-1)
+        kept = torch.zeros_like(logits, dtype=torch.bool)
+        kept[logits.topk(40).indices] = True
+        probs = torch.softmax(torch.where(kept, logits, torch.tensor(-math.inf)), dim=-1)
         order = probs.argsort(descending=True)
         mass_before = probs[order].cumsum(0) - probs[order]
-        kept = torch.zeros_like(probs, dtype=torch.bool)
-        kept[order[mass_before < 0.5]] = True  # the most likely tokens until 0.5 is reached (the smallest nucleus)
-        probs = torch.where(kept, probs, torch.zeros_like(probs))
-        token = int(torch.multinomial(probs / probs.sum(), 1))
+        nucleus = torch.zeros_like(kept)
+        nucleus[order[mass_before < 0.5]] = True  # the most likely tokens until 0.5 is reached
+        probs = torch.softmax(torch.where(nucleus, logits, torch.tensor(-math.inf)), dim=-1)
+        kept = nucleus & (probs >= 0.05 * probs.max())
+        probs = torch.softmax(torch.where(kept, logits, torch.tensor(-math.inf)) / 0.7, dim=-1)
+        token = int(torch.multinomial(probs, 1))
         if token == tokenizer.eos_token_id:
             break
-        expected.append(token)
+        reply.append(token)
         seq.append(token)
-    assert got == expected
+    assert got == reply
     assert generate_replies(model, tokenizer, [prompt], s, seed=5)[0] != got
 
 
-def test_a_repeat_penalty_outside_a_cards_range_is_refused():
-    with pytest.raises(TailleError, match="--persona-repeat-penalty 0.9: between 1"):
-        settings(repeat_penalty=0.9)
+def test_an_unknown_sampler_is_refused():
+    with pytest.raises(TailleError, match="--persona-sampler llama: use one of model, chat"):
+        settings(sampler="llama")
 
 
 def test_persona_eval_end_to_end(models, tmp_path, monkeypatch):
@@ -183,7 +188,7 @@ def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(mode
                (1, ADVERSARIAL[3]): "the island of the island of the island of"}
     _, tokenizer = load_model(teacher, device="cpu")
 
-    def fake(model, tokenizer, prompts, s, seed, precision="fp32", penalty=1.0):
+    def fake(model, tokenizer, prompts, s, seed, precision="fp32", penalties=None):
         replies = []
         for ids in prompts:
             prompt = tokenizer.decode(ids)
@@ -212,7 +217,7 @@ def test_a_reply_the_teacher_finds_incoherent_is_never_in_character(models, monk
     salad = tokenizer("heath thunder rain meet lightning again", add_special_tokens=False)["input_ids"]
     good = tokenizer("Well met, traveller. The forge is warm tonight.", add_special_tokens=False)["input_ids"]
 
-    def fake_generate(model, tokenizer_, prompts, s, seed, precision="fp32", penalty=1.0):  # salad to one adversarial line
+    def fake_generate(model, tokenizer_, prompts, s, seed, precision="fp32", penalties=None):  # salad to one adversarial line
         said = [tokenizer.decode(ids) for ids in prompts]
         return [salad if CARDS[0].name in p and p.rstrip().endswith(ADVERSARIAL[0] + "<eos>\n<|assistant|>")
                 else good for p in said]
