@@ -9,6 +9,7 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
   general        distilled on the teacher's general answers (the shipped `chat` corpus, or recovery_general's
                  --corpus)
   roleplay-general   distilled on role-play + general answers, half and half (roleplay:0.5,chat:0.5)
+  roleplay-general-on-policy-reply   the same, on-policy from each block's first reply in its last 128 tokens
   demo-mix       distilled on role-play + general answers + plays (roleplay:0.45,chat:0.35,shakespeare:0.2)
   demo-mix-on-policy   the same data, every block ending in 64 tokens the student samples itself and the
                  teacher grades (`--on-policy 1`): aimed at the student's loops
@@ -43,10 +44,11 @@ from distill_recovery import RESULTS, TEACHER, remember
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
-          "roleplay-general": "distilled on role-play + general (no plays)", "demo-mix": "distilled on role-play + general + plays",
+          "roleplay-general": "distilled on role-play + general (no plays)",
+          "roleplay-general-on-policy-reply": "the same, on-policy from each reply's start", "demo-mix": "distilled on role-play + general + plays",
           "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
           "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",
           "demo": "the demo's student (`make demo`)"}
@@ -121,7 +123,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "taille", "personas", "make", "--count", "200", "--seed", "0",
                         "--out", str(cards)], check=True)
     models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
-    for name in ("plays", "general", "roleplay-general", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply"):
+    for name in (r for r in ROWS if r not in ("teacher", "pruned", "demo")):  # recovery_general's rows
         if (recovery / "runs" / name / "taille.json").exists():
             models[name] = str(recovery / "runs" / name)
     if args.demo:

@@ -11,6 +11,8 @@ benchmark's schedule, changing one thing:
   demo-mix-on-policy-reply   the same, the student writing from the first reply (assistant turn) that starts
                  in the block's last 128 tokens, else those 128 (`--on-policy-from reply`): aimed at replies
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
+  roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
+                 last 128 tokens (its role-play students open a new turn where a reply should start)
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
                  `chat` corpus, ~60K tokens of the teacher's answers as the student reads them, so 512K tokens read it ~9 times)
   general-plays  that corpus and the plays, half and half
@@ -54,7 +56,8 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "roleplay-general", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "roleplay-general",
+        "roleplay-general-on-policy-reply", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -118,6 +121,8 @@ def main() -> None:
             "lr-2e-4": (width, "shakespeare", ["--lr", 2e-4, "--min-lr", 2e-5]),
             "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", []),
             "roleplay-general": (width, data["roleplay-general"], []),
+            "roleplay-general-on-policy-reply": (width, data["roleplay-general"], ["--on-policy", 1.0, "--on-policy-tokens",
+                                                                                   128, "--on-policy-from", "reply"]),
             "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], []),
             "difference": (width, str(work / "difference.jsonl"), []),
             "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
