@@ -22,9 +22,10 @@ Per model:
 Generation is batched PyTorch `generate` with left padding (as taille/generate/generate.py), replies cut
 at the end-of-turn token. Sampling uses the settings' temperature and top-p for every card and by default
 nothing else: it measures the model, not llama.cpp's sampler; `--persona-sampler chat` samples the breaks
-and transcripts with the chain `taille chat` runs through llama-cpp-python (CHAT_CHAIN). Scoring right-pads sequences (causal
-attention never lets a token see the padding after it) and slices the continuation's positions. Every
-model must share the teacher's vocabulary and have a chat template (refused before any weights load).
+and transcripts with the chain `taille chat` runs through llama-cpp-python (CHAT_CHAIN). Scoring
+right-pads sequences (causal attention never lets a token see the padding after it) and slices the
+continuation's positions. Every model must share the teacher's vocabulary and have a chat template
+(refused before any weights load).
 """
 
 from __future__ import annotations

@@ -121,15 +121,14 @@ def sample_tail(lm, prefix: torch.Tensor, new_tokens: int, generators: list[torc
     cache = DynamicCache(config=lm.config)
     hidden = base(prefix, None, None, cache, use_cache=True).last_hidden_state  # (B, P, H)
     tokens = []
+    if forced is None:
+        forced = torch.full((prefix.shape[0], new_tokens), -1, dtype=torch.long, device=prefix.device)
     for i in range(new_tokens):
-        if forced is None:
-            tokens.append(draw(head_logits(lm, hidden[:, -1]), generators))  # (B,)
-        else:
-            token = forced[:, i].clone()  # (B,)
-            free = torch.nonzero(token < 0).flatten().tolist()
-            if free:
-                token[free] = draw(head_logits(lm, hidden[free, -1]), [generators[r] for r in free])
-            tokens.append(token)
+        token = forced[:, i].clone()  # (B,)
+        free = torch.nonzero(token < 0).flatten().tolist()
+        if free:
+            token[free] = draw(head_logits(lm, hidden[free, -1]), [generators[r] for r in free])
+        tokens.append(token)
         if i + 1 < new_tokens:
             hidden = base(tokens[-1][:, None], None, None, cache, use_cache=True).last_hidden_state  # (B, 1, H)
     return torch.stack(tokens, dim=1)
