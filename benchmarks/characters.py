@@ -44,7 +44,7 @@ from distill_recovery import RESULTS, TEACHER, remember
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "roleplay-general": "distilled on role-play + general (no plays)",

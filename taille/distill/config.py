@@ -16,6 +16,7 @@ from taille.options import Count, coerce
 KINDS = ("fkl", "rkl", "jsd")
 STRATEGIES = ("auto", "ddp", "fsdp")
 ON_POLICY_FROM = ("end", "reply")
+LOSS_ON = ("all", "replies")
 from taille.models.precision import check_precision
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 
@@ -114,6 +115,11 @@ class DistillConfig:
     """Where the student's tokens start in an on-policy block: end (the last --on-policy-tokens) or reply
     (right after the first assistant header within them, so it writes a character's reply; blocks with
     none there keep the fixed tail)."""
+    loss_on: str = "all"
+    """Which tokens the loss counts: all, or replies (the assistant's turns in chat data, through their
+    end-of-turn token; the card, the player's lines and text without a chat template add nothing), so a
+    role-play corpus's budget goes to what the character says rather than to its card
+    (taille/distill/replies.py). The held-out evaluation reads every token either way."""
     precision: str = "auto"
     """auto (bf16-mixed on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), bf16-mixed or fp32."""
     seed: int = 1234
@@ -176,6 +182,11 @@ class DistillConfig:
                               "(a teacher cache holds only logits)")
         if self.hidden_weight < 0:
             raise TailleError(f"--hidden-weight {self.hidden_weight} must be non-negative")
+        if self.loss_on not in LOSS_ON:
+            raise TailleError(f"--loss-on {self.loss_on}: use one of {', '.join(LOSS_ON)}")
+        if self.loss_on == "replies" and (self.on_policy or self.hidden_layers):
+            raise TailleError(f"--loss-on replies with --{'on-policy' if self.on_policy else 'hidden-layers'}: that term "
+                              "is taken at every position; use --loss-on all with it")
         if self.on_policy:
             self._check_on_policy()
         elif self.on_policy_from != "end":

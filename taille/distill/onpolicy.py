@@ -58,15 +58,15 @@ def place_generators(seed: int, step: int, places) -> list[torch.Generator]:
     return generators
 
 
-def reply_marker(tokenizer) -> list[int]:
+def reply_marker(tokenizer, where: str = "--on-policy-from reply", instead: str = "--on-policy-from end") -> list[int]:
     """The token ids of the chat template's assistant header (what add_generation_prompt appends), checked to
-    tokenize the same inside a rendered conversation; refused in one line when the template has none."""
+    tokenize the same inside a rendered conversation; refused in one line when the template has none (`where`
+    names the option that needs it, `instead` the one to use then)."""
     from taille.errors import TailleError
 
     turn = [{"role": "user", "content": "Good morning."}]
-    where = "--on-policy-from reply"
     if not getattr(tokenizer, "chat_template", None):
-        raise TailleError(f"{where}: the student's tokenizer has no chat template to find replies by; use --on-policy-from end")
+        raise TailleError(f"{where}: the student's tokenizer has no chat template to find replies by; use {instead}")
     bare = tokenizer.apply_chat_template(turn, tokenize=False)
     prompted = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     header = prompted[len(bare):] if prompted.startswith(bare) else ""
@@ -76,7 +76,7 @@ def reply_marker(tokenizer) -> list[int]:
     found = sum(ids[i:i + len(marker)] == marker for i in range(len(ids))) if marker else 0
     if found != 1:
         raise TailleError(f"{where}: this chat template's assistant header ({header!r}) is not a fixed run of tokens "
-                          "inside a conversation; use --on-policy-from end")
+                          f"inside a conversation; use {instead}")
     return marker
 
 

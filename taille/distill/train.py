@@ -64,8 +64,10 @@ class Trunk(torch.nn.Module):
         self.projections = torch.nn.ModuleList(projections)
 
     def forward(self, input_ids, teacher: dict | None = None, loss_cfg: LossConfig | None = None, evaluate: bool = False,
-                sample: int = 0, generators: list | None = None, forced: torch.Tensor | None = None):
-        """(loss sum, hidden-state loss sum) over the block's next-token positions, or with `evaluate` the
+                sample: int = 0, generators: list | None = None, forced: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None):
+        """(loss sum, hidden-state loss sum) over the block's next-token positions (`weights` (B, T - 1): 1 where
+        a target counts, --loss-on replies; None: every one), or with `evaluate` the
         held-out (NLL sum, KL sum). `teacher`: hidden (N, H_t) final states at the same positions, head,
         softcap, top (a cache batch) and states (its tapped layers' outputs, one per projection).
         With `sample` N: the (B, N) tokens the student samples after `input_ids`, one generator a row
@@ -92,7 +94,8 @@ class Trunk(torch.nn.Module):
             return held_out_sums(hidden, head, softcap, targets, teacher.get("hidden"), teacher.get("head"),
                                  teacher.get("softcap"))
         with record_function("taille.loss_forward"):
-            loss_sum, _ = distill_loss(hidden, head, targets, torch.ones_like(targets), loss_cfg, teacher.get("hidden"),
+            mask = torch.ones_like(targets) if weights is None else weights.reshape(-1)
+            loss_sum, _ = distill_loss(hidden, head, targets, mask, loss_cfg, teacher.get("hidden"),
                                        teacher.get("head"), teacher_top=teacher.get("top"), softcap=softcap,
                                        teacher_softcap=teacher.get("softcap"))
         hidden_sum = loss_sum.new_zeros(())
@@ -257,6 +260,8 @@ class Run:
     """Every parameter's names, in the optimizer's order (a checkpoint's indices)."""
     reply_marker: list | None = None
     """The chat template's assistant header as token ids, with --on-policy-from reply."""
+    replies: object | None = None
+    """With --loss-on replies, the ReplyMask of `blocks` (taille/distill/replies.py)."""
 
     @property
     def n_targets(self) -> int:
@@ -331,6 +336,13 @@ def setup(cfg: DistillConfig) -> Run:
         source = cfg.data or (cache.meta["data"] if cache else "")
     if cfg.teacher_cache:
         _same_on_every_process(accelerator, seen, f"--teacher-cache {cfg.teacher_cache}")
+    replies = None
+    if cfg.loss_on == "replies":
+        from taille.distill.replies import reply_mask
+
+        replies = reply_mask(blocks, tokenizer)
+        log.info("--loss-on replies: %.1f%% of the first %d blocks' targets are reply tokens",
+                 100 * replies.share(np.arange(min(len(blocks), 4096))), min(len(blocks), 4096))
     with accelerator.main_process_first():
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
@@ -384,7 +396,7 @@ def setup(cfg: DistillConfig) -> Run:
                eval_blocks=eval_blocks, source=source, pairs=pairs, global_batch=global_batch,
                total_steps=total_steps, start_step=start_step, state=state, resume_from=resume_from,
                heads=heads, strategy=strategy, raw_optimizer=raw_optimizer, tied=tied, order=order,
-               reply_marker=marker)
+               reply_marker=marker, replies=replies)
 
 
 def _layers(model):
@@ -420,6 +432,10 @@ def train_step(run: Run, step: int) -> dict:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     order = run_order(run.blocks, cfg.seed, step * run.global_batch, run.global_batch)
+    n_targets, replies = run.n_targets, None
+    if run.replies is not None:  # the global batch's reply targets, counted alike on every process
+        replies = run.replies(order)[:, 1:]  # (global batch, T - 1)
+        n_targets = max(int(replies.sum()), 1)
     step_loss = torch.zeros((), device=device)
     step_hidden = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
@@ -436,15 +452,16 @@ def train_step(run: Run, step: int) -> dict:
         # record_function names the phases in a torch.profiler trace (benchmarks/distill_throughput.py)
         with sync, autocast(run.precision, device.type):
             teacher = _teacher_outputs(run, ids, top)
-            loss_sum, hidden_sum = trunk(ids, teacher=teacher, loss_cfg=cfg.loss)
+            weights = None if replies is None else torch.from_numpy(replies[places]).to(device)
+            loss_sum, hidden_sum = trunk(ids, teacher=teacher, loss_cfg=cfg.loss, weights=weights)
             if run.pairs:
                 loss_sum = loss_sum + cfg.hidden_weight * hidden_sum
-                step_hidden += hidden_sum.detach() / run.n_targets
+                step_hidden += hidden_sum.detach() / n_targets
             # DDP and FSDP average gradients over processes: scale so the result is the global token mean.
-            loss = loss_sum * world / run.n_targets
+            loss = loss_sum * world / n_targets
             with record_function("taille.backward"):
                 loss.backward()
-        step_loss += loss_sum.detach() / run.n_targets
+        step_loss += loss_sum.detach() / n_targets
     with record_function("taille.optimizer"):
         # clipping computes the total norm anyway; without clipping (clip 0) an infinite max_norm measures it
         grad_norm = clip_gradients(list(trunk.parameters()), cfg.clip or float("inf"))

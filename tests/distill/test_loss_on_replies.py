@@ -1,0 +1,151 @@
+"""--loss-on replies: the mask holds exactly the assistant's turns (through their end-of-turn token) of every
+block, wherever the blocks cut the conversations, in a mixture too; a step's loss is the mean over those
+tokens alone; what cannot be masked is refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.distill.test_train import args, make_setup
+
+MARKER, END = [7, 8, 9], 5
+
+
+def scanned(stream, marker=MARKER, ends=(END,)):
+    """The reply tokens of a stream by a plain left-to-right scan: on after a whole marker, off after an end."""
+    out, inside, m = [], False, len(marker)
+    for j, token in enumerate(stream):
+        if j >= m and list(stream[j - m:j]) == list(marker):
+            inside = True
+        out.append(inside)
+        if token in ends:
+            inside = False
+    return np.array(out)
+
+
+def synthetic(rng, n):
+    """Random tokens 10..29 with markers and ends dropped in, some markers right before an end."""
+    stream = rng.integers(10, 30, n)
+    for j in rng.choice(n - 3, n // 12, replace=False):
+        stream[j:j + 3] = MARKER
+    stream[rng.choice(n, n // 15, replace=False)] = END
+    return stream
+
+
+def test_reply_tokens_match_a_plain_scan_across_blocks_and_chunks(monkeypatch):
+    """Blocks of 16 cut markers and replies anywhere; the stream is scanned in chunks of 50 tokens, so
+    markers straddle the chunks' edges too."""
+    import taille.distill.replies as replies
+
+    monkeypatch.setattr(replies, "CHUNK", 50)
+    stream = synthetic(np.random.default_rng(0), 16 * 40)
+    stream[16 * 5 - 3:16 * 5 + 2] = MARKER + [11, 12]  # a header ending at a block's edge
+    stream[16 * 9 - 2:16 * 9 + 3] = MARKER + [11, 12]  # one cut by it
+    stream[16 * 3 - 2:16 * 3 + 3] = [END] + MARKER[:2] + [11, 12]  # half a header: not one
+    mask = replies.ReplyMask(stream.reshape(40, 16), MARKER, [END])
+    expected = scanned(stream).reshape(40, 16)
+    rows = np.random.default_rng(1).permutation(40)
+    assert np.array_equal(mask(rows), expected[rows])
+    assert 0.2 < expected.mean() < 0.8  # both kinds of token are there to get wrong
+    assert expected[5, 0] and expected[9, 1] and not expected[9, 0] and not expected[3, :3].any()
+
+
+def test_a_mixtures_rows_are_masked_from_their_own_source():
+    """Each mixed row is the block its source gave it, masked by that source's stream alone (a plain-text
+    source has no reply)."""
+    from taille.data.mixture import MixedBlocks
+    from taille.distill.replies import ReplyMask
+
+    chat = synthetic(np.random.default_rng(2), 16 * 30).reshape(30, 16)
+    plain = np.random.default_rng(3).integers(10, 30, (20, 16))
+    mixed = MixedBlocks([("chat", 0.6), ("plain", 0.4)], [chat, plain], seed=4)
+    mask = ReplyMask(mixed, MARKER, [END])
+    rows = np.arange(len(mixed))
+    got = mask(rows)
+    by_chat = scanned(chat.reshape(-1)).reshape(30, 16)
+    for r in rows:
+        expected = by_chat[mixed.index[r]] if mixed.which[r] == 0 else np.zeros(16, bool)
+        assert np.array_equal(got[r], expected), r
+    assert got[mixed.which == 0].any()
+
+
+def chat_file(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    turns = [("system", "You are Bram, the ferryman."), ("user", "Where the place?"), ("assistant", "Upon the heath."),
+             ("user", "When shall we three meet?"), ("assistant", "When the battle is lost and won, in thunder.")]
+    data.write_text("\n".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns[:k]]})
+                              for k in (3, 5, 5, 3, 5) * 12))
+    return data
+
+
+def test_the_mask_holds_the_assistants_words_and_its_end_of_turn(tmp_path):
+    """On a chat template's rendering: the masked tokens of the run's blocks decode to the assistant's
+    contents, each closed by the end-of-turn token, and nothing of the system card or the user's lines."""
+    import taille.distill.train as train
+
+    teacher, student, _, _ = make_setup(tmp_path, tied=False)
+    cfg = train.DistillConfig(student=str(student), teacher=str(teacher), data=str(chat_file(tmp_path)),
+                              eval_data=None, out=str(tmp_path / "o"), tokens=1024, seq_len=64, batch_size=4,
+                              precision="fp32", progress=False, loss_on="replies")
+    run = train.setup(cfg)
+    stream = np.asarray(run.blocks).reshape(-1)
+    kept = stream[run.replies(np.arange(len(run.blocks))).reshape(-1)]
+    text = run.tokenizer.decode(kept.tolist())
+    replies = {"Upon the heath.", "When the battle is lost and won, in thunder."}
+    *whole, last = text.split("<eos>")  # the blocks hold the stream in order: whole replies, the last one cut
+    assert set(whole) == replies and len(whole) > 20
+    assert any(r.startswith(last) for r in replies)
+    assert "ferryman" not in text and "Where" not in text and "three meet" not in text
+
+
+def test_a_step_is_the_mean_loss_over_the_reply_tokens(tmp_path):
+    """One optimizer step with --loss-on replies reports sum(KL at reply targets) / their count, computed
+    here from the two models' logits directly (forward KL, fp32)."""
+    import torch.nn.functional as F
+
+    import taille.distill.train as train
+    from taille.data.mixture import run_order
+
+    teacher, student, _, _ = make_setup(tmp_path, tied=False)
+    cfg = train.DistillConfig(student=str(student), teacher=str(teacher), data=str(chat_file(tmp_path)),
+                              eval_data=None, out=str(tmp_path / "o"), tokens=1024, seq_len=64, batch_size=4,
+                              grad_accum=2, precision="fp32", progress=False, loss_on="replies")
+    run = train.setup(cfg)
+    step = 2
+    rows = run_order(run.blocks, cfg.seed, step * run.global_batch, run.global_batch)
+    ids = torch.from_numpy(np.asarray(run.blocks[rows]).astype(np.int64))
+    with torch.no_grad():
+        t = F.log_softmax(run.teacher(ids).logits[:, :-1].float(), -1)
+        s = F.log_softmax(run.student(ids).logits[:, :-1].float(), -1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, T - 1)
+    where = torch.from_numpy(run.replies(rows)[:, 1:])
+    assert 0 < where.float().mean() < 0.6
+    expected = kl[where].sum() / where.sum()
+    assert not torch.isclose(expected, kl.mean(), rtol=1e-3)  # the masked mean is not the plain one
+    got = train.train_step(run, step)["loss"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"--loss-on": "assistant"}, "--loss-on assistant: use one of all, replies"),
+    ({"--loss-on": "replies", "--on-policy": 0.5, "--on-policy-tokens": 8},
+     "--loss-on replies with --on-policy: that term is taken at every position; use --loss-on all with it"),
+    ({"--loss-on": "replies", "--hidden-layers": "auto"}, "--loss-on replies with --hidden-layers"),
+    ({"--loss-on": "replies"}, "--loss-on replies: the training data holds no assistant reply"),
+])
+def test_what_cannot_be_masked_is_refused_in_one_line(tmp_path, capsys, extra, message):
+    teacher, student, data, held = make_setup(tmp_path, tied=False)
+    _, err = run_cli(capsys, *args(teacher, student, data, held, tmp_path / "o", **extra), code=2)
+    assert message in err and "Traceback" not in err
+
+
+def test_replies_need_a_chat_template(tmp_path, capsys):
+    from tests.conftest import save_tiny
+
+    teacher, _, data, held = make_setup(tmp_path, tied=False)
+    plain = save_tiny(tmp_path / "plain", "llama", seed=2, chat_template=None)
+    _, err = run_cli(capsys, *args(teacher, plain, data, held, tmp_path / "o", **{"--loss-on": "replies"}), code=2)
+    assert "--loss-on replies: the student's tokenizer has no chat template to find replies by; use --loss-on all" in err
