@@ -253,6 +253,13 @@ class DistillConfig:
             raise TailleError(f"--temperature {self.loss.temperature}: the teacher cache holds log-probabilities at "
                               f"temperature {built_at}; give --temperature {built_at}, or build a cache with "
                               f"`taille teacher-cache --temperature {self.loss.temperature}`")
+        if self.loss_on == "replies":
+            from taille.data.mixture import parse_mixture
+
+            if parse_mixture(meta.get("data", "")) is not None:
+                raise TailleError("--loss-on replies with a teacher cache of a mixture: its rows come from several "
+                                  "streams, so a row's first tokens cannot be placed in a reply; cache one source, "
+                                  "or distil from a live --teacher")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -149,3 +149,28 @@ def test_replies_need_a_chat_template(tmp_path, capsys):
     plain = save_tiny(tmp_path / "plain", "llama", seed=2, chat_template=None)
     _, err = run_cli(capsys, *args(teacher, plain, data, held, tmp_path / "o", **{"--loss-on": "replies"}), code=2)
     assert "--loss-on replies: the student's tokenizer has no chat template to find replies by; use --loss-on all" in err
+
+
+def test_a_cache_of_one_chat_source_is_masked_and_a_mixtures_is_refused(tmp_path, capsys):
+    """A teacher cache of one source keeps its stream's order, so its rows are masked as the live run's are;
+    a mixture's cached rows come from several streams and are refused."""
+    import taille.distill.train as train
+
+    teacher, student, _, held = make_setup(tmp_path, tied=False)
+    chat = chat_file(tmp_path)
+    run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", chat, "--out", tmp_path / "cache", "--top-k", 8,
+            "--seq-len", 64, "--precision", "fp32")
+    cached = train.setup(train.DistillConfig(student=str(student), teacher_cache=str(tmp_path / "cache"), data=None,
+                                             eval_data=None, out=str(tmp_path / "a"), tokens=1024, seq_len=64,
+                                             batch_size=4, precision="fp32", progress=False, loss_on="replies"))
+    live = train.setup(train.DistillConfig(student=str(student), teacher=str(teacher), data=str(chat), eval_data=None,
+                                           out=str(tmp_path / "b"), tokens=1024, seq_len=64, batch_size=4,
+                                           precision="fp32", progress=False, loss_on="replies"))
+    rows = np.arange(len(cached.blocks))
+    assert np.array_equal(np.asarray(cached.blocks), np.asarray(live.blocks)[rows])
+    assert np.array_equal(cached.replies(rows), live.replies(rows)) and cached.replies(rows).any()
+    run_cli(capsys, "teacher-cache", "--teacher", teacher, "--data", f"{chat}:0.5,{held}:0.5", "--out",
+            tmp_path / "mixed", "--top-k", 8, "--seq-len", 64, "--precision", "fp32")
+    _, err = run_cli(capsys, "distill", "--student", student, "--teacher-cache", tmp_path / "mixed", "--out",
+                     tmp_path / "o", "--seq-len", 64, "--batch-size", 4, "--loss-on", "replies", code=2)
+    assert "--loss-on replies with a teacher cache of a mixture" in err and "Traceback" not in err
