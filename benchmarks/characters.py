@@ -48,7 +48,9 @@ ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-g
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "roleplay-general": "distilled on role-play + general (no plays)",
-          "roleplay-general-on-policy-reply": "the same, on-policy from each reply's start", "demo-mix": "distilled on role-play + general + plays",
+          "roleplay-general-on-policy-reply": "the same, on-policy from each reply's start",
+          "roleplay-general-replies": "role-play + general, the loss on the replies only (`--loss-on replies`)",
+          "demo-mix": "distilled on role-play + general + plays",
           "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
           "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",
           "demo": "the demo's student (`make demo`)"}

@@ -341,8 +341,9 @@ def setup(cfg: DistillConfig) -> Run:
         from taille.distill.replies import reply_mask
 
         replies = reply_mask(blocks, tokenizer)
-        log.info("--loss-on replies: %.1f%% of the first %d blocks' targets are reply tokens",
-                 100 * replies.share(np.arange(min(len(blocks), 4096))), min(len(blocks), 4096))
+        sample = np.linspace(0, len(blocks) - 1, min(len(blocks), 256)).astype(np.int64)
+        log.info("--loss-on replies: %.1f%% of the targets are reply tokens (%d blocks spread over the data)",
+                 100 * replies.share(sample), len(sample))
     with accelerator.main_process_first():
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
@@ -435,7 +436,11 @@ def train_step(run: Run, step: int) -> dict:
     n_targets, replies = run.n_targets, None
     if run.replies is not None:  # the global batch's reply targets, counted alike on every process
         replies = run.replies(order)[:, 1:]  # (global batch, T - 1)
-        n_targets = max(int(replies.sum()), 1)
+        n_targets = int(replies.sum())
+        if not n_targets:  # nothing to learn from: no update (AdamW would still decay and coast), on every process
+            log.warning("step %d: no reply token in its %d blocks (--loss-on replies): skipped", step, len(order))
+            zero = torch.zeros((), device=device)
+            return {"loss": zero, "hidden_loss": zero, "grad_norm": zero, "lr": lr}
     step_loss = torch.zeros((), device=device)
     step_hidden = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):

@@ -26,31 +26,40 @@ def scanned(stream, marker=MARKER, ends=(END,)):
     return np.array(out)
 
 
-def synthetic(rng, n):
+def synthetic(rng, n, marker=MARKER):
     """Random tokens 10..29 with markers and ends dropped in, some markers right before an end."""
     stream = rng.integers(10, 30, n)
-    for j in rng.choice(n - 3, n // 12, replace=False):
-        stream[j:j + 3] = MARKER
+    for j in rng.choice(n - len(marker), n // 12, replace=False):
+        stream[j:j + len(marker)] = marker
     stream[rng.choice(n, n // 15, replace=False)] = END
     return stream
 
 
-def test_reply_tokens_match_a_plain_scan_across_blocks_and_chunks(monkeypatch):
-    """Blocks of 16 cut markers and replies anywhere; the stream is scanned in chunks of 50 tokens, so
-    markers straddle the chunks' edges too."""
+@pytest.mark.parametrize("marker", [MARKER, [7, END]], ids=["header", "header-ending-in-an-end-token"])
+def test_reply_tokens_match_a_plain_scan_across_blocks_and_chunks(monkeypatch, marker):
+    """Blocks of 16 cut markers and replies anywhere; the stream is scanned in chunks of 50 tokens, with
+    headers planted across the chunks' edges and the blocks' edges (a header whose last token also ends a
+    turn opens a reply, as the scan reads it)."""
     import taille.distill.replies as replies
 
     monkeypatch.setattr(replies, "CHUNK", 50)
-    stream = synthetic(np.random.default_rng(0), 16 * 40)
-    stream[16 * 5 - 3:16 * 5 + 2] = MARKER + [11, 12]  # a header ending at a block's edge
-    stream[16 * 9 - 2:16 * 9 + 3] = MARKER + [11, 12]  # one cut by it
-    stream[16 * 3 - 2:16 * 3 + 3] = [END] + MARKER[:2] + [11, 12]  # half a header: not one
-    mask = replies.ReplyMask(stream.reshape(40, 16), MARKER, [END])
-    expected = scanned(stream).reshape(40, 16)
+    stream = synthetic(np.random.default_rng(0), 16 * 40, marker)
+    m = len(marker)
+    for edge in (50, 100, 150):  # chunk edges: a turn ended just before, a header cut by each
+        stream[edge - 4:edge - 1] = [11, END, 11]
+        stream[edge - 1:edge - 1 + m] = marker
+        stream[edge - 1 + m:edge + m + 1] = [11, 12]
+    stream[16 * 20 - m - 3:16 * 20 + 2] = [11, END, 11] + marker + [11, 12]  # a header ending at a block's edge
+    stream[16 * 25 - 4:16 * 25 - 1 + m + 2] = [11, END, 11] + marker + [11, 12]  # one cut by it
+    stream[16 * 7 - 2:16 * 7 + 3] = [END, 7, 11, 12, 13]  # half a header: not one
+    mask = replies.ReplyMask(stream.reshape(40, 16), marker, [END])
+    expected = scanned(stream, marker).reshape(40, 16)
     rows = np.random.default_rng(1).permutation(40)
     assert np.array_equal(mask(rows), expected[rows])
-    assert 0.2 < expected.mean() < 0.8  # both kinds of token are there to get wrong
-    assert expected[5, 0] and expected[9, 1] and not expected[9, 0] and not expected[3, :3].any()
+    flat = expected.reshape(-1)
+    assert 0.2 < flat.mean() < 0.8  # both kinds of token are there to get wrong
+    assert flat[[50 - 1 + m, 100 - 1 + m, 150 - 1 + m]].all() and not flat[[48, 98, 148]].any()
+    assert expected[20, 0] and expected[25, m - 1] and not expected[25, 0] and not expected[7, :3].any()
 
 
 def test_a_mixtures_rows_are_masked_from_their_own_source():
@@ -125,8 +134,34 @@ def test_a_step_is_the_mean_loss_over_the_reply_tokens(tmp_path):
     assert 0 < where.float().mean() < 0.6
     expected = kl[where].sum() / where.sum()
     assert not torch.isclose(expected, kl.mean(), rtol=1e-3)  # the masked mean is not the plain one
-    got = train.train_step(run, step)["loss"]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    run.student.zero_grad(set_to_none=True)
+    with torch.enable_grad():  # the gradient of that mean: what the step's clipping measures
+        s = F.log_softmax(run.student(ids).logits[:, :-1].float(), -1)
+        ((t.exp() * (t - s)).sum(-1)[where].sum() / where.sum()).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.student.parameters() if p.grad is not None]))
+    run.student.zero_grad(set_to_none=True)
+    got = train.train_step(run, step)
+    torch.testing.assert_close(got["loss"], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["grad_norm"], norm, rtol=1e-3, atol=1e-6)
+
+
+def test_a_step_with_no_reply_is_skipped(tmp_path, monkeypatch):
+    """A global batch without a reply token leaves the weights as they were (no decay, no momentum)."""
+    import taille.distill.train as train
+
+    teacher, student, _, _ = make_setup(tmp_path, tied=False)
+    cfg = train.DistillConfig(student=str(student), teacher=str(teacher), data=str(chat_file(tmp_path)),
+                              eval_data=None, out=str(tmp_path / "o"), tokens=1024, seq_len=64, batch_size=4,
+                              precision="fp32", progress=False, loss_on="replies")
+    run = train.setup(cfg)
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    train.train_step(run, 0)
+    assert any(not torch.equal(before[k], v) for k, v in run.student.state_dict().items())
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    monkeypatch.setattr(run.replies, "__call__", None, raising=False)
+    run.replies = lambda rows: np.zeros((len(rows), cfg.seq_len), dtype=bool)
+    assert float(train.train_step(run, 1)["loss"]) == 0
+    assert all(torch.equal(before[k], v) for k, v in run.student.state_dict().items())
 
 
 @pytest.mark.parametrize("extra, message", [
