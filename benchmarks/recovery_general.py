@@ -37,7 +37,8 @@ are flagged for a seed repeat (--seeds adds `ROW-seed1` rows). --curves ROW,... 
 
 Run:  .venv/bin/python benchmarks/recovery_general.py --wikitext2 PATH/wiki.test.raw --task-data PATH/eval \
           [--corpus general.jsonl] [--only plays,demo-mix] [--seeds plays] [--curves plays]
-Alone on the 2-core CPU a row is ~21 minutes of distillation (~420 tokens/s) plus its measurement; each
+Alone on a 2-core CPU a row is ~35-45 minutes of distillation (190-240 tokens/s on the AVX512-BF16 EPYC of the
+committed results: each row's rate is in the JSON's `trained`) plus ~15 of measurement; each
 finished step is kept in --work and the command run again goes on from there (an interrupted distillation
 resumes from its last checkpoint). Writes benchmarks/results/recovery_general.{md,json,png} after every row.
 """
