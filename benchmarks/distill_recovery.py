@@ -17,9 +17,9 @@ Held-out perplexity (plays and WikiText-2) before and after, final loss, tokens/
 
 Run:  .venv/bin/python benchmarks/distill_recovery.py --wikitext2 PATH/wiki.test.raw [--tokens 512K]
 Writes benchmarks/results/distill_recovery.{json,md,png} from whatever has finished, after every run. Alone on
-a 2-core CPU with AMX, 512K tokens took ~21 minutes a bf16-mixed live-teacher run (~420 tokens/s), ~15 from a
-teacher cache, ~50 in fp32 (~165 tokens/s); on an AVX512-BF16 EPYC without AMX the live-teacher run takes
-~40 (~210 tokens/s, recovery_general.json); all variants take hours, so each finished step is kept in the work
+the 2-core CPU these rows were first run on, 512K tokens took ~21 minutes a bf16-mixed live-teacher run (~420 tokens/s), ~15 from a
+teacher cache, ~50 in fp32 (~165 tokens/s); on the 2-core AVX512-BF16 EPYC of later sessions the live-teacher
+run takes ~40 (~210 tokens/s, recovery_general.json); all variants take hours, so each finished step is kept in the work
 folder, rows already in the committed JSON count as done, and the command run again goes on from there (an
 interrupted distillation resumes exactly from its last checkpoint, every 25 steps).
 """
