@@ -45,8 +45,7 @@ def reply_events(stream: np.ndarray, marker: list[int], ends: list[int]) -> tupl
         if len(piece) >= m:
             hits = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(piece, m) == marker).all(-1))
             starts.append(head + hits + m)  # a marker ending before lo was found by the previous chunk
-        own = np.asarray(stream[lo:lo + CHUNK])
-        stops.append(lo + np.flatnonzero(np.isin(own, ends)) + 1)
+        stops.append(lo + np.flatnonzero(np.isin(piece[lo - head:], ends)) + 1)
     join = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     starts = np.unique(join(starts))
     return starts, join(stops) if len(starts) else np.zeros(0, np.int64)  # no reply: its stops are not needed
