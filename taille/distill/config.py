@@ -117,7 +117,8 @@ class DistillConfig:
     none there keep the fixed tail)."""
     loss_on: str = "all"
     """Which tokens the loss counts: all, or replies (the assistant's turns in chat data, through their
-    end-of-turn token; the card, the player's lines and text without a chat template add nothing), so a
+    end-of-turn token; the card and the player's lines add nothing, and a source with no assistant turn at all,
+    such as the plays in a mixture, counts every token), so a
     role-play corpus's budget goes to what the character says rather than to its card
     (taille/distill/replies.py). The held-out evaluation reads every token either way."""
     precision: str = "auto"

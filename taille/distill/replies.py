@@ -8,8 +8,9 @@ for supervised fine-tuning; here it applies to the distillation term (and --ce-w
 
 A reply is the run of tokens after the chat template's assistant header (the generation prompt, found by
 onpolicy.reply_marker) up to and including the end-of-turn token that closes it, so the student learns
-where a reply stops as well. Text with no assistant header (plays, plain text in a mixture) adds no
-target. Every training block is a stretch of one source's token stream, so whether its first tokens are
+where a reply stops as well. A source with no assistant header at all (the plays, plain text in a
+mixture beside chat data) is all reply: every one of its tokens counts, as TRL's completion-only loss
+applies to prompt-completion data and leaves plain language-modelling text whole. Every training block is a stretch of one source's token stream, so whether its first tokens are
 inside a reply is decided by the stream before it: each source's headers and end-of-turn tokens are found
 once, as positions in its stream, and a block's mask is read from them (exact across block boundaries,
 with a header cut by one).
@@ -69,6 +70,8 @@ class ReplyMask:
         self.mixed = blocks if isinstance(blocks, MixedBlocks) else None
         self.seq_len = blocks.shape[1]
         self.events = [reply_events(b.reshape(-1), marker, ends) for b in _sources(blocks)]
+        self.plain = [not len(starts) for starts, _ in self.events]
+        """Per source: no assistant header anywhere in it, so every token counts."""
 
     def __call__(self, rows) -> np.ndarray:
         """(len(rows), T) bool for the blocks at `rows` (indices into the run's blocks)."""
@@ -81,7 +84,9 @@ class ReplyMask:
         offsets = np.arange(self.seq_len)
         for i, (starts, stops) in enumerate(self.events):
             mine = which == i
-            if mine.any():
+            if mine.any() and self.plain[i]:
+                out[mine] = True
+            elif mine.any():
                 out[mine] = in_reply(index[mine, None] * self.seq_len + offsets, starts, stops)
         return out
 
@@ -92,13 +97,14 @@ class ReplyMask:
 
 def reply_mask(blocks, tokenizer) -> ReplyMask:
     """The ReplyMask of `blocks` with the tokenizer's assistant header and end-of-turn tokens, refused in one
-    line when the tokenizer has no chat template or the blocks hold no reply."""
+    line when the tokenizer has no chat template or the blocks hold no reply (every source plain text: the
+    loss would be --loss-on all's)."""
     from taille.characters.evaluate import stop_ids
     from taille.distill.onpolicy import reply_marker
 
     marker = reply_marker(tokenizer, where="--loss-on replies", instead="--loss-on all")
     mask = ReplyMask(blocks, marker, stop_ids(tokenizer))
-    if not any(len(starts) for starts, _ in mask.events):
+    if all(mask.plain):
         raise TailleError("--loss-on replies: the training data holds no assistant reply (no chat template's assistant "
                           "header in it); give chat data (a 'messages' JSONL) or use --loss-on all")
     return mask

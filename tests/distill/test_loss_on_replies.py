@@ -63,8 +63,8 @@ def test_reply_tokens_match_a_plain_scan_across_blocks_and_chunks(monkeypatch, m
 
 
 def test_a_mixtures_rows_are_masked_from_their_own_source():
-    """Each mixed row is the block its source gave it, masked by that source's stream alone (a plain-text
-    source has no reply)."""
+    """Each mixed row is the block its source gave it, masked by that source's stream alone; a plain-text
+    source (no assistant header anywhere) counts every token."""
     from taille.data.mixture import MixedBlocks
     from taille.distill.replies import ReplyMask
 
@@ -76,9 +76,9 @@ def test_a_mixtures_rows_are_masked_from_their_own_source():
     got = mask(rows)
     by_chat = scanned(chat.reshape(-1)).reshape(30, 16)
     for r in rows:
-        expected = by_chat[mixed.index[r]] if mixed.which[r] == 0 else np.zeros(16, bool)
+        expected = by_chat[mixed.index[r]] if mixed.which[r] == 0 else np.ones(16, bool)
         assert np.array_equal(got[r], expected), r
-    assert got[mixed.which == 0].any()
+    assert got[mixed.which == 0].any() and not got[mixed.which == 0].all() and (mixed.which == 1).any()
 
 
 def chat_file(tmp_path):
