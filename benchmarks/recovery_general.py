@@ -10,6 +10,8 @@ benchmark's schedule, changing one thing:
                  block's first 192 and graded by the teacher (`--on-policy 1 --on-policy-tokens 64`, GKD)
   demo-mix-on-policy-reply   the same, the student writing from the first reply (assistant turn) that starts
                  in the block's last 128 tokens, else those 128 (`--on-policy-from reply`): aimed at replies
+  demo-mix-replies   the demo's data, the loss on the replies of the chat sources and on all of the plays
+                 (`--loss-on replies`): what `taille demo` distils on
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -28,6 +30,8 @@ benchmark's schedule, changing one thing:
   lr-1e-3 / lr-2e-4   the plays at twice / under half the reference peak LR (5e-4)
   depth          the depth-pruned 90M student (18 layers), on the plays
   two-rounds     prune to ~112M, distil half the budget, prune that to 90M, distil the other half
+  demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
+                 own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
 window 1024), zero-shot ARC-Easy, ARC-Challenge, PIQA, WinoGrande, HellaSwag and LAMBADA through
 lm-evaluation-harness on the local task files (the first --limit examples of each; standard errors from its
@@ -59,7 +63,7 @@ from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_student
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
@@ -100,6 +104,8 @@ def main() -> None:
                         "teacher and the pruned student)")
     parser.add_argument("--seeds", default="", help="rows to repeat at --seed 1")
     parser.add_argument("--curves", default="", help="rows to also run at 64K .. 1M tokens")
+    parser.add_argument("--demo", default=None, help="also measure the student of a `make demo` run "
+                        "(runs/demo/distilled) as the row `demo`")
     parser.add_argument("--work", default=None, help="default: TAILLE_CACHE/bench/recovery_general")
     add_train_options(parser)
     args = parser.parse_args()
@@ -118,6 +124,7 @@ def main() -> None:
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
                                                                    "--on-policy-from", "reply"]),
+            "demo-mix-replies": (width, data["demo-mix"], ["--loss-on", "replies"]),
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -182,6 +189,18 @@ def main() -> None:
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
         trained[name] = {"data": rows[name][1] or f"teacher cache {rows[name][2][1].name}", **run_summary(outs[name])}
+        write_tables(measured, trained, args)
+    if args.demo:  # measured again whenever the demo's weights change
+        demo = Path(args.demo).resolve()
+        weights = demo / "model.safetensors"
+        if not weights.is_file():
+            sys.exit(f"--demo {args.demo}: no model.safetensors there (give the demo's runs/demo/distilled)")
+        stamp = f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}"
+        measured["demo"] = remember(work / "measured" / f"demo-{stamp}-{args.limit}.json",
+                                    lambda: measure(str(demo), args, work / "eval" / f"demo-{args.limit}"))
+        summary = run_summary(demo) if (demo / "metrics.jsonl").is_file() else {}
+        trained["demo"] = {"data": json.loads((demo / "taille.json").read_text()).get("distill", {}).get("data", "-")
+                           if (demo / "taille.json").is_file() else "-", **summary}
         write_tables(measured, trained, args)
     curves = {name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}
     write_tables(measured, trained, args, curves)
