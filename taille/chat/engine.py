@@ -5,7 +5,8 @@ queue). Plain functions over a `llama_cpp.Llama`:
 
   prompt_ids(llm, messages)          the conversation rendered with the file's own chat template (models/)
   fit_messages(llm, messages, room)  drop the oldest turns until the prompt leaves `room` tokens
-  stream_reply(llm, ids, ...)        text pieces as llama.cpp samples them, cut before forbidden phrases
+  stream_reply(llm, ids, ...)        text pieces as llama.cpp samples them, cut before forbidden phrases,
+                                     ended by a control token (a new turn's `<|im_start|>`) as by end-of-turn
   json_grammar(schema_json)          a llama.cpp grammar that only lets a reply of that JSON schema through
   guard_json(text, never)            a JSON reply with the forbidden phrases cut from its `say` only
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -90,6 +92,36 @@ def fit_messages(llm, messages: list[dict], room: int) -> tuple[list[dict], list
             dropped += 1 if dropped < len(turns) - 1 else 0
 
 
+_CONTROL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def control_ids(llm) -> frozenset[int]:
+    """The vocabulary's control tokens that do not end generation (`<|im_start|>`, `<|endoftext|>` where
+    it is not end-of-generation...): the chat template's structure, never a character's words."""
+    if llm not in _CONTROL:
+        import llama_cpp
+
+        vocab = llm._model.vocab
+        _CONTROL[llm] = frozenset(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_control(vocab, t)
+                                  and not llama_cpp.llama_vocab_is_eog(vocab, t))
+    return _CONTROL[llm]
+
+
+class TurnOpened:
+    """A llama-cpp-python stopping criterion: the reply ends once the model writes a control token. llama.cpp
+    stops at end-of-generation tokens only, so a student that opens the next turn instead of closing its
+    own (`<|im_start|>user ...`, seen in role-play students) would show the player the roles' text: the
+    control token detokenizes to nothing and "user" follows. llama-cpp-python checks the criterion before
+    it hands out each new token, with the ids up to the one before, so the control token itself is
+    handed out (as no text) and nothing after it."""
+
+    def __init__(self, controls: frozenset[int], prompt_len: int):
+        self.controls, self.prompt_len = controls, prompt_len
+
+    def __call__(self, input_ids, logits) -> bool:
+        return len(input_ids) > self.prompt_len and int(input_ids[-1]) in self.controls
+
+
 def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature: float = 0.7,
                  top_p: float = 0.9, stop: list[str] | None = None, never: tuple[str, ...] = (),
                  seed: int | None = None, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
@@ -98,11 +130,15 @@ def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature
     phrase in `never` is held back until it cannot; a reply reaching such a phrase ends before it
     (finish_reason content_filter). With a `grammar` (json_grammar) the reply is JSON and the phrases are
     cut from its `say` alone once it is whole (guard_json), so it still parses: it then comes as one piece
-    when there are phrases to look for. `reply` is filled in as the stream goes."""
+    when there are phrases to look for. A control token the model writes ends the reply (TurnOpened).
+    `reply` is filled in as the stream goes."""
+    from llama_cpp import StoppingCriteriaList
+
     chunks = llm.create_completion(
         prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop or [],
         stream=True, seed=seed, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, grammar=grammar,
+        stopping_criteria=StoppingCriteriaList([TurnOpened(control_ids(llm), len(ids))]),
     )
     guard = JsonGuard(never) if grammar is not None else PhraseGuard(never)
     try:

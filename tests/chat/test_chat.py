@@ -91,6 +91,26 @@ def test_old_turns_are_dropped_to_fit_the_context(llm):
         fit_messages(llm, [system, {"role": "user", "content": "word " * 400}], room=64)
 
 
+def test_a_reply_ends_where_the_model_opens_a_new_turn(llm):
+    """After a closed assistant turn SmolLM2 goes on with `<|im_start|>user ...`: llama.cpp alone would hand
+    the player "user\nI'm a traveler..." (the control token detokenizes to nothing); the reply ends there."""
+    from taille.chat.engine import Reply, control_ids, stream_reply
+    from taille.models.llamacpp import prompt_ids
+
+    closed = ("<|im_start|>system\nYou are Brenna, a smith.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n"
+              "<|im_start|>assistant\nHello, traveller. What brings you to my forge?<|im_end|>\n")
+    ids = llm.tokenize(closed.encode(), add_bos=False, special=True)
+    first = next(iter(llm.generate(ids, temp=0)))
+    assert first in control_ids(llm) and llm.detokenize([first], special=True) == b"<|im_start|>"
+    assert llm.create_completion(prompt=ids, max_tokens=8, temperature=0)["choices"][0]["text"].startswith("user")
+    reply = Reply()
+    assert "".join(stream_reply(llm, ids, reply, 8, temperature=0)) == "" and reply.finish_reason == "stop"
+    # an ordinary reply runs to its own end of turn
+    asked = prompt_ids(llm, [{"role": "system", "content": "You are Brenna, a smith."}, {"role": "user", "content": "Hello!"}])
+    reply = Reply()
+    assert len("".join(stream_reply(llm, asked, reply, 24, temperature=0)).split()) >= 2 and reply.tokens >= 2
+
+
 @pytest.mark.slow
 def test_three_turn_terminal_chat(smollm2, tmp_path):
     pexpect = pytest.importorskip("pexpect")
