@@ -204,3 +204,21 @@ def test_on_policy_distillation_on_two_fsdp_processes_matches_one_process(tmp_pa
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     # the student's tails changed what was graded: the off-policy curve is more than twice the tolerance away
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "off"), losses(tmp_path / "one"))) > 2e-4
+
+
+def test_replies_only_loss_on_two_fsdp_processes_matches_one_process(tmp_path):
+    """--loss-on replies on a mixture of chat data and plain text: every process counts the global batch's
+    reply targets from the data alike (no collective), each shard's loss is its masked sum over that count,
+    so the sharded curve is one process's within 1e-4; and it is not --loss-on all's."""
+    from tests.distill.test_loss_on_replies import chat_file
+
+    teacher, student, plain, held = make_setup(tmp_path, tied=True)
+    data = f"{chat_file(tmp_path)}:0.7,{plain}:0.3"
+    common = {"--tokens": 1024, "--eval-every": 4, "--loss-on": "replies"}
+    run(taille(*args(teacher, student, data, held, tmp_path / "one", **common)))
+    run(taille(*args(teacher, student, data, held, tmp_path / "fsdp", **{**common, "--batch-size": 2}),
+               "--strategy", "fsdp", processes=2))
+    run(taille(*args(teacher, student, data, held, tmp_path / "all", **{**common, "--loss-on": "all"})))
+    assert len(losses(tmp_path / "one")) == 8
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "all"), losses(tmp_path / "one"))) > 2e-4
