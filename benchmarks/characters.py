@@ -42,7 +42,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill_recovery import RESULTS, TEACHER, remember
+from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
@@ -141,7 +141,8 @@ def main() -> None:
     results_path = RESULTS / f"{stem}.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
     for name in chosen:
-        row = remember(work / "measured" / f"{name}-{tag}.json",
+        key = f"{name}-{weights_stamp(Path(models[name]))}" if name == "demo" else name  # a new demo is measured anew
+        row = remember(work / "measured" / f"{key}-{tag}.json",
                        lambda name=name: in_character(models[name], cards, args, work / "eval" / f"{name}-{tag}"))
         results["rows"][name] = {"model": models[name], "characters": row, "general": general(committed.get(name))}
         results["settings"] = {"cards": args.cards, "lines": 40, "batch_size": args.batch_size, "teacher": TEACHER,

@@ -109,6 +109,15 @@ def remember(path: Path, compute) -> dict:
     return value
 
 
+def weights_stamp(folder: Path) -> str:
+    """Changes whenever the model folder's weights do (a model measured under a fixed name, such as a
+    `make demo` student run again, is measured again)."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        sys.exit(f"{folder}: no model.safetensors there (give a distilled student's folder, e.g. runs/demo/distilled)")
+    return f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}"
+
+
 def run_summary(out: Path, name: str | None = None) -> dict:
     """Final numbers of one finished run: the mean training loss of its last tenth (one step's loss is
     noisy), the last held-out evaluation, the median logged tokens/s. With a `name`, the run's metrics are
@@ -123,9 +132,9 @@ def run_summary(out: Path, name: str | None = None) -> dict:
     train = [m for m in metrics if "loss" in m]
     tail = train[-max(1, len(train) // 10):]
     speeds = sorted(m["tokens_per_s"] for m in train)
-    held = [m for m in metrics if "eval_loss" in m][-1]
+    held = ([m for m in metrics if "eval_loss" in m] or [{}])[-1]  # {}: a run without held-out data (a mixture)
     return {"final_loss": round(sum(m["loss_avg"] for m in tail) / len(tail), 4),
-            "eval_loss": round(held["eval_loss"], 4),
+            "eval_loss": round(held["eval_loss"], 4) if held else None,
             "eval_kl": round(held["eval_kl"], 4) if "eval_kl" in held else None,  # None: a run without a teacher
             "precision": record["precision"], "tokens": record["tokens"], "seconds": record["seconds"],
             "tokens_per_s": round(speeds[len(speeds) // 2], 1), "metrics": repo_relative(metrics_file)}

@@ -58,7 +58,8 @@ from pathlib import Path
 
 from taille.options import parse_count
 
-from distill_recovery import RESULTS, TEACHER, add_train_options, pruned_students, remember, run_summary, taille, train_args
+from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_students, remember, run_summary, taille,
+                              train_args, weights_stamp)
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
@@ -192,11 +193,7 @@ def main() -> None:
         write_tables(measured, trained, args)
     if args.demo:  # measured again whenever the demo's weights change
         demo = Path(args.demo).resolve()
-        weights = demo / "model.safetensors"
-        if not weights.is_file():
-            sys.exit(f"--demo {args.demo}: no model.safetensors there (give the demo's runs/demo/distilled)")
-        stamp = f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}"
-        measured["demo"] = remember(work / "measured" / f"demo-{stamp}-{args.limit}.json",
+        measured["demo"] = remember(work / "measured" / f"demo-{weights_stamp(demo)}-{args.limit}.json",
                                     lambda: measure(str(demo), args, work / "eval" / f"demo-{args.limit}"))
         summary = run_summary(demo) if (demo / "metrics.jsonl").is_file() else {}
         trained["demo"] = {"data": json.loads((demo / "taille.json").read_text()).get("distill", {}).get("data", "-")
