@@ -39,6 +39,13 @@ def parse_mixture(spec: str) -> list[tuple[str, float]] | None:
     return [(s, w / total) for s, w in parts if w > 0]
 
 
+def auto_held_out(data: str) -> str | None:
+    """What `--eval-data auto` scores on for training data `data`: the held-out plays when the plays are
+    trained on, alone or in a mixture; else nothing."""
+    parts = [spec for spec, _ in parse_mixture(data) or [(data, 1.0)]]
+    return "shakespeare:heldout" if any(str(spec).split(":")[0] == "shakespeare" for spec in parts) else None
+
+
 def interleave(weights: list[float], length: int) -> np.ndarray:
     """(length,) source index per position: each position goes to the source furthest behind its share."""
     w = np.asarray(weights, dtype=np.float64)

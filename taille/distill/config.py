@@ -78,7 +78,8 @@ class DistillConfig:
     """A `taille teacher-cache` folder to train from instead of a teacher in memory (it holds its own
     blocks: no --data)."""
     eval_data: str | None = "auto"
-    """Held-out text; auto = shakespeare's held-out plays when training on shakespeare; none to skip."""
+    """Held-out text; auto = shakespeare's held-out plays when training on shakespeare (alone or in a
+    mixture); none to skip."""
     tokens: Count = 1_000_000
     """Training budget in tokens (2M, 1.5B, ...)."""
     seq_len: int = 512

@@ -347,7 +347,9 @@ def setup(cfg: DistillConfig) -> Run:
     with accelerator.main_process_first():
         eval_spec = cfg.eval_data
         if eval_spec == "auto":
-            eval_spec = "shakespeare:heldout" if source.split(":")[0] == "shakespeare" else None
+            from taille.data.mixture import auto_held_out
+
+            eval_spec = auto_held_out(source)
         eval_blocks = None
         if eval_spec:
             eval_stream = load_tokens(eval_spec, tokenizer, split="heldout", max_tokens=cfg.eval_tokens + 1,

@@ -45,7 +45,7 @@ class SearchSettings:
     """Which layers a shape with fewer layers drops: block-importance, ppl or contiguous."""
     eval_data: str = "auto"
     """Held-out text the candidates are ranked on; auto = shakespeare's held-out plays when searching on
-    shakespeare."""
+    shakespeare (alone or in a mixture)."""
     eval_tokens: int = 16384
     """Held-out tokens per candidate evaluation."""
     precision: str = "auto"
@@ -104,6 +104,7 @@ def default_shape(config, params: str):
 
 def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Path) -> dict:
     from taille.distill.cache import build_cache
+    from taille.data.mixture import auto_held_out
     from taille.distill.train import DistillConfig, distill
     from taille.models.load import load_config, load_model, resolve_device
     from taille.models.precision import resolve_precision
@@ -128,8 +129,8 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
                                   scores=str(scores), depth_criterion=s.depth_criterion))
         if not (folder / "run" / "taille.json").is_file():
             distill(DistillConfig(student=str(folder / "pruned"), data=None, out=str(folder / "run"),
-                                  teacher_cache=str(cache), eval_data=s.eval_data if s.eval_data != "auto" else
-                                  ("shakespeare:heldout" if data.split(":")[0] == "shakespeare" else None),
+                                  teacher_cache=str(cache),
+                                  eval_data=s.eval_data if s.eval_data != "auto" else auto_held_out(data),
                                   tokens=tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
                                   min_lr=s.lr / 10, warmup=max(1, s.steps // 10), eval_every=max(1, s.steps // 5),
                                   eval_tokens=s.eval_tokens, save_every=s.steps, precision=s.precision, resume=True))

@@ -225,3 +225,26 @@ def test_a_cache_from_a_padded_teacher_that_ranks_a_padding_row_is_refused(setup
     assert f"past the student's vocabulary ({vocab})" in err and "Traceback" not in err
     # the live teacher is cut to the student's vocabulary and distils
     run_cli(capsys, *args(teacher, student, data, held, tmp_path / "live", **{"--tokens": 256}))
+
+
+def test_auto_held_out_text_is_the_held_out_plays_when_the_plays_are_trained_on_alone_or_in_a_mixture(tmp_path):
+    """--eval-data auto: a mixture that holds the plays is scored on the held-out plays (the demo's curves);
+    data without them has no held-out text."""
+    import taille.distill.train as train
+    from taille.data.tokens import load_tokens
+
+    teacher, student, data, _ = make_setup(tmp_path, tied=False)
+
+    def held_out(spec):
+        cfg = train.DistillConfig(student=str(student), teacher=str(teacher), data=spec, out=str(tmp_path / "o"),
+                                  tokens=256, seq_len=32, batch_size=4, eval_tokens=512, precision="fp32",
+                                  progress=False)
+        return train.setup(cfg).eval_blocks
+
+    from transformers import AutoTokenizer
+
+    plays = held_out(f"{data}:0.5,shakespeare:0.5")
+    stream = load_tokens("shakespeare:heldout", AutoTokenizer.from_pretrained(student), max_tokens=513, progress=False)
+    assert plays is not None and plays.size >= 480
+    assert (plays.reshape(-1) == stream.tokens[:plays.size]).all()
+    assert held_out(str(data)) is None
