@@ -10,12 +10,14 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
                  --corpus)
   roleplay-general   distilled on role-play + general answers, half and half (roleplay:0.5,chat:0.5)
   roleplay-general-on-policy-reply   the same, on-policy from each block's first reply in its last 128 tokens
+  roleplay-general-replies   the same data, the loss on the replies only (`--loss-on replies`)
+  roleplay-general-replies-jsd   the same, generalised JSD (beta 0.5) instead of forward KL
   demo-mix       distilled on role-play + general answers + plays (roleplay:0.45,chat:0.35,shakespeare:0.2)
   demo-mix-on-policy   the same data, every block ending in 64 tokens the student samples itself and the
                  teacher grades (`--on-policy 1`): aimed at the student's loops
   demo-mix-on-policy-reply   the same data, the student writing from the first reply that starts in each
                  block's last 128 tokens (`--on-policy 1 --on-policy-tokens 128 --on-policy-from reply`)
-  demo-mix-replies   the same data, the loss on the chat sources' replies and on all of the plays
+  demo-mix-replies   the demo-mix data, the loss on the chat sources' replies and on all of the plays
                  (`--loss-on replies`): what `taille demo` distils on
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
@@ -46,12 +48,13 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "roleplay-general": "distilled on role-play + general (no plays)",
           "roleplay-general-on-policy-reply": "the same, on-policy from each reply's start",
           "roleplay-general-replies": "role-play + general, the loss on the replies only (`--loss-on replies`)",
+          "roleplay-general-replies-jsd": "the same, generalised JSD (beta 0.5) instead of forward KL",
           "demo-mix": "distilled on role-play + general + plays",
           "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
           "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",

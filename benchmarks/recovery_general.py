@@ -17,6 +17,8 @@ benchmark's schedule, changing one thing:
                  last 128 tokens (its role-play students open a new turn where a reply should start)
   roleplay-general-replies   the same data, the loss on the assistant's replies only (`--loss-on replies`):
                  a role-play record is mostly its card, which the student is never asked to write
+  roleplay-general-replies-jsd   the same, generalised JSD (beta 0.5) instead of forward KL: a loss that
+                 also punishes mass the student puts where the teacher has little (its loops?)
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
                  `chat` corpus, ~60K tokens of the teacher's answers as the student reads them, so 512K tokens read it ~9 times)
   general-plays  that corpus and the plays, half and half
@@ -65,7 +67,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -135,6 +137,7 @@ def main() -> None:
             "roleplay-general-on-policy-reply": (width, data["roleplay-general"], ["--on-policy", 1.0, "--on-policy-tokens",
                                                                                    128, "--on-policy-from", "reply"]),
             "roleplay-general-replies": (width, data["roleplay-general"], ["--loss-on", "replies"]),
+            "roleplay-general-replies-jsd": (width, data["roleplay-general"], ["--loss-on", "replies", "--loss", "jsd"]),
             "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], []),
             "difference": (width, str(work / "difference.jsonl"), []),
             "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
