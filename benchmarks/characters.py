@@ -131,12 +131,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "taille", "personas", "make", "--count", "200", "--seed", "0",
                         "--out", str(cards)], check=True)
     models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
-    for name in (r for r in ROWS if r not in ("teacher", "pruned", "demo")):  # recovery_general's rows
-        if (recovery / "runs" / name / "taille.json").exists():
-            models[name] = str(recovery / "runs" / name)
+    for row in (r for r in ROWS if r not in ("teacher", "pruned", "demo")):  # recovery_general's rows
+        for name in (row, f"{row}-seed1"):  # and their seed repeats (recovery_general --seeds ROW)
+            if (recovery / "runs" / name / "taille.json").exists():
+                models[name] = str(recovery / "runs" / name)
     if args.demo:
         models["demo"] = str(Path(args.demo).resolve())
-    chosen = [r for r in (args.only.split(",") if args.only else ROWS) if r in models]
+    chosen = [r for r in (args.only.split(",") if args.only else models) if r in models]
 
     committed = json.loads((RESULTS / "recovery_general.json").read_text())["measured"]
     stem = "characters" if args.sampler == "model" else "characters_chat_sampler"
@@ -157,6 +158,11 @@ def main() -> None:
     write(results, stem)
 
 
+def label(name: str) -> str:
+    """A row's label; a seed repeat (ROW-seed1) is its row's, with the seed."""
+    return LABELS[name] if name in LABELS else f"{LABELS[name.removesuffix('-seed1')]} (seed 1)"
+
+
 def cell(value, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -168,7 +174,7 @@ def rate(p: float, n: int) -> str:
 
 
 def write(results: dict, stem: str = "characters") -> None:
-    rows = [(name, results["rows"][name]) for name in ROWS if name in results["rows"]]
+    rows = [(name, results["rows"][name]) for row in ROWS for name in (row, f"{row}-seed1") if name in results["rows"]]
     head = ["model", "knowledge acc", "break rate", "in character", "coherence: teacher ppl of replies / % degenerate",
             "fidelity ppl / KL", "reply tokens", "WikiText-2 ppl", "zero-shot avg (ARC-E, PIQA, WinoGrande, HellaSwag)"]
     chat = results.get("settings", {}).get("sampler") == "chat"
@@ -179,7 +185,7 @@ def write(results: dict, stem: str = "characters") -> None:
         c, g = r["characters"], r["general"] or {}
         n = c["replies"]
         lines.append("| " + " | ".join([
-            LABELS[name], f"{rate(c['knowledge_acc'], c['knowledge_n'])} (n={c['knowledge_n']})",
+            label(name), f"{rate(c['knowledge_acc'], c['knowledge_n'])} (n={c['knowledge_n']})",
             rate(c["break_rate"], n), rate(c["in_character"], n),
             f"{cell(c['coherence']['teacher_ppl'])} / {rate(c['degenerate_rate'], n)}",
             f"{cell(c['fidelity']['ppl'])} / {cell(c['fidelity']['kl'], '{:.3f}')}", f"{c['reply_tokens']:.1f}",
@@ -211,7 +217,7 @@ def write(results: dict, stem: str = "characters") -> None:
     for name, r in rows:
         transcripts = r["characters"].get("transcripts") or []
         if transcripts:
-            lines += ["", f"## Transcript: {LABELS[name]}", ""]
+            lines += ["", f"## Transcript: {label(name)}", ""]
             t = transcripts[0]
             lines.append(f"Card: {t.get('card', '?')}")
             for turn in t["turns"]:
