@@ -148,7 +148,10 @@ def main() -> None:
         key = f"{name}-{weights_stamp(Path(models[name]))}" if name == "demo" else name  # a new demo is measured anew
         row = remember(work / "measured" / f"{key}-{tag}.json",
                        lambda name=name: in_character(models[name], cards, args, work / "eval" / f"{name}-{tag}"))
-        results["rows"][name] = {"model": models[name], "characters": row, "general": general(committed.get(name))}
+        measured = committed.get(name)
+        if name == "demo" and measured is not None and measured.get("weights") != weights_stamp(Path(models[name])):
+            measured = None  # recovery_general measured another demo's weights: run it with --demo first
+        results["rows"][name] = {"model": models[name], "characters": row, "general": general(measured)}
         results["settings"] = {"cards": args.cards, "lines": 40, "batch_size": args.batch_size, "teacher": TEACHER,
                                "sampler": args.sampler}
         write(results, stem)

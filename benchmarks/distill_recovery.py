@@ -112,10 +112,13 @@ def remember(path: Path, compute) -> dict:
 def weights_stamp(folder: Path) -> str:
     """Changes whenever the model folder's weights do (a model measured under a fixed name, such as a
     `make demo` student run again, is measured again)."""
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        sys.exit(f"{folder}: no model.safetensors there (give a distilled student's folder, e.g. runs/demo/distilled)")
-    return f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}"
+    import hashlib
+
+    files = sorted(folder.glob("*.safetensors"))  # one file or a sharded checkpoint's several
+    if not files:
+        sys.exit(f"{folder}: no safetensors weights there (give a distilled student's folder, e.g. runs/demo/distilled)")
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
 def run_summary(out: Path, name: str | None = None) -> dict:
@@ -132,7 +135,7 @@ def run_summary(out: Path, name: str | None = None) -> dict:
     train = [m for m in metrics if "loss" in m]
     tail = train[-max(1, len(train) // 10):]
     speeds = sorted(m["tokens_per_s"] for m in train)
-    held = ([m for m in metrics if "eval_loss" in m] or [{}])[-1]  # {}: a run without held-out data (a mixture)
+    held = ([m for m in metrics if "eval_loss" in m] or [{}])[-1]  # {}: a run without held-out data
     return {"final_loss": round(sum(m["loss_avg"] for m in tail) / len(tail), 4),
             "eval_loss": round(held["eval_loss"], 4) if held else None,
             "eval_kl": round(held["eval_kl"], 4) if "eval_kl" in held else None,  # None: a run without a teacher

@@ -190,6 +190,8 @@ def main() -> None:
             run = work / "runs" / name
             trained[name] = ({"data": rows[name][1], **run_summary(run)} if (run / "metrics.jsonl").is_file()
                              else committed.get("trained", {}).get(name, {}))
+    if not args.demo and "demo" in committed.get("measured", {}):  # the last demo measured stays in the tables
+        measured["demo"], trained["demo"] = committed["measured"]["demo"], committed.get("trained", {}).get("demo", {})
     write_tables(measured, trained, args)
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
@@ -197,8 +199,10 @@ def main() -> None:
         write_tables(measured, trained, args)
     if args.demo:  # measured again whenever the demo's weights change
         demo = Path(args.demo).resolve()
-        measured["demo"] = remember(work / "measured" / f"demo-{weights_stamp(demo)}-{args.limit}.json",
-                                    lambda: measure(str(demo), args, work / "eval" / f"demo-{args.limit}"))
+        stamp = weights_stamp(demo)
+        measured["demo"] = {**remember(work / "measured" / f"demo-{stamp}-{args.limit}.json",
+                                       lambda: measure(str(demo), args, work / "eval" / f"demo-{args.limit}")),
+                            "weights": stamp}  # characters.py pairs these cells only with the same weights
         summary = run_summary(demo) if (demo / "metrics.jsonl").is_file() else {}
         record = json.loads((demo / "taille.json").read_text()).get("distill", {}) if (demo / "taille.json").is_file() else {}
         data = record.get("data", "-")  # a mixture's record lists its sources

@@ -35,6 +35,11 @@ def _sources(blocks) -> list[np.ndarray]:
     return list(blocks.sources) if isinstance(blocks, MixedBlocks) else [blocks]
 
 
+def _holds(stream: np.ndarray, token: int) -> bool:
+    """Whether `token` occurs in a 1-D token stream (read CHUNK tokens at a time)."""
+    return any((np.asarray(stream[lo:lo + CHUNK]) == token).any() for lo in range(0, len(stream), CHUNK))
+
+
 def reply_events(stream: np.ndarray, marker: list[int], ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(starts, stops) sorted int64 positions in a 1-D token `stream`: a reply starts at the token after each
     `marker` run and stops after each token in `ends` (stop = its position + 1)."""
@@ -64,14 +69,22 @@ def in_reply(positions: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np
 class ReplyMask:
     """Which tokens of a run's training blocks (an (N, T) array or a MixedBlocks) are reply tokens."""
 
-    def __init__(self, blocks, marker: list[int], ends: list[int]):
+    def __init__(self, blocks, marker: list[int], ends: list[int], turn: int | None = None):
+        """`turn`: the special token that opens any chat turn (the header's first, when it is special): a
+        source holding it but no assistant header is chat without replies, refused rather than counted whole."""
         from taille.data.mixture import MixedBlocks
 
         self.mixed = blocks if isinstance(blocks, MixedBlocks) else None
+        self.names = [name for name, _ in blocks.parts] if self.mixed is not None else ["the data"]
         self.seq_len = blocks.shape[1]
-        self.events = [reply_events(b.reshape(-1), marker, ends) for b in _sources(blocks)]
+        sources = _sources(blocks)
+        self.events = [reply_events(b.reshape(-1), marker, ends) for b in sources]
         self.plain = [not len(starts) for starts, _ in self.events]
         """Per source: no assistant header anywhere in it, so every token counts."""
+        for name, plain, b in zip(self.names, self.plain, sources):
+            if plain and turn is not None and _holds(b.reshape(-1), turn):  # chat turns, none the assistant's
+                raise TailleError(f"--loss-on replies: {name} holds chat turns but no assistant reply (its cards and "
+                                  "player lines would all count); give it replies, or use --loss-on all")
 
     def __call__(self, rows) -> np.ndarray:
         """(len(rows), T) bool for the blocks at `rows` (indices into the run's blocks)."""
@@ -90,6 +103,13 @@ class ReplyMask:
                 out[mine] = in_reply(index[mine, None] * self.seq_len + offsets, starts, stops)
         return out
 
+    def shares(self, rows) -> dict[str, float]:
+        """Per source: the share of its targets at `rows` that count (1.0 for a plain-text source)."""
+        rows = np.atleast_1d(np.asarray(rows))
+        which = self.mixed.which[rows] if self.mixed is not None else np.zeros(len(rows), np.int64)
+        counted = self(rows)[:, 1:]
+        return {name: float(counted[which == i].mean()) for i, name in enumerate(self.names) if (which == i).any()}
+
     def share(self, rows) -> float:
         """The share of the targets (every token but each block's first) at `rows` that are reply tokens."""
         return float(self(rows)[:, 1:].mean()) if len(np.atleast_1d(rows)) else 0.0
@@ -103,7 +123,8 @@ def reply_mask(blocks, tokenizer) -> ReplyMask:
     from taille.distill.onpolicy import reply_marker
 
     marker = reply_marker(tokenizer, where="--loss-on replies", instead="--loss-on all")
-    mask = ReplyMask(blocks, marker, stop_ids(tokenizer))
+    turn = marker[0] if marker[0] in set(tokenizer.all_special_ids) else None
+    mask = ReplyMask(blocks, marker, stop_ids(tokenizer), turn)
     if all(mask.plain):
         raise TailleError("--loss-on replies: the training data holds no assistant reply (no chat template's assistant "
                           "header in it); give chat data (a 'messages' JSONL) or use --loss-on all")

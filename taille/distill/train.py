@@ -342,8 +342,11 @@ def setup(cfg: DistillConfig) -> Run:
 
         replies = reply_mask(blocks, tokenizer)
         sample = np.linspace(0, len(blocks) - 1, min(len(blocks), 256)).astype(np.int64)
-        log.info("--loss-on replies: %.1f%% of the targets are reply tokens (%d blocks spread over the data)",
-                 100 * replies.share(sample), len(sample))
+        plain = dict(zip(replies.names, replies.plain))
+        per_source = ", ".join(f"{name} {100 * v:.1f}%{' (no assistant turn: every token)' if plain[name] else ''}"
+                               for name, v in replies.shares(sample).items())
+        log.info("--loss-on replies: %.1f%% of the targets count (%s; %d blocks spread over the data)",
+                 100 * replies.share(sample), per_source, len(sample))
     with accelerator.main_process_first():
         eval_spec = cfg.eval_data
         if eval_spec == "auto":

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from taille.errors import TailleError
 from tests.conftest import run_cli
 from tests.distill.test_train import args, make_setup
 
@@ -79,6 +80,21 @@ def test_a_mixtures_rows_are_masked_from_their_own_source():
         expected = by_chat[mixed.index[r]] if mixed.which[r] == 0 else np.ones(16, bool)
         assert np.array_equal(got[r], expected), r
     assert got[mixed.which == 0].any() and not got[mixed.which == 0].all() and (mixed.which == 1).any()
+    shares = mask.shares(rows)
+    assert shares["plain"] == 1.0 and shares["chat"] == pytest.approx(got[mixed.which == 0][:, 1:].mean())
+
+
+def test_chat_turns_without_an_assistant_reply_are_refused_not_counted_whole():
+    """A source with the template's turn token but no assistant header (prompts only, another role) is chat
+    with nothing to learn from, not plain text: refused in one line, naming it."""
+    from taille.data.mixture import MixedBlocks
+    from taille.distill.replies import ReplyMask
+
+    chat = synthetic(np.random.default_rng(2), 16 * 30).reshape(30, 16)
+    prompts = np.random.default_rng(3).integers(10, 30, (20, 16))
+    prompts[4, 3] = MARKER[0]  # a turn opens, never the assistant's
+    with pytest.raises(TailleError, match="--loss-on replies: prompts holds chat turns but no assistant reply"):
+        ReplyMask(MixedBlocks([("chat", 0.6), ("prompts", 0.4)], [chat, prompts], seed=4), MARKER, [END], MARKER[0])
 
 
 def chat_file(tmp_path):
