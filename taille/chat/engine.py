@@ -99,12 +99,16 @@ def control_ids(llm) -> frozenset[int]:
     """The vocabulary's control tokens that do not end generation (`<|im_start|>`, `<|endoftext|>` where
     it is not end-of-generation...): the chat template's structure, never a character's words."""
     if llm not in _CONTROL:
-        import llama_cpp
-
-        vocab = llm._model.vocab
-        _CONTROL[llm] = frozenset(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_control(vocab, t)
-                                  and not llama_cpp.llama_vocab_is_eog(vocab, t))
+        _CONTROL[llm] = vocab_controls(llm._model.vocab)
     return _CONTROL[llm]
+
+
+def vocab_controls(vocab) -> frozenset[int]:
+    """control_ids of a llama.cpp vocabulary (a `llama_vocab` pointer)."""
+    import llama_cpp
+
+    return frozenset(t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_control(vocab, t)
+                     and not llama_cpp.llama_vocab_is_eog(vocab, t))
 
 
 class TurnOpened:

@@ -117,8 +117,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def turn_opener(gguf: str | Path) -> tuple[int, str] | None:
+    """The control token the GGUF's chat template opens a turn with (`<|im_start|>` in ChatML, Llama 3's
+    `<|start_header_id|>`, Gemma's `<start_of_turn>`): of the vocabulary's control tokens that do not end
+    generation, the first one the template's text holds. None when the template has none, or when the GGUF
+    already names an end-of-message token (the one metadata key this uses)."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    from taille.chat.engine import vocab_controls
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = LlamaModel(path_model=str(gguf), params=params, verbose=False)
+    try:
+        meta = model.metadata()
+        template = meta.get("tokenizer.chat_template", "")
+        if not template or "tokenizer.ggml.eom_token_id" in meta:
+            return None
+        found = [(template.find(text), t, text) for t in vocab_controls(model.vocab)
+                 if (text := model.detokenize([t], special=True).decode("utf-8", "replace"))
+                 and text in template]
+    finally:
+        model.close()
+    return min(found)[1:] if found else None
+
+
 class LlamaServer:
-    """One llama-server process on a private loopback port."""
+    """One llama-server process on a private loopback port.
+
+    A reply ends where the model opens a new turn (`<|im_start|>user ...`, which role-play students write
+    instead of closing their own turn), as in `taille chat`: llama-server stops at end-of-generation tokens
+    only, and the turn-opening control token renders as no text, so no stop string can see it. The engine
+    is started with that token as the model's end-of-message token (`--override-kv
+    tokenizer.ggml.eom_token_id`, which llama.cpp adds to the end-of-generation set); the GGUF is not
+    changed. The vocabulary's other control tokens (SmolLM2's code-data markers) are not covered here."""
 
     def __init__(self, gguf: str | Path, parallel: int = 4, n_ctx: int = 2048, threads: int | None = None,
                  cache_ram_mib: int = 256, log_path: str | Path | None = None):
@@ -143,6 +176,9 @@ class LlamaServer:
             cmd += ["-t", str(self.threads)]
         if not extra_buffers_wanted():
             cmd.append("--no-repack")  # the AMX work-around llama-cpp-python gets too (see models/llamacpp.py)
+        opener = turn_opener(self.gguf)
+        if opener is not None:
+            cmd += ["--override-kv", f"tokenizer.ggml.eom_token_id=int:{opener[0]}"]
         return cmd
 
     def start(self, timeout: float = 120.0) -> "LlamaServer":

@@ -105,6 +105,22 @@ def test_a_personas_prompt_is_evaluated_once_and_then_reused(server):
     assert metric(server, "llamacpp:prompt_tokens_cached_total") >= cached  # and the engine's own counter says so
 
 
+def test_the_engine_ends_a_reply_where_the_model_opens_a_new_turn(server, smollm2):
+    """After a closed assistant turn SmolLM2 writes `<|im_start|>user ...`; a plain llama-server hands out
+    "user\nI'm a traveler," (the control token renders as no text). taille starts the engine with that
+    token as end-of-message, so the reply ends there, as `taille chat` ends it."""
+    from taille.chat.engine import gguf_for
+    from taille.serve.engine import turn_opener
+
+    assert turn_opener(gguf_for(smollm2)) == (1, "<|im_start|>")
+    closed = ("<|im_start|>system\nYou are Brenna, a smith.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n"
+              "<|im_start|>assistant\nHello, traveller. What brings you to my forge?<|im_end|>\n")
+    request = urllib.request.Request(server.worker.engine.url + "/completion", method="POST", data=json.dumps(
+        {"prompt": closed, "n_predict": 8, "temperature": 0}).encode(), headers={"Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    assert answer["content"] == "" and answer["stop_type"] == "eos" and answer["tokens_predicted"] == 1
+
+
 def test_json_schema_replies_always_parse(server):
     # maxLength bounds the reply, so the grammar always closes it within max_tokens
     schema = {"type": "object", "properties": {
