@@ -19,6 +19,8 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
                  block's last 128 tokens (`--on-policy 1 --on-policy-tokens 128 --on-policy-from reply`)
   demo-mix-replies   the demo-mix data, the loss on the chat sources' replies and on all of the plays
                  (`--loss-on replies`): what `taille demo` distils on
+  demo-mix-replies-ce   the same, plus cross-entropy (weight 0.5) on the data's own tokens: the filtered,
+                 in-character replies as hard labels (`--ce-weight 0.5`)
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
 
@@ -48,7 +50,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "roleplay-general": "distilled on role-play + general (no plays)",
@@ -59,6 +61,7 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
           "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",
           "demo-mix-replies": "role-play + general + plays, the loss on the replies and the plays (`--loss-on replies`)",
+          "demo-mix-replies-ce": "the same, plus cross-entropy on the data's tokens (`--ce-weight 0.5`)",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 

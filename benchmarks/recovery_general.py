@@ -12,6 +12,9 @@ benchmark's schedule, changing one thing:
                  in the block's last 128 tokens, else those 128 (`--on-policy-from reply`): aimed at replies
   demo-mix-replies   the demo's data, the loss on the replies of the chat sources and on all of the plays
                  (`--loss-on replies`): what `taille demo` distils on
+  demo-mix-replies-ce   the same, plus cross-entropy (weight 0.5) on the data's own next tokens: the corpus's
+                 replies were sampled from the teacher and its out-of-character ones filtered out, so the hard
+                 labels pull the student toward the kept replies where the teacher's distribution would break
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -67,7 +70,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
@@ -129,6 +132,7 @@ def main() -> None:
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
                                                                    "--on-policy-from", "reply"]),
             "demo-mix-replies": (width, data["demo-mix"], ["--loss-on", "replies"]),
+            "demo-mix-replies-ce": (width, data["demo-mix"], ["--loss-on", "replies", "--ce-weight", 0.5]),
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
