@@ -18,6 +18,8 @@ across accumulation steps and processes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -118,11 +120,15 @@ def _topk_kl_value_and_grad(s_logp: torch.Tensor, q: torch.Tensor, top_logp: tor
     return kl, grad.scatter_(-1, idx, q_top * P[:, None] - top_p)
 
 
-def _fkl_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weight, top=None):
-    """The same loss as `_objective` for forward KL (+ CE at T = 1), with its gradient w.r.t. the logits
-    written out, (q - p) T for the KL and (q - onehot) for CE, computed in place: about half the passes
-    over the (n, V) slice that autograd needs, which is where a CPU step spends its time. With `top` (a
-    cached top-K teacher) the KL is the folded one of `topk_forward_kl`."""
+def _fused_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_head_weight, top=None):
+    """The same loss as `_objective` (+ CE at T = 1), with its gradient w.r.t. the logits z written out and
+    computed in place: about half the passes over the (n, V) slice that autograd needs, which is where a CPU
+    step spends its time. With p the teacher, q = softmax(z) the student and T the temperature:
+      fkl  (q - p) T; with `top` (a cached top-K teacher) the folded KL of `topk_forward_kl`
+      rkl  q (l - KL(q || p)) T, with l = log q - log p
+      jsd  (1 - beta) q (l - KL(q || m)) T, with l = log q - log m: d JSD / d q_j = (1 - beta) log(q_j / m_j),
+           since beta p_j + (1 - beta) q_j = m_j cancels the other terms, then through the softmax
+      ce   q - onehot(target)."""
     T = cfg.temperature
 
     def value_and_grad(logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,16 +144,29 @@ def _fkl_value_and_grad(cfg: LossConfig, targets, mask, teacher_hidden, teacher_
             grad.scatter_add_(-1, targets[rows, None], -(cfg.ce_weight * m)[:, None])
         if cfg.kd and top is not None:
             kl, kd_grad = _topk_kl_value_and_grad(s_logp, q, *(t[rows] for t in top))  # (n,), (n, V)
-            value = value + cfg.kd * T * T * (kl * m).sum()
-            kd_grad = kd_grad.mul_((cfg.kd * T * m)[:, None])
-            grad = kd_grad if grad is None else grad.add_(kd_grad)
         elif cfg.kd:
             t = (teacher_hidden[rows] @ teacher_head_weight.T).float()[:, : logits.shape[-1]]  # (n, V)
             t_logp = F.log_softmax(t / T if T != 1 else t, dim=-1)
-            p_t = t_logp.exp()
-            kl = (p_t * t_logp.sub_(s_logp)).sum(-1)  # (n,)
+            if cfg.kind == "fkl":
+                p_t = t_logp.exp()
+                kl = (p_t * t_logp.sub_(s_logp)).sum(-1)  # (n,)
+                kd_grad = q.sub_(p_t)
+            elif cfg.kind == "rkl":
+                l = s_logp.sub_(t_logp)  # log q - log p, in s_logp's place
+                kl = (q * l).sum(-1)
+                kd_grad = q.mul_(l.sub_(kl[:, None]))
+            else:  # jsd
+                beta = cfg.beta
+                m_logp = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log1p(-beta))  # log m
+                p_t = t_logp.exp()
+                kl_pm = (p_t * t_logp.sub_(m_logp)).sum(-1)
+                l = s_logp.sub_(m_logp)  # log q - log m
+                kl_qm = (q * l).sum(-1)
+                kl = beta * kl_pm + (1 - beta) * kl_qm
+                kd_grad = q.mul_(l.sub_(kl_qm[:, None])).mul_(1 - beta)
+        if cfg.kd:
             value = value + cfg.kd * T * T * (kl * m).sum()
-            kd_grad = q.sub_(p_t).mul_((cfg.kd * T * m)[:, None])
+            kd_grad = kd_grad.mul_((cfg.kd * T * m)[:, None])
             grad = kd_grad if grad is None else grad.add_(kd_grad)
         return value, grad
 
@@ -212,9 +231,9 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, targe
     loss = _objective(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top, softcap, teacher_softcap)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         fast = None
-        if cfg.kind == "fkl" and not softcap and not teacher_softcap and (cfg.temperature == 1 or not cfg.ce_weight) and (
-                teacher_hidden is not None or teacher_top is not None or not cfg.kd):
-            fast = _fkl_value_and_grad(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top)
+        if not softcap and not teacher_softcap and (cfg.temperature == 1 or not cfg.ce_weight) and (
+                teacher_hidden is not None or (teacher_top is not None and cfg.kind == "fkl") or not cfg.kd):
+            fast = _fused_value_and_grad(cfg, targets, mask, teacher_hidden, teacher_head, teacher_top)
         return _HeadLoss.apply(student_hidden, student_head, loss, chunk, fast), mask.sum()
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, student_hidden.shape[0], chunk):

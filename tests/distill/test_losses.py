@@ -65,9 +65,11 @@ def test_unchunked_matches_a_direct_formula():
 
 
 @pytest.mark.parametrize("cfg", [LossConfig(ce_weight=0.25), LossConfig("rkl"), LossConfig("jsd", beta=0.3),
+                                 LossConfig("rkl", ce_weight=0.5, kd_weight=2.0), LossConfig("jsd", beta=0.8, ce_weight=0.5),
+                                 LossConfig("rkl", temperature=2.0), LossConfig("jsd", temperature=2.0),
                                  LossConfig(ce_weight=1.0, kd_weight=0.0), LossConfig(temperature=2.0),
                                  LossConfig(ce_weight=0.5, temperature=2.0)],
-                         ids=["fkl+ce", "rkl", "jsd", "ce", "fkl-T2", "fkl+ce-T2"])
+                         ids=["fkl+ce", "rkl", "jsd", "rkl+ce", "jsd+ce", "rkl-T2", "jsd-T2", "ce", "fkl-T2", "fkl+ce-T2"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_gradients_taken_in_the_forward_pass_equal_autograd_on_full_logits(cfg, softcap):
     """The sliced head loss computes its gradients while each slice's logits exist; they must be the
