@@ -21,6 +21,7 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
                  (`--loss-on replies`): what `taille demo` distils on
   demo-mix-replies-ce   the same, plus cross-entropy (weight 0.5) on the data's own tokens: the filtered,
                  in-character replies as hard labels (`--ce-weight 0.5`)
+  demo-mix-replies-jsd   the same data and mask, generalised JSD (beta 0.5) instead of forward KL
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
 
@@ -50,7 +51,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "roleplay-general": "distilled on role-play + general (no plays)",
@@ -62,6 +63,7 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",
           "demo-mix-replies": "role-play + general + plays, the loss on the replies and the plays (`--loss-on replies`)",
           "demo-mix-replies-ce": "the same, plus cross-entropy on the data's tokens (`--ce-weight 0.5`)",
+          "demo-mix-replies-jsd": "the same data and mask, JSD (beta 0.5) instead of forward KL",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 
