@@ -121,6 +121,31 @@ def test_the_engine_ends_a_reply_where_the_model_opens_a_new_turn(server, smollm
     assert answer["content"] == "" and answer["stop_type"] == "eos" and answer["tokens_predicted"] == 1
 
 
+@pytest.mark.parametrize("template, opener", [
+    # a header before the first turn (Phi-3's <|system|>) is not what opens the next one
+    ("{% for m in messages %}{% if loop.first %}<repo_name>{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+     "<|im_end|>\n{% endfor %}", "<|im_start|>"),
+    # the turn is opened by a control token after the end-of-turn one (Llama 3's <|eot_id|><|start_header_id|>)
+    ("{% for m in messages %}<file_sep>{{ m.role }}<filename>{{ m.content }}<|im_end|>{% endfor %}", "<file_sep>"),
+    # turns marked with plain text (Mistral v0.1's [INST]): nothing to stop at
+    ("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}", None)])
+def test_the_turn_opener_is_read_from_a_rendered_conversation(smollm2, template, opener):
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    from taille.chat.engine import gguf_for
+    from taille.serve.engine import first_turn_opener
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = LlamaModel(path_model=str(gguf_for(smollm2)), params=params, verbose=False)
+    try:
+        found = first_turn_opener(model, template)
+    finally:
+        model.close()
+    assert (found[1] if found else None) == opener
+
+
 def test_json_schema_replies_always_parse(server):
     # maxLength bounds the reply, so the grammar always closes it within max_tokens
     schema = {"type": "object", "properties": {
