@@ -117,76 +117,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Well met, traveller."},
-         {"role": "user", "content": "Again."}]
-"""The conversation turn_opener renders: what follows the assistant's words is how the template closes a reply
-and opens the next turn."""
-
-
-def first_turn_opener(model, template: str, name: str = "the model") -> tuple[int, str] | None:
-    """turn_opener's rule on a loaded vocabulary (a llama_cpp._internals.LlamaModel) and a chat template."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from taille.chat.engine import vocab_controls
-
-    bos, eos = (model.detokenize([t], special=True).decode("utf-8", "replace") if t >= 0 else ""
-                for t in (model.token_bos(), model.token_eos()))
-    try:
-        rendered = Jinja2ChatFormatter(template, eos, bos, add_generation_prompt=False)(messages=PROBE).prompt
-    except Exception as e:  # a template taille cannot render here (llama-server renders its own)
-        log.warning("%s: its chat template did not render here (%s): a reply does not end where the model "
-                    "opens a new turn on llama-server", name, e)
-        return None
-    said = PROBE[1]["content"]
-    after = rendered[rendered.index(said) + len(said):] if said in rendered else ""
-    controls = vocab_controls(model.vocab)
-    for t in model.tokenize(after.encode(), add_bos=False, special=True):
-        if t in controls:
-            return t, model.detokenize([t], special=True).decode("utf-8", "replace")
-    return None
-
-
-def turn_opener(gguf: str | Path) -> tuple[int, str] | None:
-    """The control token the GGUF's chat template opens the next turn with, once a reply is closed
-    (`<|im_start|>` in ChatML, Llama 3's `<|start_header_id|>`, Gemma's `<start_of_turn>`, Mistral's
-    `[INST]`, Phi-3's `<|user|>`): the template renders user / assistant / user, and this is the first
-    control token after the assistant's words that does not already end generation. None (logged) when the
-    template has none or cannot be rendered, or when the GGUF already names an end-of-message token (the
-    one metadata key this uses)."""
+def control_tokens(gguf: str | Path) -> list[int]:
+    """The GGUF's control tokens that do not end generation (taille.chat.engine.control_ids), read from its
+    vocabulary alone, with no device list (no GPU context in this process)."""
     import ctypes
 
     import llama_cpp
     from llama_cpp._internals import LlamaModel
 
+    from taille.chat.engine import vocab_controls
+
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    no_devices = (ctypes.c_void_p * 1)(None)  # an empty list: reading the vocabulary touches no GPU
+    no_devices = (ctypes.c_void_p * 1)(None)  # an empty, NULL-terminated list
     params.devices = ctypes.cast(no_devices, ctypes.c_void_p)
     model = LlamaModel(path_model=str(gguf), params=params, verbose=False)
     try:
-        meta = model.metadata()
-        template = meta.get("tokenizer.chat_template", "")
-        if "tokenizer.ggml.eom_token_id" in meta:
-            log.warning("%s names its own end-of-message token: a reply does not end where the model opens a "
-                        "new turn on llama-server", Path(gguf).name)
-            return None
-        if not template:
-            return None
-        return first_turn_opener(model, template, Path(gguf).name)
+        return sorted(vocab_controls(model.vocab))
     finally:
         model.close()
 
 
 class LlamaServer:
-    """One llama-server process on a private loopback port.
-
-    A reply ends where the model opens a new turn (`<|im_start|>user ...`, which role-play students write
-    instead of closing their own turn), as in `taille chat`: llama-server stops at end-of-generation tokens
-    only, and the turn-opening control token renders as no text, so no stop string can see it. The engine
-    is started with that token as the model's end-of-message token (`--override-kv
-    tokenizer.ggml.eom_token_id`, which llama.cpp adds to the end-of-generation set); the GGUF is not
-    changed. The vocabulary's other control tokens (SmolLM2's code-data markers) are not covered here.
-    `turn_opener` reads the command's GGUF once per start (vocabulary only)."""
+    """One llama-server process on a private loopback port."""
 
     def __init__(self, gguf: str | Path, parallel: int = 4, n_ctx: int = 2048, threads: int | None = None,
                  cache_ram_mib: int = 256, log_path: str | Path | None = None):
@@ -211,15 +164,6 @@ class LlamaServer:
             cmd += ["-t", str(self.threads)]
         if not extra_buffers_wanted():
             cmd.append("--no-repack")  # the AMX work-around llama-cpp-python gets too (see models/llamacpp.py)
-        try:
-            opener = turn_opener(self.gguf)
-        except Exception as e:  # e.g. an architecture this llama-cpp-python cannot load but $TAILLE_LLAMA_SERVER can
-            log.warning("could not read %s's turn-opening token (%s): replies end at end-of-generation tokens only",
-                        self.gguf.name, e)
-            opener = None
-        if opener is not None:
-            log.info("a reply ends where the model opens a new turn: %s (token %d)", opener[1], opener[0])
-            cmd += ["--override-kv", f"tokenizer.ggml.eom_token_id=int:{opener[0]}"]
         return cmd
 
     def start(self, timeout: float = 120.0) -> "LlamaServer":

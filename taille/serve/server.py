@@ -330,6 +330,8 @@ class EngineWorker(threading.Thread):
                 "top_p": job.top_p, "stop": job.stop, "repeat_penalty": job.repeat_penalty,
                 "frequency_penalty": job.frequency_penalty, "presence_penalty": job.presence_penalty,
                 "stream": True, "cache_prompt": True, "id_slot": job.slot}
+        if self.pool.ban:
+            body["logit_bias"] = self.pool.ban
         if job.seed is not None:
             body["seed"] = job.seed
         if job.response_format is not None:
@@ -448,10 +450,23 @@ class Slots:
 
 
 class EnginePool:
-    """llama-server and the threads that feed it, one per slot, sharing one bounded queue."""
+    """llama-server and the threads that feed it, one per slot, sharing one bounded queue.
+
+    Every request bans the vocabulary's control tokens that do not end generation (`logit_bias` false), as
+    `taille chat` ends a reply at one: a small student that opens the next turn instead of closing its own
+    (`<|im_start|>user ...`) would otherwise hand the player the roles' text, since llama-server stops at
+    end-of-generation tokens only and a control token renders as no text, so no stop string sees it."""
 
     def __init__(self, engine, size: int, parallel: int):
+        from taille.serve.engine import control_tokens
+
         self.engine = engine
+        try:
+            self.ban = [[t, False] for t in control_tokens(engine.gguf)]
+        except Exception as e:  # e.g. an architecture this llama-cpp-python cannot load but $TAILLE_LLAMA_SERVER can
+            log.warning("could not read %s's control tokens (%s): a reply ends at end-of-generation tokens only",
+                        getattr(engine, "gguf", "the model"), e)
+            self.ban = []
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=size)
         self.stats = Stats(slots=parallel)
         self.slots = Slots(parallel)

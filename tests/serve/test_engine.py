@@ -105,45 +105,28 @@ def test_a_personas_prompt_is_evaluated_once_and_then_reused(server):
     assert metric(server, "llamacpp:prompt_tokens_cached_total") >= cached  # and the engine's own counter says so
 
 
-def test_the_engine_ends_a_reply_where_the_model_opens_a_new_turn(server, smollm2):
+def test_a_served_reply_never_opens_a_new_turn(server, smollm2):
     """After a closed assistant turn SmolLM2 writes `<|im_start|>user ...`; a plain llama-server hands out
-    "user\nI'm a traveler," (the control token renders as no text). taille starts the engine with that
-    token as end-of-message, so the reply ends there, as `taille chat` ends it."""
+    "user\nI'm a traveler," (the control token renders as no text). The requests taille sends ban the
+    control tokens, so the reply ends there instead, as `taille chat` ends it."""
     from taille.chat.engine import gguf_for
-    from taille.serve.engine import turn_opener
+    from taille.serve.engine import control_tokens
+    from taille.serve.server import Job
 
-    assert turn_opener(gguf_for(smollm2)) == (1, "<|im_start|>")
+    assert 1 in control_tokens(gguf_for(smollm2))  # <|im_start|>
     closed = ("<|im_start|>system\nYou are Brenna, a smith.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n"
               "<|im_start|>assistant\nHello, traveller. What brings you to my forge?<|im_end|>\n")
-    request = urllib.request.Request(server.worker.engine.url + "/completion", method="POST", data=json.dumps(
-        {"prompt": closed, "n_predict": 8, "temperature": 0}).encode(), headers={"Content-Type": "application/json"})
-    answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+    def complete(extra: dict) -> dict:
+        request = urllib.request.Request(server.worker.engine.url + "/completion", method="POST", data=json.dumps(
+            {"prompt": closed, "n_predict": 8, "temperature": 0, **extra}).encode(),
+            headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+    assert complete({})["content"].startswith("user")
+    sent = server.worker.threads[0].request_body(Job(None, [], 8, 0.0, 1.0, [], None))
+    answer = complete({"logit_bias": sent["logit_bias"]})  # what taille sends with every request
     assert answer["content"] == "" and answer["stop_type"] == "eos" and answer["tokens_predicted"] == 1
-
-
-@pytest.mark.parametrize("template, opener", [
-    # a header before the first turn (Phi-3's <|system|>) is not what opens the next one
-    ("{% for m in messages %}{% if loop.first %}<repo_name>{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-     "<|im_end|>\n{% endfor %}", "<|im_start|>"),
-    # the turn is opened by a control token after the end-of-turn one (Llama 3's <|eot_id|><|start_header_id|>)
-    ("{% for m in messages %}<file_sep>{{ m.role }}<filename>{{ m.content }}<|im_end|>{% endfor %}", "<file_sep>"),
-    # turns marked with plain text (Mistral v0.1's [INST]): nothing to stop at
-    ("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}", None)])
-def test_the_turn_opener_is_read_from_a_rendered_conversation(smollm2, template, opener):
-    import llama_cpp
-    from llama_cpp._internals import LlamaModel
-
-    from taille.chat.engine import gguf_for
-    from taille.serve.engine import first_turn_opener
-
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = LlamaModel(path_model=str(gguf_for(smollm2)), params=params, verbose=False)
-    try:
-        found = first_turn_opener(model, template)
-    finally:
-        model.close()
-    assert (found[1] if found else None) == opener
 
 
 def test_json_schema_replies_always_parse(server):
