@@ -86,18 +86,30 @@ def stop_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def control_ids(tokenizer) -> list[int]:
+    """The tokenizer's special tokens that do not end a reply (`<|im_start|>`, padding...): what llama.cpp
+    marks as control tokens in the GGUF, and what `taille chat` and `taille serve` ban
+    (taille.chat.engine.banned)."""
+    stops = set(stop_ids(tokenizer))
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    return sorted(special - stops)
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 PENALTY_WINDOW = 64
 """Reply tokens the repetition penalty looks back over: llama-cpp-python's last_n_tokens_size."""
 CHAT_TOP_K, CHAT_MIN_P = 40, 0.05
 """llama-cpp-python's create_completion defaults, which `taille chat` leaves as they are."""
-CHAT_CHAIN = "repeat penalty (the card's), top-k 40, top-p, min-p 0.05, temperature"
-"""The order of llama-cpp-python's sampler chain (Llama._init_sampler), which chat_processors follows."""
+CHAT_CHAIN = "control tokens banned, repeat penalty (the card's), top-k 40, top-p, min-p 0.05, temperature"
+"""The order of llama-cpp-python's sampler chain (Llama._init_sampler: `logit_bias` first), which
+chat_processors follows."""
 
 
-def chat_processors(penalties: list[float], prompt_width: int, temperature: float, top_p: float):
-    """transformers logits processors that sample as `taille chat` does (CHAT_CHAIN). The penalty is
+def chat_processors(penalties: list[float], prompt_width: int, temperature: float, top_p: float,
+                    banned: list[int] = ()):
+    """transformers logits processors that sample as `taille chat` does (CHAT_CHAIN): the `banned` ids
+    (control_ids) never drawn, as `taille chat` and `taille serve` ban them. The penalty is
     llama.cpp's: each id among a row's last PENALTY_WINDOW reply tokens (llama-cpp-python feeds its sampler
     the sampled tokens, not the prompt; the prompt is the first `prompt_width` columns) has its logit divided
     by the row's penalty when positive and multiplied by it when negative, once however often it occurs."""
@@ -106,6 +118,11 @@ def chat_processors(penalties: list[float], prompt_width: int, temperature: floa
         LogitsProcessor, LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
         TopPLogitsWarper,
     )
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, list(banned)] = -math.inf
+            return scores
 
     class RecentRepetitionPenalty(LogitsProcessor):
         def __call__(self, input_ids, scores):
@@ -116,16 +133,17 @@ def chat_processors(penalties: list[float], prompt_width: int, temperature: floa
             picked = scores.gather(1, recent)
             return scores.scatter(1, recent, torch.where(picked < 0, picked * penalty, picked / penalty))
 
-    return LogitsProcessorList([RecentRepetitionPenalty(), TopKLogitsWarper(CHAT_TOP_K), TopPLogitsWarper(top_p),
-                                MinPLogitsWarper(CHAT_MIN_P), TemperatureLogitsWarper(temperature)])
+    return LogitsProcessorList([Ban(), RecentRepetitionPenalty(), TopKLogitsWarper(CHAT_TOP_K),
+                                TopPLogitsWarper(top_p), MinPLogitsWarper(CHAT_MIN_P),
+                                TemperatureLogitsWarper(temperature)])
 
 
 def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalSettings, seed: int,
                      precision: str = "fp32", penalties: list[float] | None = None) -> list[list[int]]:
     """A sampled reply (token ids, cut before the end-of-turn token) for each prompt. Batch b is sampled
     after torch.manual_seed(seed + b), so the same prompts and seed give the same replies. With `penalties`
-    (one repeat penalty a prompt) the chat chain samples (chat_processors; generate's own warpers are all
-    turned off, since it would run a given processor after them)."""
+    (one repeat penalty a prompt) the chat chain samples (chat_processors, control tokens banned; generate's
+    own warpers are all turned off, since it would run a given processor after them)."""
     import torch
 
     from taille.models.precision import autocast
@@ -145,7 +163,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalS
         sampling = {"temperature": s.temperature, "top_p": s.top_p}
         if penalties is not None:
             sampling = {"temperature": 1.0, "top_p": 1.0, "logits_processor": chat_processors(
-                penalties[b:b + s.batch_size], width, s.temperature, s.top_p)}
+                penalties[b:b + s.batch_size], width, s.temperature, s.top_p, control_ids(tokenizer))}
         torch.manual_seed(seed + b)
         with torch.no_grad(), autocast(precision, device.type):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=0,

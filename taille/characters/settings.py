@@ -49,9 +49,9 @@ class PersonaEvalSettings:
     """Nucleus sampling of the replies."""
     sampler: str = field(default="model", metadata={"flag": "persona_sampler"})
     """How the breaks' and transcripts' replies are sampled: model (temperature and top-p alone: the model
-    itself) or chat (the chain llama-cpp-python runs for `taille chat`: each card's repeat penalty over the
-    reply's last 64 tokens, top-k 40, top-p, min-p 0.05, then temperature: what a player sees). The
-    teacher's fidelity replies are sampled with `model` either way."""
+    itself) or chat (the chain llama-cpp-python runs for `taille chat`: control tokens banned, each card's
+    repeat penalty over the reply's last 64 tokens, top-k 40, top-p, min-p 0.05, then temperature: what a
+    player sees). The teacher's fidelity replies are sampled with `model` either way."""
     batch_size: int = field(default=16, metadata={"flag": "persona_batch_size"})
     """Replies sampled together."""
     lines: int | None = field(default=None, metadata={"flag": "persona_lines"})

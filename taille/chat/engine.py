@@ -6,7 +6,7 @@ queue). Plain functions over a `llama_cpp.Llama`:
   prompt_ids(llm, messages)          the conversation rendered with the file's own chat template (models/)
   fit_messages(llm, messages, room)  drop the oldest turns until the prompt leaves `room` tokens
   stream_reply(llm, ids, ...)        text pieces as llama.cpp samples them, cut before forbidden phrases,
-                                     ended by a control token (a new turn's `<|im_start|>`) as by end-of-turn
+                                     never a control token (a new turn's `<|im_start|>`): banned
   json_grammar(schema_json)          a llama.cpp grammar that only lets a reply of that JSON schema through
   guard_json(text, never)            a JSON reply with the forbidden phrases cut from its `say` only
 
@@ -111,19 +111,13 @@ def vocab_controls(vocab) -> frozenset[int]:
                      and not llama_cpp.llama_vocab_is_eog(vocab, t))
 
 
-class TurnOpened:
-    """A llama-cpp-python stopping criterion: the reply ends once the model writes a control token. llama.cpp
-    stops at end-of-generation tokens only, so a student that opens the next turn instead of closing its
-    own (`<|im_start|>user ...`, seen in role-play students) would show the player the roles' text: the
-    control token detokenizes to nothing and "user" follows. llama-cpp-python checks the criterion before
-    it hands out each new token, with the ids up to the one before, so the control token itself is
-    handed out (as no text) and nothing after it."""
-
-    def __init__(self, controls: frozenset[int], prompt_len: int):
-        self.controls, self.prompt_len = controls, prompt_len
-
-    def __call__(self, input_ids, logits) -> bool:
-        return len(input_ids) > self.prompt_len and int(input_ids[-1]) in self.controls
+def banned(llm) -> dict[int, float]:
+    """llama-cpp-python's `logit_bias` that bans control_ids. llama.cpp stops at end-of-generation tokens only,
+    so a student that opens the next turn instead of closing its own (`<|im_start|>user ...`, seen in
+    role-play students) would show the player the roles' text (the control token detokenizes to nothing and
+    "user" follows). Banned, the model ends its turn or goes on in it; `taille serve` sends llama-server the
+    same ban (taille.serve.server), and the persona eval's chat sampler bans the same tokens."""
+    return {t: float("-inf") for t in control_ids(llm)}
 
 
 def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature: float = 0.7,
@@ -134,15 +128,12 @@ def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature
     phrase in `never` is held back until it cannot; a reply reaching such a phrase ends before it
     (finish_reason content_filter). With a `grammar` (json_grammar) the reply is JSON and the phrases are
     cut from its `say` alone once it is whole (guard_json), so it still parses: it then comes as one piece
-    when there are phrases to look for. A control token the model writes ends the reply (TurnOpened).
+    when there are phrases to look for. The model never writes a control token (banned).
     `reply` is filled in as the stream goes."""
-    from llama_cpp import StoppingCriteriaList
-
     chunks = llm.create_completion(
         prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop or [],
         stream=True, seed=seed, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty, grammar=grammar,
-        stopping_criteria=StoppingCriteriaList([TurnOpened(control_ids(llm), len(ids))]),
+        presence_penalty=presence_penalty, grammar=grammar, logit_bias=banned(llm),
     )
     guard = JsonGuard(never) if grammar is not None else PhraseGuard(never)
     try:

@@ -453,7 +453,7 @@ class EnginePool:
     """llama-server and the threads that feed it, one per slot, sharing one bounded queue.
 
     Every request bans the vocabulary's control tokens that do not end generation (`logit_bias` false), as
-    `taille chat` ends a reply at one: a small student that opens the next turn instead of closing its own
+    `taille chat` does (taille.chat.engine.banned): a small student that opens the next turn instead of closing its own
     (`<|im_start|>user ...`) would otherwise hand the player the roles' text, since llama-server stops at
     end-of-generation tokens only and a control token renders as no text, so no stop string sees it."""
 

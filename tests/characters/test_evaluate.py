@@ -119,6 +119,27 @@ def test_the_chat_sampler_follows_llama_cpps_chain_written_out_here(tmp_path):
     assert generate_replies(model, tokenizer, [prompt], s, seed=5)[0] != got
 
 
+def test_the_chat_sampler_never_draws_a_control_token(tmp_path):
+    """A model that would rather write a control token (a tiny model whose head row for `<pad>` is its
+    first reply token's, scaled up) writes it under the model sampler; under the chat sampler, which bans
+    control tokens as `taille chat` and `taille serve` do, it replies what the unplanted model replies."""
+    tokenizer = make_tokenizer()
+    path = save_tiny_with(tmp_path / "sharp", "llama", tokenizer, head_scale=40)
+    model, tokenizer = load_model(str(path), dtype="fp32", device="cpu")
+    control = ev.control_ids(tokenizer)
+    pad = tokenizer.pad_token_id
+    assert pad in control and tokenizer.eos_token_id not in control and tokenizer.bos_token_id in control
+    prompt = ev.render(tokenizer, CARDS[0], ev.user(ADVERSARIAL[0]))
+    s = settings(temperature=0.7, top_p=0.9, max_new_tokens=8, sampler="chat")
+    plain = generate_replies(model, tokenizer, [prompt], s, seed=3, penalties=[1.1])[0]
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[pad] = 1.5 * head[plain[0]]
+    assert generate_replies(model, tokenizer, [prompt], settings(temperature=1e-3, max_new_tokens=8),
+                            seed=3)[0][0] == pad  # the model alone now opens with it
+    assert generate_replies(model, tokenizer, [prompt], s, seed=3, penalties=[1.1])[0] == plain
+
+
 def test_an_unknown_sampler_is_refused():
     with pytest.raises(TailleError, match="--persona-sampler llama: use one of model, chat"):
         settings(sampler="llama")

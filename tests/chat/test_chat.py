@@ -91,9 +91,10 @@ def test_old_turns_are_dropped_to_fit_the_context(llm):
         fit_messages(llm, [system, {"role": "user", "content": "word " * 400}], room=64)
 
 
-def test_a_reply_ends_where_the_model_opens_a_new_turn(llm):
+def test_a_reply_never_opens_a_new_turn(llm):
     """After a closed assistant turn SmolLM2 goes on with `<|im_start|>user ...`: llama.cpp alone would hand
-    the player "user\nI'm a traveler..." (the control token detokenizes to nothing); the reply ends there."""
+    the player "user\nI'm a traveler..." (the control token detokenizes to nothing); with the control tokens
+    banned the model ends its reply instead, at once."""
     from taille.chat.engine import Reply, control_ids, stream_reply
     from taille.models.llamacpp import prompt_ids
 
@@ -105,6 +106,9 @@ def test_a_reply_ends_where_the_model_opens_a_new_turn(llm):
     assert llm.create_completion(prompt=ids, max_tokens=8, temperature=0)["choices"][0]["text"].startswith("user")
     reply = Reply()
     assert "".join(stream_reply(llm, ids, reply, 8, temperature=0)) == "" and reply.finish_reason == "stop"
+    for seed in range(16):  # sampled, too: no reply of 16 seeds shows a role
+        text = "".join(stream_reply(llm, ids, Reply(), 8, temperature=1.0, top_p=1.0, seed=seed))
+        assert not text.lstrip().startswith(("user", "assistant", "system")), (seed, text)
     # an ordinary reply runs to its own end of turn
     asked = prompt_ids(llm, [{"role": "system", "content": "You are Brenna, a smith."}, {"role": "user", "content": "Hello!"}])
     reply = Reply()
