@@ -50,8 +50,16 @@ from taille.errors import TailleError
 
 log = logging.getLogger(__name__)
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-"""Tokens that end an assistant turn in the common chat templates (besides the tokenizer's eos)."""
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>",
+               "<|endoftext|>", "<|return|>", "<|call|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+               "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>",
+               # fill-in-the-middle pad, repo and file separators, which llama.cpp also ends a reply at
+               "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|repo_name|>",
+               "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>")
+"""Tokens that end a reply besides the tokenizer's eos: the names llama.cpp's vocabulary loader counts as
+end of generation (llama-vocab.cpp, llama.cpp as vendored by llama-cpp-python 0.3.36), so the eval stops
+where `taille chat` stops and its chat sampler bans the control tokens `taille chat` bans (control_ids;
+tests/chat checks both on the real SmolLM2, whose `<reponame>` llama.cpp takes as a FIM separator)."""
 TRANSCRIPTS = 3
 """Conversations shown per model."""
 INCOHERENT_PPL = 50.0

@@ -115,6 +115,18 @@ def test_a_reply_never_opens_a_new_turn(llm):
     assert len("".join(stream_reply(llm, asked, reply, 24, temperature=0)).split()) >= 2 and reply.tokens >= 2
 
 
+def test_the_persona_eval_bans_what_chat_bans(llm, smollm2):
+    """The eval's chat sampler (PyTorch, the Hugging Face tokenizer) and `taille chat` (llama.cpp, the GGUF)
+    ban the same tokens on the real SmolLM2: the GGUF's non-end-of-generation control tokens."""
+    from taille.characters.evaluate import control_ids as eval_bans
+    from taille.chat.engine import banned
+    from taille.models.load import load_tokenizer
+
+    chat_bans = set(banned(llm))
+    assert llm.tokenize(b"<|im_start|>", add_bos=False, special=True)[0] in chat_bans
+    assert set(eval_bans(load_tokenizer(smollm2))) == chat_bans
+
+
 @pytest.mark.slow
 def test_three_turn_terminal_chat(smollm2, tmp_path):
     pexpect = pytest.importorskip("pexpect")
