@@ -149,7 +149,8 @@ def main() -> None:
             "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
             "cache-sampled": (width, None, ["--teacher-cache", work / "cache-sampled"])}
     order = [r for r in ROWS if r in rows]
-    for name in filter(None, args.seeds.split(",")):
+    measured_repeats = [r for r in rows if (work / "measured" / f"{r}-seed1-{args.limit}.json").is_file()]
+    for name in dict.fromkeys([*filter(None, args.seeds.split(",")), *measured_repeats]):  # earlier repeats stay
         student, source, extra = rows[name]
         rows[f"{name}-seed1"] = (student, source, [*extra, "--seed", 1])
         order.append(f"{name}-seed1")
