@@ -149,6 +149,7 @@ def main() -> None:
             "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
             "cache-sampled": (width, None, ["--teacher-cache", work / "cache-sampled"])}
     order = [r for r in ROWS if r in rows]
+    adopt_committed(work, args)  # first: a committed seed repeat's measurement makes it a row
     measured_repeats = [r for r in rows if (work / "measured" / f"{r}-seed1-{args.limit}.json").is_file()]
     for name in dict.fromkeys([*filter(None, args.seeds.split(",")), *measured_repeats]):  # earlier repeats stay
         student, source, extra = rows[name]
@@ -158,8 +159,6 @@ def main() -> None:
     unknown = [r for r in chosen if r not in rows]
     if unknown:
         sys.exit(f"--only {','.join(unknown)}: rows are {', '.join(rows)}")
-
-    adopt_committed(work, args)
 
     def measured_once(name: str, model: str) -> dict:
         return remember(work / "measured" / f"{name}-{args.limit}.json",

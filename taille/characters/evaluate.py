@@ -51,13 +51,15 @@ from taille.errors import TailleError
 log = logging.getLogger(__name__)
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>",
-               "<|endoftext|>", "<|return|>", "<|call|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+               "<|endoftext|>", "</s>", "<eos>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<EOT>",
+               "_<EOT>", "[EOT]", "[EOS]",
                "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>",
                # fill-in-the-middle pad, repo and file separators, which llama.cpp also ends a reply at
                "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|repo_name|>",
                "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>")
-"""Tokens that end a reply besides the tokenizer's eos: the names llama.cpp's vocabulary loader counts as
-end of generation (llama-vocab.cpp, llama.cpp as vendored by llama-cpp-python 0.3.36), so the eval stops
+"""Tokens that end a reply besides the tokenizer's eos: the common names llama.cpp's vocabulary loader
+counts as end of generation (llama-vocab.cpp as vendored by llama-cpp-python 0.3.36; it takes only the first
+FIM pad, repo and separator name it finds, and a few model-specific names are left out), so the eval stops
 where `taille chat` stops and its chat sampler bans the control tokens `taille chat` bans (control_ids;
 tests/chat checks both on the real SmolLM2, whose `<reponame>` llama.cpp takes as a FIM separator)."""
 TRANSCRIPTS = 3
@@ -98,9 +100,9 @@ def control_ids(tokenizer) -> list[int]:
     """The tokenizer's special tokens that do not end a reply (`<|im_start|>`, padding...): what llama.cpp
     marks as control tokens in the GGUF, and what `taille chat` and `taille serve` ban
     (taille.chat.engine.banned)."""
-    stops = set(stop_ids(tokenizer))
+    stops = set(stop_ids(tokenizer)) | {tokenizer.unk_token_id}  # llama.cpp marks unk UNKNOWN, not control
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
-    return sorted(special - stops)
+    return sorted(i for i in special - stops if i is not None)
 
 
 # ------------------------------------------------------------------------------------------ generation

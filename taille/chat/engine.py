@@ -111,13 +111,25 @@ def vocab_controls(vocab) -> frozenset[int]:
                      and not llama_cpp.llama_vocab_is_eog(vocab, t))
 
 
-def banned(llm) -> dict[int, float]:
-    """llama-cpp-python's `logit_bias` that bans control_ids. llama.cpp stops at end-of-generation tokens only,
-    so a student that opens the next turn instead of closing its own (`<|im_start|>user ...`, seen in
+def banned(llm):
+    """A llama-cpp-python logits processor that bans control_ids. llama.cpp stops at end-of-generation tokens
+    only, so a student that opens the next turn instead of closing its own (`<|im_start|>user ...`, seen in
     role-play students) would show the player the roles' text (the control token detokenizes to nothing and
     "user" follows). Banned, the model ends its turn or goes on in it; `taille serve` sends llama-server the
-    same ban (taille.serve.server), and the persona eval's chat sampler bans the same tokens."""
-    return {t: float("-inf") for t in control_ids(llm)}
+    same ban (taille.serve.server), and the persona eval's chat sampler bans the same tokens. One vectorised
+    assignment a token (llama-cpp-python's `logit_bias` copies the logits and loops in Python over every id:
+    Llama 3 and Gemma vocabularies hold hundreds to thousands of reserved control tokens). It runs first in
+    llama-cpp-python's chain, as `logit_bias` would."""
+    import numpy as np
+
+    ids = np.fromiter(sorted(control_ids(llm)), dtype=np.intc)
+
+    def ban(input_ids, scores):
+        scores[ids] = -np.inf
+        return scores
+
+    ban.ids = ids
+    return ban
 
 
 def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature: float = 0.7,
@@ -130,10 +142,13 @@ def stream_reply(llm, ids: list[int], reply: Reply, max_tokens: int, temperature
     cut from its `say` alone once it is whole (guard_json), so it still parses: it then comes as one piece
     when there are phrases to look for. The model never writes a control token (banned).
     `reply` is filled in as the stream goes."""
+    from llama_cpp import LogitsProcessorList
+
     chunks = llm.create_completion(
         prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop or [],
         stream=True, seed=seed, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty, grammar=grammar, logit_bias=banned(llm),
+        presence_penalty=presence_penalty, grammar=grammar,
+        logits_processor=LogitsProcessorList([banned(llm)]),
     )
     guard = JsonGuard(never) if grammar is not None else PhraseGuard(never)
     try:

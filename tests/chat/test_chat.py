@@ -122,7 +122,7 @@ def test_the_persona_eval_bans_what_chat_bans(llm, smollm2):
     from taille.chat.engine import banned
     from taille.models.load import load_tokenizer
 
-    chat_bans = set(banned(llm))
+    chat_bans = set(banned(llm).ids.tolist())
     assert llm.tokenize(b"<|im_start|>", add_bos=False, special=True)[0] in chat_bans
     assert set(eval_bans(load_tokenizer(smollm2))) == chat_bans
 
