@@ -129,9 +129,11 @@ def chat_processors(penalties: list[float], prompt_width: int, temperature: floa
         TopPLogitsWarper,
     )
 
+    banned = list(banned)
+
     class Ban(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            scores[:, list(banned)] = -math.inf
+            scores[:, banned] = -math.inf
             return scores
 
     class RecentRepetitionPenalty(LogitsProcessor):
@@ -160,6 +162,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalS
 
     device = next(model.parameters()).device
     stops = stop_ids(tokenizer)
+    bans = control_ids(tokenizer) if penalties is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     replies = []
     for b in range(0, len(prompts), s.batch_size):
@@ -173,7 +176,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], s: PersonaEvalS
         sampling = {"temperature": s.temperature, "top_p": s.top_p}
         if penalties is not None:
             sampling = {"temperature": 1.0, "top_p": 1.0, "logits_processor": chat_processors(
-                penalties[b:b + s.batch_size], width, s.temperature, s.top_p, control_ids(tokenizer))}
+                penalties[b:b + s.batch_size], width, s.temperature, s.top_p, bans)}
         torch.manual_seed(seed + b)
         with torch.no_grad(), autocast(precision, device.type):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=0,

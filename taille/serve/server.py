@@ -453,9 +453,10 @@ class EnginePool:
     """llama-server and the threads that feed it, one per slot, sharing one bounded queue.
 
     Every request bans the vocabulary's control tokens that do not end generation (`logit_bias` false), as
-    `taille chat` does (taille.chat.engine.banned): a small student that opens the next turn instead of closing its own
-    (`<|im_start|>user ...`) would otherwise hand the player the roles' text, since llama-server stops at
-    end-of-generation tokens only and a control token renders as no text, so no stop string sees it."""
+    `taille chat` does (taille.chat.engine.banned): a small student that opens the next turn instead of
+    closing its own (`<|im_start|>user ...`) would otherwise hand the player the roles' text, since
+    llama-server stops at end-of-generation tokens only and a control token renders as no text, so no stop
+    string sees it."""
 
     def __init__(self, engine, size: int, parallel: int):
         from taille.serve.engine import control_tokens
