@@ -26,6 +26,10 @@ benchmark's schedule, changing one thing:
   general        a teacher-generated general corpus (--corpus, from `taille generate`; default: the shipped
                  `chat` corpus, ~60K tokens of the teacher's answers as the student reads them, so 512K tokens read it ~9 times)
   general-plays  that corpus and the plays, half and half
+  free           256K tokens of the teacher's free text (`taille generate --prompts free --temperature 1.0`: each
+                 record opens with a random word of its vocabulary and goes on as plain text, LLM-QAT's
+                 data-free generation), written into --work first (~30 min here): pre-training-like text
+                 against the chat answers of `general`
   difference     the plays' blocks where the teacher is furthest ahead of the pruned student: `taille select`
                  (MiniPLM's difference sampling) keeps the best half of 1M tokens
   cache-top / cache-sampled   from a teacher cache of the first --tokens of the plays, 128 per position: the
@@ -71,7 +75,8 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+FREE_TOKENS = "256K"
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -145,6 +150,7 @@ def main() -> None:
             "roleplay-general-replies": (width, data["roleplay-general"], ["--loss-on", "replies"]),
             "roleplay-general-replies-jsd": (width, data["roleplay-general"], ["--loss-on", "replies", "--loss", "jsd"]),
             "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], []),
+            "free": (width, str(work / "free.jsonl"), []),
             "difference": (width, str(work / "difference.jsonl"), []),
             "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
             "cache-sampled": (width, None, ["--teacher-cache", work / "cache-sampled"])}
@@ -167,6 +173,9 @@ def main() -> None:
     if "difference" in chosen and not (work / "difference.jsonl").exists():
         taille("select", "--teacher", TEACHER, "--reference", width, "--data", "shakespeare", "--tokens", args.tokens,
                "--pool", 2, "--seq-len", args.seq_len, "--out", work / "difference.jsonl")
+    if "free" in chosen and not (work / "free.jsonl.meta.json").exists():  # written when the corpus is whole
+        taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
+               "--out", work / "free.jsonl")  # resumable: a stopped run goes on
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]

@@ -443,7 +443,9 @@ def generate(cfg: GenerateSettings) -> None:
     Each prompt is answered in rounds until --tokens answer tokens are kept; answers too short, not in
     --language, or exact / near duplicates of earlier ones are dropped. Records are appended as they come:
     run it again to continue (done prompt rounds are skipped). A teacher without a chat template gets
-    plain continuations (text records), and says so. OUT.meta.json: engine, tokens/s, what was filtered.
+    plain continuations (text records), and says so; --plain asks for them from any teacher, and --prompts free
+    opens each record with a random word of the teacher's vocabulary (data-free generation). OUT.meta.json:
+    engine, tokens/s, what was filtered.
     With --personas DIR: role-play conversations instead, the teacher answering in character to player lines
     of several kinds (knowledge, small talk, goals, lines that try to make it break), filtered for breaks.
     """

@@ -232,7 +232,7 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
                     seconds += time.perf_counter() - start
                     for c, (text, n) in zip(live, answers):
                         generated += n
-                        text, trimmed = finish(text, n, s.max_new_tokens)
+                        text, trimmed = finish(text.strip(), n, s.max_new_tokens)
                         counts_trimmed[0] += trimmed and bool(text)
                         verdict = reply_verdict(text, n, personas[c["persona"]], s, dedup, engine.count)
                         if verdict is not None:

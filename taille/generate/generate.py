@@ -15,6 +15,11 @@ for GGUF teachers transformers cannot load, or too little memory for unquantized
 Self-instruct (`--self-instruct N`): the teacher first writes N new prompts, each from a few seed prompts
 shown as examples; they are filtered and de-duplicated like answers, kept in OUT.prompts.jsonl (so a
 resumed run answers the same pool), and answered after the seed prompts.
+Plain text (`--plain`, or `--prompts free`): the teacher continues each prompt as text, no chat turn, and
+records are `text`. `--prompts free` is LLM-QAT's data-free generation (Liu et al. 2023): each record opens
+with one word drawn at random from the teacher's own vocabulary and the rest is the teacher's, so the
+corpus follows what the teacher read in pre-training (prose, explanations, lists, some code) rather than
+what it answers in a chat.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ log = logging.getLogger(__name__)
 
 SEED = "seed"
 """--prompts value naming the shipped general seed set (taille/generate/seed_prompts.txt)."""
+FREE = "free"
+"""--prompts value for data-free generation: openings drawn from the teacher's vocabulary."""
+FREE_OPENINGS = 8192
+"""How many openings --prompts free draws (with --seed): rounds over them go on until --tokens are kept."""
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 
 
@@ -46,8 +55,12 @@ class GenerateSettings:
     out: str
     """Chat JSONL to write (appended to; OUT.meta.json beside it)."""
     prompts: str = SEED
-    """'seed' (the shipped general set), or a .txt (a prompt a line) or .jsonl ({"prompt": ...} or
-    {"messages": [...]}) file."""
+    """'seed' (the shipped general set), 'free' (no prompts: each record opens with a word drawn at random
+    from the teacher's vocabulary and goes on as the teacher's plain text), or a .txt (a prompt a line) or
+    .jsonl ({"prompt": ...} or {"messages": [...]}) file."""
+    plain: bool = False
+    """Continue each prompt as plain text (text records) instead of answering it in a chat turn; --prompts
+    free always does."""
     tokens: Count = 300_000
     """Answer tokens to keep, after filtering (300K, 2M)."""
     max_new_tokens: int = 256
@@ -100,14 +113,20 @@ class GenerateSettings:
             raise TailleError("--near-duplicate must be in (0, 1]")
         if self.conversations < 1 or not 1 <= self.turns <= 8:
             raise TailleError("--conversations must be at least 1 and --turns between 1 and 8")
-        if self.personas is not None and self.prompts != SEED:
-            raise TailleError("--personas writes its own player lines; give --prompts or --personas, not both")
+        if self.personas is not None and (self.prompts != SEED or self.plain):
+            raise TailleError("--personas writes its own player lines in chat turns; give --prompts (or --plain) "
+                              "or --personas, not both")
+        if self.prompts == FREE and self.self_instruct:
+            raise TailleError("--self-instruct writes prompts from the seed set; --prompts free has none "
+                              "(use one of them)")
         if self.language not in (None, "en"):
             raise TailleError(f"--language {self.language}: only en (or none) is checked so far")
         check_precision(self.precision)
 
 
 def read_prompts(spec: str) -> list[str]:
+    if spec == FREE:
+        raise TailleError("--prompts free draws its openings from the teacher's vocabulary (free_openings)")
     """The seed set, or a .txt (one prompt a line) / .jsonl ({"prompt": ...} or {"messages": [...]}, the last
     user message) file. Empty or malformed files are errors naming the line."""
     path = Path(__file__).parent / "seed_prompts.txt" if spec == SEED else Path(spec)
@@ -191,13 +210,16 @@ class Engine:
     render_text: Callable[[str], str | list[int]]
     """plain text to continue -> what `sample` takes (no chat template)."""
     sample: Callable[[list, int, int], list[tuple[str, int]]]
-    """(rendered prompts, max_new_tokens, seed) -> [(answer text, tokens generated)]."""
+    """(rendered prompts, max_new_tokens, seed) -> [(answer text as generated, leading space kept, tokens
+    generated)]."""
     count: Callable[[str], int]
     """Tokens of a text."""
     render_messages: Callable[[list[dict]], str | list[int]] | None = None
     """a conversation (system, user, assistant ... ending with a user turn) -> what `sample` takes."""
     close: Callable[[], None] = lambda: None
     """Stop what the engine started (llama-server and its threads)."""
+    vocabulary: Callable[[], list[str]] = lambda: []
+    """Each ordinary (not special) token's text, for --prompts free."""
 
 
 def torch_engine(s: GenerateSettings) -> Engine:
@@ -228,14 +250,18 @@ def torch_engine(s: GenerateSettings) -> Engine:
             ids = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         new = ids[:, enc["input_ids"].shape[1]:]  # (B, new)
-        return [(tokenizer.decode(row, skip_special_tokens=True).strip(), int((row != tokenizer.pad_token_id).sum()))
+        return [(tokenizer.decode(row, skip_special_tokens=True), int((row != tokenizer.pad_token_id).sum()))
                 for row in new]
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def vocabulary() -> list[str]:
+        special = set(tokenizer.all_special_ids)
+        return [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
+
     return Engine(f"pytorch: transformers generate, batched ({device}, {precision})", chat, render,
-                  lambda text: text, sample, count, render_messages)
+                  lambda text: text, sample, count, render_messages, vocabulary=vocabulary)
 
 
 def llama_engine(s: GenerateSettings, path: Path) -> Engine:
@@ -259,14 +285,14 @@ def llama_engine(s: GenerateSettings, path: Path) -> Engine:
             reply = llm.create_completion(prompt=ids[: llm.n_ctx() - 1], max_tokens=max(1, room),
                                           temperature=s.temperature, top_p=s.top_p, top_k=0, min_p=0.0,
                                           repeat_penalty=1.0, seed=seed + k)
-            out.append((reply["choices"][0]["text"].strip(), reply["usage"]["completion_tokens"]))
+            out.append((reply["choices"][0]["text"], reply["usage"]["completion_tokens"]))
         return out
 
     def count(text: str) -> int:
         return len(llm.tokenize(text.encode(), add_bos=False, special=False))
 
     return Engine(f"llama.cpp: {path.name}, one sequence at a time (cpu)", chat, render, render_text, sample, count,
-                  lambda messages: prompt_ids(llm, messages))
+                  lambda messages: prompt_ids(llm, messages), vocabulary=lambda: gguf_vocabulary(llm))
 
 
 def server_engine(s: GenerateSettings, path: Path) -> Engine:
@@ -311,7 +337,7 @@ def server_engine(s: GenerateSettings, path: Path) -> Engine:
             connection.close()
         if response.status != 200:
             raise TailleError(f"llama-server answered {response.status}: {answer}; its log: {server.log_path}")
-        return answer["content"].strip(), int(answer["tokens_predicted"])
+        return answer["content"], int(answer["tokens_predicted"])
 
     def sample(prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
         return list(pool.map(lambda k: one(prompts[k], max_new_tokens, seed + k), range(len(prompts))))
@@ -325,7 +351,13 @@ def server_engine(s: GenerateSettings, path: Path) -> Engine:
 
     return Engine(f"llama-server: {path.name}, {s.batch_size} slots, continuous batching (cpu)", chat,
                   lambda prompt: render_messages([{"role": "user", "content": prompt}]) if chat else render_text(prompt),
-                  render_text, sample, count, render_messages, close)
+                  render_text, sample, count, render_messages, close, vocabulary=lambda: gguf_vocabulary(vocab))
+
+
+def gguf_vocabulary(llm) -> list[str]:
+    """A llama.cpp model's ordinary tokens' texts (control tokens detokenize to nothing without special)."""
+    texts = (llm.detokenize([i]).decode("utf-8", errors="replace") for i in range(llm.n_vocab()))
+    return [t for t in texts if t]
 
 
 def pick_engine(s: GenerateSettings) -> Engine:
@@ -418,7 +450,7 @@ def generate(s: GenerateSettings) -> dict:
 
         return generate_roleplay(s)
 
-    prompts = read_prompts(s.prompts)
+    prompts = None if s.prompts == FREE else read_prompts(s.prompts)
     engine = pick_engine(s)
     try:
         return _generate(s, prompts, engine)
@@ -426,12 +458,30 @@ def generate(s: GenerateSettings) -> dict:
         engine.close()
 
 
-def _generate(s: GenerateSettings, prompts: list[str], engine: Engine) -> dict:
+def free_openings(words: list[str], s: GenerateSettings) -> list[str]:
+    """FREE_OPENINGS words drawn (with --seed) from the teacher's vocabulary: its whole-word tokens of letters
+    only (a leading space where the tokenizer marks one; ASCII for --language en), 3 letters or more."""
+    letters = r"[A-Za-z]{3,}" if s.language == "en" else r"[^\W\d_]{3,}"
+    found = [w for w in words if re.fullmatch(f" ?{letters}", w)]
+    spaced = [w for w in found if w.startswith(" ")]
+    pool = sorted({w.strip() for w in (spaced if len(spaced) >= 100 else found)})
+    if not pool:
+        raise TailleError(f"--prompts free: {s.teacher}'s vocabulary has no word tokens to open text with; "
+                          "give --prompts (a .txt of openings) with --plain")
+    rng = random.Random(s.seed)
+    return [rng.choice(pool) for _ in range(FREE_OPENINGS)]
+
+
+def _generate(s: GenerateSettings, prompts: list[str] | None, engine: Engine) -> dict:
     from tqdm.auto import tqdm
 
+    plain = s.plain or prompts is None or not engine.chat
     if not engine.chat:
         log.warning("%s has no chat template: generating plain continuations of the prompts (records are text)",
                     s.teacher)
+    if prompts is None:
+        prompts = free_openings(engine.vocabulary(), s)
+    given = len(prompts)
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if s.self_instruct:
@@ -452,11 +502,12 @@ def _generate(s: GenerateSettings, prompts: list[str], engine: Engine) -> dict:
                     break
                 batch = todo[b:b + s.batch_size]
                 start = time.perf_counter()
-                answers = engine.sample([engine.render(p) for _, p in batch], s.max_new_tokens,
-                                        s.seed + rounds * 1_000_003 + b)
+                answers = engine.sample([(engine.render_text if plain else engine.render)(p) for _, p in batch],
+                                        s.max_new_tokens, s.seed + rounds * 1_000_003 + b)
                 seconds += time.perf_counter() - start
-                for (i, prompt), (answer, length) in zip(batch, answers):
+                for (i, prompt), (raw, length) in zip(batch, answers):
                     generated += length
+                    answer = raw.strip()
                     n = engine.count(answer)
                     verdict = ("too_short" if n < s.min_tokens else "language" if not looks_like(answer, s.language)
                                else None)
@@ -467,9 +518,9 @@ def _generate(s: GenerateSettings, prompts: list[str], engine: Engine) -> dict:
                         counts[verdict] += 1
                         continue
                     record = {"id": f"{i}-{rounds}", "prompt": prompt, "answer": answer, "tokens": n}
-                    record.update({"messages": [{"role": "user", "content": prompt},
-                                                {"role": "assistant", "content": answer}]} if engine.chat
-                                  else {"text": f"{prompt} {answer}"})
+                    record.update({"text": prompt + raw.rstrip()} if plain
+                                  else {"messages": [{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": answer}]})
                     f.write(json.dumps(record) + "\n")
                     f.flush()
                     counts["kept"] += 1
@@ -482,8 +533,8 @@ def _generate(s: GenerateSettings, prompts: list[str], engine: Engine) -> dict:
                                   "everything (lower --min-tokens, raise --near-duplicate) or add prompts")
     bar.close()
     offered = sum(counts.values()) - len(done)
-    meta = {"engine": engine.name, "teacher": s.teacher, "chat_template": engine.chat, "settings": asdict(s),
-            "prompts": len(prompts), "self_instruct_prompts": len(prompts) - len(read_prompts(s.prompts)),
+    meta = {"engine": engine.name, "teacher": s.teacher, "chat_template": engine.chat, "plain_text": plain,
+            "settings": asdict(s), "prompts": len(prompts), "self_instruct_prompts": len(prompts) - given,
             "tokens_kept": kept_tokens, "records": counts["kept"], "generated_tokens_this_run": generated,
             "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
             "filtered_this_run": {k: v for k, v in counts.items() if k != "kept"},

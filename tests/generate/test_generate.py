@@ -13,7 +13,7 @@ def gen_args(model, out, prompts, **extra):
     base = {"--teacher": model, "--out": out, "--prompts": prompts, "--tokens": 40, "--max-new-tokens": 12,
             "--batch-size": 2, "--min-tokens": 1, "--language": "none", "--near-duplicate": 1.0, "--precision": "fp32"}
     base.update(extra)
-    return ["generate"] + [str(x) for kv in base.items() for x in kv]
+    return ["generate"] + [str(x) for k, v in base.items() for x in ((k,) if v is None else (k, v))]  # None: a flag
 
 
 def test_seed_set_is_shipped_and_diverse():
@@ -118,3 +118,61 @@ def test_llama_cpp_engine_needs_a_gguf_teacher(tmp_path, capsys):
     assert "needs a GGUF teacher" in err
     _, err = run_cli(capsys, *gen_args(model, tmp_path / "g.jsonl", "seed", **{"--engine": "vllm"}), code=2)
     assert "--engine vllm" in err
+
+
+def test_free_text_opens_with_vocabulary_words_and_resumes(tmp_path, capsys):
+    """--prompts free: plain-text records (no chat turn, though the teacher has a template), each opening with a
+    whole word of the teacher's vocabulary followed by what the teacher wrote; a longer run keeps them."""
+    from taille.models.load import load_tokenizer
+
+    model = save_tiny(tmp_path / "m", "llama", seed=1)
+    out = tmp_path / "free.jsonl"
+    run_cli(capsys, *gen_args(model, out, "free"))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    tokenizer = load_tokenizer(str(model))
+    words = {tokenizer.decode([i]).strip() for i in range(len(tokenizer))}
+    assert records and all("messages" not in r and r["text"].startswith(r["prompt"]) and
+                           r["text"].endswith(r["answer"]) for r in records)
+    assert all(r["prompt"] in words and r["prompt"].isalpha() and len(r["prompt"]) >= 3 for r in records)
+    assert len({r["prompt"] for r in records}) > 1  # drawn, not one fixed opening
+    meta = json.loads((tmp_path / "free.jsonl.meta.json").read_text())
+    assert meta["plain_text"] and meta["chat_template"] and meta["prompts"] == 8192
+    run_cli(capsys, *gen_args(model, out, "free", **{"--tokens": 80}))
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again[: len(records)] == records and sum(r["tokens"] for r in again) >= 80
+
+
+def test_plain_continues_the_prompts_of_a_chat_teacher(tmp_path, capsys):
+    model = save_tiny(tmp_path / "m", "llama", seed=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The heath lay under a grey sky\n")
+    out = tmp_path / "gen.jsonl"
+    run_cli(capsys, *gen_args(model, out, prompts, **{"--plain": None}))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["text"].startswith("The heath lay under a grey sky") and "messages" not in r for r in records)
+    chat_out = tmp_path / "chat.jsonl"  # the same prompt answered in a chat turn: a different computation
+    run_cli(capsys, *gen_args(model, chat_out, prompts))
+    assert "messages" in json.loads(chat_out.read_text().splitlines()[0])
+
+
+def test_free_openings_prefer_whole_spaced_words_and_follow_the_seed():
+    from taille.generate.generate import GenerateSettings, free_openings
+
+    vocabulary = [" the", " heath", "ing", " 42", " né", "def(", "<x>"] + [f" w{'a' * (k % 7 + 2)}{k}" for k in range(3)]
+    s = GenerateSettings(teacher="t", out="o.jsonl", prompts="free", seed=3)
+    spaced = [" " + "".join(chr(97 + (k * 7 + j) % 26) for j in range(5)) for k in range(120)]
+    openings = free_openings(vocabulary + spaced, s)
+    assert set(openings) <= {w.strip() for w in spaced + [" the", " heath"]}  # no pieces, digits, code, accents
+    assert openings == free_openings(vocabulary + spaced, s)
+    assert openings != free_openings(vocabulary + spaced, GenerateSettings(teacher="t", out="o.jsonl", prompts="free", seed=4))
+    few = free_openings(vocabulary, s)  # under 100 spaced words: word pieces too
+    assert {"ing", "the", "heath"} <= set(few) and "né" not in few
+    with pytest.raises(TailleError, match="no word tokens"):
+        free_openings(["<x>", " 42"], s)
+
+
+@pytest.mark.parametrize("extra, message", [({"--self-instruct": 4}, "--prompts free has none"),
+                                            ({"--personas": "cards"}, "not both")])
+def test_free_text_refuses_what_it_cannot_do(tmp_path, capsys, extra, message):
+    _, err = run_cli(capsys, *gen_args(tmp_path, tmp_path / "o.jsonl", "free", **extra), code=2)
+    assert message in err and "Traceback" not in err
