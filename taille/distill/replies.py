@@ -119,7 +119,7 @@ def reply_mask(blocks, tokenizer) -> ReplyMask:
     """The ReplyMask of `blocks` with the tokenizer's assistant header and end-of-turn tokens, refused in one
     line when the tokenizer has no chat template or the blocks hold no reply (every source plain text: the
     loss would be --loss-on all's)."""
-    from taille.characters.evaluate import stop_ids
+    from taille.models.turns import stop_ids
     from taille.distill.onpolicy import reply_marker
 
     marker = reply_marker(tokenizer, where="--loss-on replies", instead="--loss-on all")
