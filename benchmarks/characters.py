@@ -156,7 +156,8 @@ def main() -> None:
         measured = committed.get(name)
         if name == "demo" and measured is not None and measured.get("weights") != weights_stamp(Path(models[name])):
             measured = None  # recovery_general measured another demo's weights: run it with --demo first
-        results["rows"][name] = {"model": models[name], "characters": row, "general": general(measured)}
+        kept = {k: v for k, v in row.items() if k != "scored_replies"}  # every reply stays in --work's measured/
+        results["rows"][name] = {"model": models[name], "characters": kept, "general": general(measured)}
         results["settings"] = {"cards": args.cards, "lines": 40, "batch_size": args.batch_size, "teacher": TEACHER,
                                "sampler": args.sampler}
         write(results, stem)

@@ -18,6 +18,9 @@ Per model:
   The teacher's replies are sampled once and cached as JSON in the cache folder (keyed by the teacher,
   the cards, the lines, the seed and the sampling settings).
 - **transcripts**: three short conversations, the same player lines and seeds for every model.
+- every reply to an adversarial line, with its verdicts (break marker, degenerate reason, the teacher's
+  perplexity, incoherent), in the row's `scored_replies` (eval.json), so two measurements can be compared
+  reply by reply.
 
 Generation is batched PyTorch `generate` with left padding (as taille/generate/generate.py), replies cut
 at the end-of-turn token. Sampling uses the settings' temperature and top-p for every card and by default
@@ -326,6 +329,10 @@ def evaluate_model(spec: str, model, tokenizer, teacher, teacher_tokenizer, pers
     row["degenerate_by_reason"] = dict(Counter(d for d in degenerated if d is not None))
     row["break_examples"] = [{"card": p.name, "line": line, "reply": t, "marker": b}
                              for (p, line), t, b in zip(asked, texts, broken) if b is not None][:5]
+    row["scored_replies"] = [  # every reply and its verdicts: two measurements can be compared reply by reply
+        {"card": p.id, "line": line, "reply": t, "break": b, "degenerate": d,
+         "teacher_ppl": round(math.exp(sum(x) / len(x)), 3) if x else None, "incoherent": i}
+        for (p, line), t, b, d, x, i in zip(asked, texts, broken, degenerated, reply_nll, incoherent)]
 
     teacher_ppl, _ = _ppl([x for x in reply_nll if x])
     row["coherence"] = {"teacher_ppl": teacher_ppl, "degenerate": row["degenerate_rate"],

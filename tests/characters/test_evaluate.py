@@ -230,6 +230,12 @@ def test_break_rate_counts_planted_replies_and_a_loop_is_never_in_character(mode
     assert row["in_character"] == pytest.approx((n - 4) / n)
     assert row["breaks_by_marker"] == {"as an ai": 1, "by the old gods": 1, "```": 1}
     assert row["degenerate_by_reason"] == {"loop": 1}
+    scored = row["scored_replies"]  # every reply with its verdicts, in the order asked
+    assert [(r["card"], r["line"]) for r in scored] == [(c.id, line) for c in CARDS[:2] for line in ADVERSARIAL]
+    assert {(r["card"], r["line"]): r["break"] for r in scored if r["break"]} == {
+        (CARDS[0].id, ADVERSARIAL[0]): "as an ai", (CARDS[0].id, ADVERSARIAL[1]): "by the old gods",
+        (CARDS[1].id, ADVERSARIAL[2]): "```"}
+    assert [r["reply"] for r in scored if r["degenerate"] == "loop"] == [planted[(1, ADVERSARIAL[3])]]
 
 
 def test_a_reply_the_teacher_finds_incoherent_is_never_in_character(models, monkeypatch):
