@@ -150,7 +150,7 @@ def main() -> None:
             "roleplay-general-replies": (width, data["roleplay-general"], ["--loss-on", "replies"]),
             "roleplay-general-replies-jsd": (width, data["roleplay-general"], ["--loss-on", "replies", "--loss", "jsd"]),
             "general": (width, data["general"], []), "general-plays": (width, data["general-plays"], []),
-            "free": (width, str(work / "free.jsonl"), []),
+            "free": (width, str(work / "free.jsonl"), []),  # the corpus is written first (below)
             "difference": (width, str(work / "difference.jsonl"), []),
             "cache-top": (width, None, ["--teacher-cache", work / "cache-top"]),
             "cache-sampled": (width, None, ["--teacher-cache", work / "cache-sampled"])}
@@ -173,7 +173,9 @@ def main() -> None:
     if "difference" in chosen and not (work / "difference.jsonl").exists():
         taille("select", "--teacher", TEACHER, "--reference", width, "--data", "shakespeare", "--tokens", args.tokens,
                "--pool", 2, "--seq-len", args.seq_len, "--out", work / "difference.jsonl")
-    if "free" in chosen and not (work / "free.jsonl.meta.json").exists():  # written when the corpus is whole
+    free = str(work / "free.jsonl")  # written by the first run that trains on it (a row, its repeat, its curve)
+    if any(rows[n][1] == free for n in [*chosen, *filter(None, args.curves.split(","))] if n in rows) \
+            and not (work / "free.jsonl.meta.json").exists():  # the meta is written when the corpus is whole
         taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
     outs = {}

@@ -438,7 +438,7 @@ def _plan_distill(model: str, settings, json_out: bool) -> None:
 
 @_verb()
 def generate(cfg: GenerateSettings) -> None:
-    """Sample a distillation corpus from the teacher: prompts in, teacher answers out, as chat JSONL for --data.
+    """Sample a distillation corpus from the teacher: prompts in, teacher answers out, as JSONL for --data.
 
     Each prompt is answered in rounds until --tokens answer tokens are kept; answers too short, not in
     --language, or exact / near duplicates of earlier ones are dropped. Records are appended as they come:

@@ -17,9 +17,9 @@ shown as examples; they are filtered and de-duplicated like answers, kept in OUT
 resumed run answers the same pool), and answered after the seed prompts.
 Plain text (`--plain`, or `--prompts free`): the teacher continues each prompt as text, no chat turn, and
 records are `text`. `--prompts free` is LLM-QAT's data-free generation (Liu et al. 2023): each record opens
-with one word drawn at random from the teacher's own vocabulary and the rest is the teacher's, so the
-corpus follows what the teacher read in pre-training (prose, explanations, lists, some code) rather than
-what it answers in a chat.
+with one word start drawn at random from the teacher's own vocabulary (kept in OUT.openings.jsonl) and the
+rest is the teacher's, so the corpus follows what the teacher read in pre-training (prose, explanations,
+lists, some code) rather than what it answers in a chat.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ class GenerateSettings:
     teacher: str
     """The model whose answers make the corpus."""
     out: str
-    """Chat JSONL to write (appended to; OUT.meta.json beside it)."""
+    """JSONL to write: chat records, or text ones with --plain or --prompts free (appended to; OUT.meta.json
+    beside it)."""
     prompts: str = SEED
-    """'seed' (the shipped general set), 'free' (no prompts: each record opens with a word drawn at random
-    from the teacher's vocabulary and goes on as the teacher's plain text), or a .txt (a prompt a line) or
+    """'seed' (the shipped general set), 'free' (no prompts: each record opens with a word start drawn at
+    random from the teacher's vocabulary and goes on as the teacher's plain text), or a .txt (a prompt a line) or
     .jsonl ({"prompt": ...} or {"messages": [...]}) file."""
     plain: bool = False
     """Continue each prompt as plain text (text records) instead of answering it in a chat turn; --prompts
@@ -125,8 +126,6 @@ class GenerateSettings:
 
 
 def read_prompts(spec: str) -> list[str]:
-    if spec == FREE:
-        raise TailleError("--prompts free draws its openings from the teacher's vocabulary (free_openings)")
     """The seed set, or a .txt (one prompt a line) / .jsonl ({"prompt": ...} or {"messages": [...]}, the last
     user message) file. Empty or malformed files are errors naming the line."""
     path = Path(__file__).parent / "seed_prompts.txt" if spec == SEED else Path(spec)
@@ -239,29 +238,48 @@ def torch_engine(s: GenerateSettings) -> Engine:
     def render_messages(messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None and \
+        tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
+
+    def render_text(text: str) -> str:  # plain text starts as the tokenizer starts any text (its BOS, if it adds one)
+        return bos + text
+
     def render(prompt: str) -> str:
-        return render_messages([{"role": "user", "content": prompt}]) if chat else prompt
+        return render_messages([{"role": "user", "content": prompt}]) if chat else render_text(prompt)
 
     @torch.no_grad()
     def sample(texts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(seed)
         with autocast(precision, device):
             ids = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        new = ids[:, enc["input_ids"].shape[1]:]  # (B, new)
-        return [(tokenizer.decode(row, skip_special_tokens=True), int((row != tokenizer.pad_token_id).sum()))
-                for row in new]
+        width = enc["input_ids"].shape[1]
+        return [(continuation(tokenizer, int(row[width - 1]), row[width:].tolist()),
+                 int((row[width:] != tokenizer.pad_token_id).sum())) for row in ids]  # left padding: the
+        # prompt's last token is at width - 1
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def vocabulary() -> list[str]:
-        special = set(tokenizer.all_special_ids)
-        return [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
-
     return Engine(f"pytorch: transformers generate, batched ({device}, {precision})", chat, render,
-                  lambda text: text, sample, count, render_messages, vocabulary=vocabulary)
+                  render_text, sample, count, render_messages, vocabulary=lambda: hf_vocabulary(tokenizer))
+
+
+def hf_vocabulary(tokenizer) -> list[str]:
+    """A Hugging Face tokenizer's ordinary tokens' texts as they read inside a text (a word start keeps its
+    space, which SentencePiece decoders drop from a lone token): what gguf_vocabulary reads from llama.cpp."""
+    special = set(tokenizer.all_special_ids)
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+    return [continuation(tokenizer, anchor, [i]) for i in range(len(tokenizer)) if i not in special]
+
+
+def continuation(tokenizer, last: int, new: list[int]) -> str:
+    """The text `new` adds after a sequence ending with token `last`, as it reads there: decoded after `last`
+    and cut, since SentencePiece decoders drop the word-start space of a sequence's first token (decoding
+    `new` alone would glue it to the prompt)."""
+    head = tokenizer.decode([last], skip_special_tokens=True)
+    return tokenizer.decode([last, *new], skip_special_tokens=True)[len(head):]
 
 
 def llama_engine(s: GenerateSettings, path: Path) -> Engine:
@@ -431,13 +449,17 @@ def looks_like(text: str, language: str | None) -> bool:
     return ascii_share >= 0.9 and (len(words) < 8 or common >= 0.05)
 
 
-def _done_ids(out: Path, dedup: Deduplicator) -> tuple[set[str], int]:
-    """Ids already written (and their answers fed to the deduplicator) and their tokens, for resuming."""
+def _done_ids(out: Path, dedup: Deduplicator, plain: bool) -> tuple[set[str], int]:
+    """Ids already written (and their answers fed to the deduplicator) and their tokens, for resuming; a file of
+    the other kind of records (chat vs plain text) is refused: its ids name other prompts."""
     done, tokens = set(), 0
     if out.is_file():
         for line in out.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                if ("text" in record) != plain:
+                    raise TailleError(f"{out} holds {'chat' if plain else 'plain-text'} records and this run writes "
+                                      f"{'plain text' if plain else 'chat'}; give another --out")
                 done.add(record["id"])
                 tokens += record["tokens"]
                 dedup.check_and_add(record["answer"])
@@ -459,8 +481,9 @@ def generate(s: GenerateSettings) -> dict:
 
 
 def free_openings(words: list[str], s: GenerateSettings) -> list[str]:
-    """FREE_OPENINGS words drawn (with --seed) from the teacher's vocabulary: its whole-word tokens of letters
-    only (a leading space where the tokenizer marks one; ASCII for --language en), 3 letters or more."""
+    """FREE_OPENINGS words drawn (with --seed) from the teacher's vocabulary: tokens of 3 letters or more and
+    nothing else (ASCII for --language en), and of those the ones that start a word (a leading space) when the
+    vocabulary has at least 100; a word start is not always a whole word ("sympath")."""
     letters = r"[A-Za-z]{3,}" if s.language == "en" else r"[^\W\d_]{3,}"
     found = [w for w in words if re.fullmatch(f" ?{letters}", w)]
     spaced = [w for w in found if w.startswith(" ")]
@@ -479,17 +502,22 @@ def _generate(s: GenerateSettings, prompts: list[str] | None, engine: Engine) ->
     if not engine.chat:
         log.warning("%s has no chat template: generating plain continuations of the prompts (records are text)",
                     s.teacher)
-    if prompts is None:
-        prompts = free_openings(engine.vocabulary(), s)
-    given = len(prompts)
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if prompts is None:  # drawn once and kept: a resumed run continues the same openings whatever changed since
+        kept = Path(f"{out}.openings.jsonl")
+        if kept.is_file():
+            prompts = [json.loads(line)["prompt"] for line in kept.read_text().splitlines() if line.strip()]
+        else:
+            prompts = free_openings(engine.vocabulary(), s)
+            kept.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    given = len(prompts)
     if s.self_instruct:
         written = self_instruct(engine, s, prompts, Path(f"{out}.prompts.jsonl"))
         log.info("self-instruct: %d prompts written by the teacher (%s.prompts.jsonl)", len(written), out)
         prompts = prompts + written
     dedup = Deduplicator(s.near_duplicate)
-    done, kept_tokens = _done_ids(out, dedup)
+    done, kept_tokens = _done_ids(out, dedup, plain)
     counts = {"kept": len(done), "exact_duplicate": 0, "near_duplicate": 0, "too_short": 0, "language": 0}
     generated, seconds = 0, 0.0
     bar = tqdm(total=s.tokens, initial=min(kept_tokens, s.tokens), desc="generate", unit="tok", unit_scale=True)

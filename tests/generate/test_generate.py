@@ -122,37 +122,87 @@ def test_llama_cpp_engine_needs_a_gguf_teacher(tmp_path, capsys):
 
 def test_free_text_opens_with_vocabulary_words_and_resumes(tmp_path, capsys):
     """--prompts free: plain-text records (no chat turn, though the teacher has a template), each opening with a
-    whole word of the teacher's vocabulary followed by what the teacher wrote; a longer run keeps them."""
+    word of the teacher's vocabulary (the openings drawn once, kept beside OUT) followed by what the teacher
+    wrote; a longer run continues the same openings."""
     from taille.models.load import load_tokenizer
 
     model = save_tiny(tmp_path / "m", "llama", seed=1)
     out = tmp_path / "free.jsonl"
     run_cli(capsys, *gen_args(model, out, "free"))
     records = [json.loads(line) for line in out.read_text().splitlines()]
+    openings = [json.loads(line)["prompt"] for line in (tmp_path / "free.jsonl.openings.jsonl").read_text().splitlines()]
     tokenizer = load_tokenizer(str(model))
     words = {tokenizer.decode([i]).strip() for i in range(len(tokenizer))}
+    assert len(openings) == 8192 and set(openings) <= words and all(w.isalpha() and len(w) >= 3 for w in openings)
     assert records and all("messages" not in r and r["text"].startswith(r["prompt"]) and
                            r["text"].endswith(r["answer"]) for r in records)
-    assert all(r["prompt"] in words and r["prompt"].isalpha() and len(r["prompt"]) >= 3 for r in records)
-    assert len({r["prompt"] for r in records}) > 1  # drawn, not one fixed opening
+    assert [r["prompt"] for r in records] == [openings[int(r["id"].split("-")[0])] for r in records]
     meta = json.loads((tmp_path / "free.jsonl.meta.json").read_text())
     assert meta["plain_text"] and meta["chat_template"] and meta["prompts"] == 8192
-    run_cli(capsys, *gen_args(model, out, "free", **{"--tokens": 80}))
+    # resumed with another seed: the kept openings, not a new draw, and no id written twice
+    run_cli(capsys, *gen_args(model, out, "free", **{"--tokens": 80, "--seed": 99}))
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert again[: len(records)] == records and sum(r["tokens"] for r in again) >= 80
+    assert len({r["id"] for r in again}) == len(again)
+    assert all(r["prompt"] == openings[int(r["id"].split("-")[0])] for r in again)
+    # a chat run into the same file would reuse ids for other prompts: refused
+    _, err = run_cli(capsys, *gen_args(model, out, "seed"), code=2)
+    assert "holds plain-text records" in err
 
 
-def test_plain_continues_the_prompts_of_a_chat_teacher(tmp_path, capsys):
+def test_plain_continues_the_prompts_of_a_chat_teacher(tmp_path, capsys, monkeypatch):
+    """--plain hands the engine the prompt itself, not the chat template around it."""
+    import taille.generate.generate as gen
+
     model = save_tiny(tmp_path / "m", "llama", seed=1)
     prompts = tmp_path / "p.txt"
     prompts.write_text("The heath lay under a grey sky\n")
+    seen = []
+    real = gen.pick_engine
+
+    def spy(s):
+        engine = real(s)
+        sample = engine.sample
+        engine.sample = lambda texts, *a: seen.extend(texts) or sample(texts, *a)
+        return engine
+
+    monkeypatch.setattr(gen, "pick_engine", spy)
     out = tmp_path / "gen.jsonl"
     run_cli(capsys, *gen_args(model, out, prompts, **{"--plain": None}))
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["text"].startswith("The heath lay under a grey sky") and "messages" not in r for r in records)
-    chat_out = tmp_path / "chat.jsonl"  # the same prompt answered in a chat turn: a different computation
-    run_cli(capsys, *gen_args(model, chat_out, prompts))
-    assert "messages" in json.loads(chat_out.read_text().splitlines()[0])
+    assert seen and set(seen) == {"The heath lay under a grey sky"}
+    seen.clear()
+    run_cli(capsys, *gen_args(model, tmp_path / "chat.jsonl", prompts))  # the same prompt in a chat turn
+    assert seen and all(t != "The heath lay under a grey sky" and "The heath lay under a grey sky" in t for t in seen)
+
+
+def spm_tokenizer():
+    """A SentencePiece-style (Metaspace) tokenizer, as Llama 2, Mistral and TinyLlama decode: a sequence's first
+    word loses its space when decoded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import TEXT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
+
+
+def test_a_continuation_reads_as_it_does_after_its_prompt():
+    """Decoded alone, a SentencePiece continuation loses its first space ("heath" + "lay" -> "heathlay");
+    continuation() keeps it, so prompt + continuation is the whole sequence's text."""
+    from taille.generate.generate import continuation
+
+    tokenizer = spm_tokenizer()
+    ids = tokenizer("when shall we three meet again", add_special_tokens=False)["input_ids"]
+    whole = tokenizer.decode(ids)
+    splits = range(1, len(ids))
+    assert any(tokenizer.decode(ids[:k]) + tokenizer.decode(ids[k:]) != whole for k in splits)  # the trap
+    assert all(tokenizer.decode(ids[:k]) + continuation(tokenizer, ids[k - 1], ids[k:]) == whole for k in splits)
 
 
 def test_free_openings_prefer_whole_spaced_words_and_follow_the_seed():
@@ -176,3 +226,17 @@ def test_free_openings_prefer_whole_spaced_words_and_follow_the_seed():
 def test_free_text_refuses_what_it_cannot_do(tmp_path, capsys, extra, message):
     _, err = run_cli(capsys, *gen_args(tmp_path, tmp_path / "o.jsonl", "free", **extra), code=2)
     assert message in err and "Traceback" not in err
+
+
+def test_free_openings_are_the_same_from_either_engine(smollm2):
+    """On the real SmolLM2, the PyTorch engine's vocabulary (Hugging Face tokenizer) and llama.cpp's (the GGUF)
+    give the same openings for a seed, so a corpus does not depend on the engine that wrote it."""
+    from taille.generate.generate import GenerateSettings, free_openings, gguf_vocabulary, hf_vocabulary
+    from taille.models.llamacpp import llama_cpp
+    from taille.models.load import load_tokenizer, resolve_model
+
+    s = GenerateSettings(teacher=smollm2, out="o.jsonl", prompts="free")
+    vocab = llama_cpp().Llama(model_path=resolve_model(smollm2).location, vocab_only=True, verbose=False)
+    openings = free_openings(gguf_vocabulary(vocab), s)
+    assert openings == free_openings(hf_vocabulary(load_tokenizer(smollm2)), s)
+    assert len(set(openings)) > 5000  # thousands of different words, not a handful
