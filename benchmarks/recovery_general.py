@@ -208,11 +208,11 @@ def main() -> None:
                              else committed.get("trained", {}).get(name, {}))
     if not args.demo and "demo" in committed.get("measured", {}):  # the last demo measured stays in the tables
         measured["demo"], trained["demo"] = committed["measured"]["demo"], committed.get("trained", {}).get("demo", {})
-    write_tables(measured, trained, args)
+    write_tables(measured, trained, args, committed.get("curves"))
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
         trained[name] = {"data": rows[name][1] or f"teacher cache {rows[name][2][1].name}", **run_summary(outs[name])}
-        write_tables(measured, trained, args)
+        write_tables(measured, trained, args, committed.get("curves"))
     if args.demo:  # measured again whenever the demo's weights change
         demo = Path(args.demo).resolve()
         stamp = weights_stamp(demo)
@@ -224,8 +224,9 @@ def main() -> None:
         data = record.get("data", "-")  # a mixture's record lists its sources
         data = ",".join(f"{p['source']}:{p['weight']}" for p in data) if isinstance(data, list) else data
         trained["demo"] = {"data": data, **summary}
-        write_tables(measured, trained, args)
-    curves = {name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}
+        write_tables(measured, trained, args, committed.get("curves"))
+    curves = {**committed.get("curves", {}),  # curves measured before stay in the figure (and in every write above)
+              **{name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}}
     write_tables(measured, trained, args, curves)
 
 
@@ -276,6 +277,11 @@ def curve_points(work: Path, name: str, row: tuple, args) -> dict:
     student, source, extra = row
     points = {}
     for budget in CURVE_TOKENS:
+        if parse_count(budget) == args.tokens and (work / "runs" / name / "taille.json").exists():
+            # the row itself is this point: the same data, settings and budget, trained and measured once
+            points[budget] = remember(work / "measured" / f"{name}-{args.limit}.json",
+                                      lambda: measure(str(work / "runs" / name), args, work / "eval" / f"{name}-{args.limit}"))
+            continue
         out = work / "curves" / f"{name}-{budget}"
         if not (out / "taille.json").exists():
             taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
