@@ -277,7 +277,7 @@ def curve_points(work: Path, name: str, row: tuple, args) -> dict:
     student, source, extra = row
     points = {}
     for budget in CURVE_TOKENS:
-        if parse_count(budget) == args.tokens and (work / "runs" / name / "taille.json").exists():
+        if parse_count(budget) == parse_count(args.tokens) and (work / "runs" / name / "taille.json").exists():
             # the row itself is this point: the same data, settings and budget, trained and measured once
             points[budget] = remember(work / "measured" / f"{name}-{args.limit}.json",
                                       lambda: measure(str(work / "runs" / name), args, work / "eval" / f"{name}-{args.limit}"))
