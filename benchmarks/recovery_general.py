@@ -307,7 +307,7 @@ def write_tables(measured: dict, trained: dict, args, curves: dict | None = None
                 flag = " (within 2 SE of plays)"
         t = trained.get(name, {})
         lines.append("| " + " | ".join([
-            name, f"`{t['data']}`" if t else "-",
+            name, f"`{Path(t['data']).name if t['data'].startswith('/') else t['data']}`" if t else "-",  # a file: its name
             f"{m['ppl']['wikitext2']} ({m['ppl']['wikitext2'] / teacher['ppl']['wikitext2']:.2f}x)",
             f"{m['ppl']['plays']} ({m['ppl']['plays'] / teacher['ppl']['plays']:.2f}x)",
             *[f"{m['tasks'][k]['score']} ± {m['tasks'][k]['stderr']}" for k in TASKS],
