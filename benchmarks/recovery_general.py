@@ -226,7 +226,7 @@ def main() -> None:
         trained["demo"] = {"data": data, **summary}
         write_tables(measured, trained, args, committed.get("curves"))
     curves = {**committed.get("curves", {}),  # curves measured before stay in the figure (and in every write above)
-              **{name: curve_points(work, name, rows[name], args) for name in filter(None, args.curves.split(","))}}
+              **{name: curve_points(work, name, rows[name], args, measured_once) for name in filter(None, args.curves.split(","))}}
     write_tables(measured, trained, args, curves)
 
 
@@ -272,15 +272,15 @@ def two_rounds(work: Path, args) -> Path:
     return out
 
 
-def curve_points(work: Path, name: str, row: tuple, args) -> dict:
-    """{budget: measurement} of one row's data and settings at each of CURVE_TOKENS."""
+def curve_points(work: Path, name: str, row: tuple, args, measured_once) -> dict:
+    """{budget: measurement} of one row's data and settings at each of CURVE_TOKENS (`measured_once`: main's,
+    for the row's own point)."""
     student, source, extra = row
     points = {}
     for budget in CURVE_TOKENS:
         if parse_count(budget) == parse_count(args.tokens) and (work / "runs" / name / "taille.json").exists():
             # the row itself is this point: the same data, settings and budget, trained and measured once
-            points[budget] = remember(work / "measured" / f"{name}-{args.limit}.json",
-                                      lambda: measure(str(work / "runs" / name), args, work / "eval" / f"{name}-{args.limit}"))
+            points[budget] = measured_once(name, str(work / "runs" / name))
             continue
         out = work / "curves" / f"{name}-{budget}"
         if not (out / "taille.json").exists():
@@ -307,7 +307,7 @@ def write_tables(measured: dict, trained: dict, args, curves: dict | None = None
                 flag = " (within 2 SE of plays)"
         t = trained.get(name, {})
         lines.append("| " + " | ".join([
-            name, f"`{Path(t['data']).name if t['data'].startswith('/') else t['data']}`" if t else "-",  # a file: its name
+            name, f"`{Path(t['data']).name if Path(t['data']).is_absolute() else t['data']}`" if t else "-",  # a file: its name
             f"{m['ppl']['wikitext2']} ({m['ppl']['wikitext2'] / teacher['ppl']['wikitext2']:.2f}x)",
             f"{m['ppl']['plays']} ({m['ppl']['plays'] / teacher['ppl']['plays']:.2f}x)",
             *[f"{m['tasks'][k]['score']} ± {m['tasks'][k]['stderr']}" for k in TASKS],

@@ -507,7 +507,7 @@ def _generate(s: GenerateSettings, prompts: list[str] | None, engine: Engine) ->
     if prompts is None:  # drawn once and kept: a resumed run continues the same openings whatever changed since
         kept = Path(f"{out}.openings.jsonl")
         if kept.is_file():
-            prompts = [json.loads(line)["prompt"] for line in kept.read_text().splitlines() if line.strip()]
+            prompts = read_prompts(str(kept))
         else:
             prompts = free_openings(engine.vocabulary(), s)
             kept.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
