@@ -16,6 +16,9 @@ benchmark's schedule, changing one thing:
                  replies were sampled from the teacher and its out-of-character ones filtered out, so the hard
                  labels pull the student toward the kept replies where the teacher's distribution would break
   demo-mix-replies-jsd   the demo's data and mask with generalised JSD (beta 0.5) instead of forward KL
+  demo-mix-replies-sft   the demo's data and mask, cross-entropy on the data's tokens alone, no teacher
+                 (`--kd-weight 0 --ce-weight 1`): sequence-level KD (Kim & Rush 2016), the student learns the
+                 teacher's filtered samples, not its distribution, which puts mass on breaking character
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -74,7 +77,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
@@ -139,6 +142,8 @@ def main() -> None:
             "demo-mix-replies": (width, data["demo-mix"], ["--loss-on", "replies"]),
             "demo-mix-replies-ce": (width, data["demo-mix"], ["--loss-on", "replies", "--ce-weight", 0.5]),
             "demo-mix-replies-jsd": (width, data["demo-mix"], ["--loss-on", "replies", "--loss", "jsd"]),
+            "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
+                                                               "--ce-weight", 1]),
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -225,9 +230,11 @@ def main() -> None:
         data = ",".join(f"{p['source']}:{p['weight']}" for p in data) if isinstance(data, list) else data
         trained["demo"] = {"data": data, **summary}
         write_tables(measured, trained, args, committed.get("curves"))
-    curves = {**committed.get("curves", {}),  # curves measured before stay in the figure (and in every write above)
-              **{name: curve_points(work, name, rows[name], args, measured_once) for name in filter(None, args.curves.split(","))}}
-    write_tables(measured, trained, args, curves)
+    curves = {name: dict(points) for name, points in committed.get("curves", {}).items()}  # measured before: they stay
+    for name in filter(None, args.curves.split(",")):
+        for budget, point in curve_points(work, name, rows[name], args, measured_once):
+            curves.setdefault(name, {})[budget] = point
+            write_tables(measured, trained, args, curves)  # after every point: a curve is hours here
 
 
 def adopt_committed(work: Path, args) -> None:
@@ -241,8 +248,11 @@ def adopt_committed(work: Path, args) -> None:
     same = ("limit", "eval_tokens", "tokens", "seq_len", "batch_size", "lr")
     if any(committed["settings"].get(k) != vars(args).get(k) for k in same):
         return
-    for name, m in committed["measured"].items():
-        target = work / "measured" / f"{name}-{args.limit}.json"
+    kept = {f"{name}-{args.limit}": m for name, m in committed["measured"].items()}
+    kept.update({f"curve-{name}-{budget}-{args.limit}": m for name, points in committed.get("curves", {}).items()
+                 for budget, m in points.items()})  # a curve's points too: the next run trains only the missing ones
+    for name, m in kept.items():
+        target = work / "measured" / f"{name}.json"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(m, indent=1))
@@ -272,23 +282,22 @@ def two_rounds(work: Path, args) -> Path:
     return out
 
 
-def curve_points(work: Path, name: str, row: tuple, args, measured_once) -> dict:
-    """{budget: measurement} of one row's data and settings at each of CURVE_TOKENS (`measured_once`: main's,
-    for the row's own point)."""
+def curve_points(work: Path, name: str, row: tuple, args, measured_once):
+    """(budget, measurement) of one row's data and settings at each of CURVE_TOKENS, one at a time
+    (`measured_once`: main's, for the row's own point); a point already measured is not trained again."""
     student, source, extra = row
-    points = {}
     for budget in CURVE_TOKENS:
-        if parse_count(budget) == parse_count(args.tokens) and (work / "runs" / name / "taille.json").exists():
+        run = work / "runs" / name
+        if parse_count(budget) == parse_count(args.tokens) and (
+                (run / "taille.json").exists() or (work / "measured" / f"{name}-{args.limit}.json").is_file()):
             # the row itself is this point: the same data, settings and budget, trained and measured once
-            points[budget] = measured_once(name, str(work / "runs" / name))
+            yield budget, measured_once(name, str(run))
             continue
-        out = work / "curves" / f"{name}-{budget}"
-        if not (out / "taille.json").exists():
+        out, kept = work / "curves" / f"{name}-{budget}", work / "measured" / f"curve-{name}-{budget}-{args.limit}.json"
+        if not kept.is_file() and not (out / "taille.json").exists():
             taille("distill", "--student", student, "--teacher", TEACHER, *train_args(args, source), *extra,
                    "--tokens", budget, "--out", out, "--resume")
-        points[budget] = remember(work / "measured" / f"curve-{name}-{budget}-{args.limit}.json",
-                                  lambda out=out: measure(str(out), args, work / "eval" / f"curve-{name}-{budget}"))
-    return points
+        yield budget, remember(kept, lambda out=out: measure(str(out), args, work / "eval" / f"curve-{name}-{budget}"))
 
 
 def write_tables(measured: dict, trained: dict, args, curves: dict | None = None) -> None:
@@ -319,6 +328,17 @@ def write_tables(measured: dict, trained: dict, args, curves: dict | None = None
             f"{args.limit} examples of each (acc_norm; WinoGrande and LAMBADA acc), ± one standard error; the "
             "average's error combines the tasks' as independent.")
     text = "\n".join(lines) + "\n\n" + note + "\n"
+    if curves:  # the figure's numbers: how many tokens buy how much
+        head = ["row", "tokens", "WikiText-2 ppl (x teacher)", "plays ppl (x teacher)", "zero-shot avg (gap)"]
+        lines = ["", "## Curves (recovery_general.png)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, points in curves.items():
+            for budget, m in sorted(points.items(), key=lambda kv: parse_count(kv[0])):
+                avg, err = average(m)
+                lines.append(f"| {name} | {budget} | {m['ppl']['wikitext2']} "
+                             f"({m['ppl']['wikitext2'] / teacher['ppl']['wikitext2']:.2f}x) | {m['ppl']['plays']} "
+                             f"({m['ppl']['plays'] / teacher['ppl']['plays']:.2f}x) | {avg:.2f} ± {err:.2f} "
+                             f"({avg - t_avg:+.2f}) |")
+        text += "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recovery_general.md").write_text(text)
     (RESULTS / "recovery_general.json").write_text(json.dumps(
@@ -338,6 +358,7 @@ def plot_curves(curves: dict, teacher: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, (name, points) in enumerate(curves.items()):
+        points = dict(sorted(points.items(), key=lambda kv: parse_count(kv[0])))  # a curve can be filled in any order
         tokens = [parse_count(b) for b in points]
         axes[0].plot(tokens, [m["ppl"]["wikitext2"] for m in points.values()], marker="o", color=f"C{i}", label=name)
         axes[1].plot(tokens, [m["ppl"]["plays"] for m in points.values()], marker="o", color=f"C{i}", label=name)
