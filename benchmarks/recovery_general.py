@@ -19,6 +19,9 @@ benchmark's schedule, changing one thing:
   demo-mix-replies-sft   the demo's data and mask, cross-entropy on the data's tokens alone, no teacher
                  (`--kd-weight 0 --ce-weight 1`): sequence-level KD (Kim & Rush 2016), the student learns the
                  teacher's filtered samples, not its distribution, which puts mass on breaking character
+  demo-mix-replies-then-sft   the default's recipe (demo-mix-replies) for all but the last 64K tokens, then
+                 64K of cross-entropy alone on the role-play corpus's filtered replies (peak LR 1e-4, no teacher):
+                 the hard labels where they matter for a character, the teacher's distribution everywhere else
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -77,7 +80,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
@@ -144,6 +147,7 @@ def main() -> None:
             "demo-mix-replies-jsd": (width, data["demo-mix"], ["--loss-on", "replies", "--loss", "jsd"]),
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
                                                                "--ce-weight", 1]),
+            "demo-mix-replies-then-sft": (None, f"{data['demo-mix']} then roleplay", []),  # then_sft() below
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -186,7 +190,9 @@ def main() -> None:
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
-        outs[name] = out = two_rounds(work, args) if name == "two-rounds" else work / "runs" / name
+        outs[name] = out = (two_rounds(work, args) if name == "two-rounds" else
+                            then_sft(work, args, width, data["demo-mix"]) if name == "demo-mix-replies-then-sft" else
+                            work / "runs" / name)
         if not (out / "taille.json").exists():
             if source is None:  # from a teacher cache, which holds the blocks
                 cache = extra[1]
@@ -279,6 +285,25 @@ def two_rounds(work: Path, args) -> Path:
     if not (out / "taille.json").exists():
         taille("distill", "--student", second, "--teacher", TEACHER, *train_args(args, "shakespeare"), "--tokens", half,
                "--out", out, "--resume")
+    return out
+
+
+SFT_TOKENS = "64K"
+
+
+def then_sft(work: Path, args, width: Path, mix: str) -> Path:
+    """The default's recipe (forward KL, `--loss-on replies`) for all but the last SFT_TOKENS, then SFT_TOKENS of
+    cross-entropy alone on the role-play corpus's replies, which the corpus filter kept in character: the same
+    tokens as one row."""
+    first = work / "then-sft" / "kd"
+    if not (first / "taille.json").exists():
+        rest = str(int(parse_count(args.tokens) - parse_count(SFT_TOKENS)))
+        taille("distill", "--student", width, "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
+               "--tokens", rest, "--out", first, "--resume")
+    out = work / "runs" / "demo-mix-replies-then-sft"
+    if not (out / "taille.json").exists():
+        taille("distill", "--student", first, *train_args(args, "roleplay"), "--loss-on", "replies", "--kd-weight", 0,
+               "--ce-weight", 1, "--tokens", SFT_TOKENS, "--lr", 1e-4, "--min-lr", 1e-5, "--out", out, "--resume")
     return out
 
 
