@@ -170,6 +170,10 @@ def main() -> None:
         student, source, extra = rows[name]
         rows[f"{name}-seed1"] = (student, source, [*extra, "--seed", 1])
         order.append(f"{name}-seed1")
+    staged = [n for n in [*filter(None, args.seeds.split(",")), *filter(None, args.curves.split(","))]
+              if n in rows and rows[n][0] is None]  # their stages are their own functions, at one budget and seed
+    if staged:
+        sys.exit(f"--seeds/--curves {','.join(staged)}: a row trained in two stages is run only as itself")
     chosen = [] if args.only == "none" else args.only.split(",") if args.only else order
     unknown = [r for r in chosen if r not in rows]
     if unknown:
@@ -215,32 +219,43 @@ def main() -> None:
         if kept.is_file():
             measured[name] = json.loads(kept.read_text())
             run = work / "runs" / name
-            trained[name] = ({"data": rows[name][1], **run_summary(run)} if (run / "metrics.jsonl").is_file()
+            trained[name] = ({"data": rows[name][1], **summary(work, name, run)} if (run / "metrics.jsonl").is_file()
                              else committed.get("trained", {}).get(name, {}))
+    # curves of the same protocol stay in the figure (another --limit or budget would mix two protocols)
+    kept_curves = committed.get("curves", {}) if same_protocol(committed, args) else {}
     if not args.demo and "demo" in committed.get("measured", {}):  # the last demo measured stays in the tables
         measured["demo"], trained["demo"] = committed["measured"]["demo"], committed.get("trained", {}).get("demo", {})
-    write_tables(measured, trained, args, committed.get("curves"))
+    write_tables(measured, trained, args, kept_curves)
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
-        trained[name] = {"data": rows[name][1] or f"teacher cache {rows[name][2][1].name}", **run_summary(outs[name])}
-        write_tables(measured, trained, args, committed.get("curves"))
+        trained[name] = {"data": rows[name][1] or f"teacher cache {rows[name][2][1].name}", **summary(work, name, outs[name])}
+        write_tables(measured, trained, args, kept_curves)
     if args.demo:  # measured again whenever the demo's weights change
         demo = Path(args.demo).resolve()
         stamp = weights_stamp(demo)
         measured["demo"] = {**remember(work / "measured" / f"demo-{stamp}-{args.limit}.json",
                                        lambda: measure(str(demo), args, work / "eval" / f"demo-{args.limit}")),
                             "weights": stamp}  # characters.py pairs these cells only with the same weights
-        summary = run_summary(demo) if (demo / "metrics.jsonl").is_file() else {}
+        demo_run = run_summary(demo) if (demo / "metrics.jsonl").is_file() else {}
         record = json.loads((demo / "taille.json").read_text()).get("distill", {}) if (demo / "taille.json").is_file() else {}
         data = record.get("data", "-")  # a mixture's record lists its sources
         data = ",".join(f"{p['source']}:{p['weight']}" for p in data) if isinstance(data, list) else data
-        trained["demo"] = {"data": data, **summary}
-        write_tables(measured, trained, args, committed.get("curves"))
-    curves = {name: dict(points) for name, points in committed.get("curves", {}).items()}  # measured before: they stay
+        trained["demo"] = {"data": data, **demo_run}
+        write_tables(measured, trained, args, kept_curves)
+    curves = {name: dict(points) for name, points in kept_curves.items()}  # measured before: they stay
     for name in filter(None, args.curves.split(",")):
         for budget, point in curve_points(work, name, rows[name], args, measured_once):
             curves.setdefault(name, {})[budget] = point
             write_tables(measured, trained, args, curves)  # after every point: a curve is hours here
+
+
+def same_protocol(committed: dict, args) -> bool:
+    """Whether committed results were measured and trained as this run would (the budget compared as a count:
+    512K and 512000 are one budget)."""
+    settings = committed.get("settings", {})
+    if settings.get("tokens") is None or parse_count(settings["tokens"]) != parse_count(args.tokens):
+        return False
+    return all(settings.get(k) == vars(args).get(k) for k in ("limit", "eval_tokens", "seq_len", "batch_size", "lr"))
 
 
 def adopt_committed(work: Path, args) -> None:
@@ -251,8 +266,7 @@ def adopt_committed(work: Path, args) -> None:
     if not path.is_file():
         return
     committed = json.loads(path.read_text())
-    same = ("limit", "eval_tokens", "tokens", "seq_len", "batch_size", "lr")
-    if any(committed["settings"].get(k) != vars(args).get(k) for k in same):
+    if not same_protocol(committed, args):
         return
     kept = {f"{name}-{args.limit}": m for name, m in committed["measured"].items()}
     kept.update({f"curve-{name}-{budget}-{args.limit}": m for name, points in committed.get("curves", {}).items()
@@ -289,6 +303,19 @@ def two_rounds(work: Path, args) -> Path:
 
 
 SFT_TOKENS = "64K"
+EARLIER_STAGE = {"demo-mix-replies-then-sft": ("then-sft", "kd"), "two-rounds": ("two-rounds", "kd-112m")}
+
+
+def summary(work: Path, name: str, out: Path) -> dict:
+    """run_summary of a row's run; a row trained in two stages counts both (tokens, seconds, and the rate of
+    the whole: its tokens over each stage's tokens at that stage's rate)."""
+    last = run_summary(out)
+    if name not in EARLIER_STAGE or not (work.joinpath(*EARLIER_STAGE[name]) / "metrics.jsonl").is_file():
+        return last
+    first = run_summary(work.joinpath(*EARLIER_STAGE[name]))
+    tokens = first["tokens"] + last["tokens"]
+    rate = tokens / (first["tokens"] / first["tokens_per_s"] + last["tokens"] / last["tokens_per_s"])
+    return {**last, "tokens": tokens, "seconds": first["seconds"] + last["seconds"], "tokens_per_s": round(rate, 1)}
 
 
 def then_sft(work: Path, args, width: Path, mix: str) -> Path:

@@ -25,7 +25,8 @@ def recovery(monkeypatch, tmp_path):
 
 
 def point(wikitext2: float) -> dict:
-    return {"ppl": {"wikitext2": wikitext2, "plays": 40.0}, "tasks": {"piqa": {"score": 55.0, "stderr": 2.0}}}
+    tasks = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
+    return {"ppl": {"wikitext2": wikitext2, "plays": 40.0}, "tasks": {t: {"score": 40.0, "stderr": 2.0} for t in tasks}}
 
 
 def settings(**changed) -> dict:
@@ -65,3 +66,56 @@ def test_results_of_another_protocol_are_not_adopted(recovery, tmp_path):
     (recovery.RESULTS / "recovery_general.json").write_text(json.dumps(committed))
     recovery.adopt_committed(tmp_path / "work", SimpleNamespace(**settings()))
     assert not (tmp_path / "work" / "measured").exists()
+
+
+def fake_run(folder: Path, tokens: int, rate: float) -> None:
+    """A finished `taille distill` folder as run_summary reads it."""
+    folder.mkdir(parents=True)
+    lines = [{"step": s, "loss": 2.0, "loss_avg": 2.0, "tokens_per_s": rate} for s in range(1, 5)]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    (folder / "taille.json").write_text(json.dumps({"distill": {"precision": "bf16-mixed", "tokens": tokens,
+                                                                "seconds": tokens / rate}}))
+
+
+def test_main_on_a_new_machine_trains_only_the_missing_curve_points(recovery, tmp_path, monkeypatch):
+    """The whole script with `--only none --curves ROW`: committed rows stay in the tables, the missing curve
+    points are trained and written one by one, a two-stage row's rate counts both stages."""
+    recovery.RESULTS.mkdir()
+    committed = {"measured": {"teacher": point(25.0), "pruned": point(1300.0), "plays": point(131.0),
+                              "demo-mix-replies": point(98.7), "demo-mix-replies-then-sft": point(113.5)},
+                 "trained": {"plays": {"data": "shakespeare", "tokens_per_s": 295.1}},
+                 "curves": {"demo-mix-replies": {"64K": point(158.6)}}, "settings": settings(tokens="512000")}
+    (recovery.RESULTS / "recovery_general.json").write_text(json.dumps(committed))
+    work = tmp_path / "work"
+    fake_run(work / "then-sft" / "kd", 448_000, 400.0)  # a two-stage row trained on this machine
+    fake_run(work / "runs" / "demo-mix-replies-then-sft", 64_000, 560.0)
+    trained, written = [], []
+    monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
+    monkeypatch.setattr(recovery, "taille", lambda *a: trained.append(a[a.index("--out") - 1]))
+    monkeypatch.setattr(recovery, "measure", lambda model, args, folder: point(float(len(trained))))
+    write_tables = recovery.write_tables
+    monkeypatch.setattr(recovery, "write_tables", lambda *a: written.append({k: dict(v) for k, v in (a[3] or {}).items()}) or write_tables(*a))
+    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "wiki.test.raw", "--task-data", "eval",
+                                      "--only", "none", "--curves", "demo-mix-replies", "--work", str(work)])
+    recovery.main()
+
+    assert trained == ["128K", "256K", "1M"]  # 64K was committed, 512K is the row itself
+    results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
+    assert set(results["measured"]) >= {"plays", "demo-mix-replies", "demo-mix-replies-then-sft"}
+    curve = results["curves"]["demo-mix-replies"]
+    assert {b: m["ppl"]["wikitext2"] for b, m in curve.items()} == {"64K": 158.6, "128K": 1.0, "256K": 2.0,
+                                                                    "512K": 98.7, "1M": 3.0}
+    assert [len(c.get("demo-mix-replies", {})) for c in written][-4:] == [2, 3, 4, 5]  # written after every point
+    rate = results["trained"]["demo-mix-replies-then-sft"]["tokens_per_s"]
+    assert rate == pytest.approx(512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)
+    assert "| demo-mix-replies | 1M | 3.0 " in (recovery.RESULTS / "recovery_general.md").read_text()
+
+
+def test_two_stage_rows_refuse_seed_repeats_and_curves(recovery, tmp_path, monkeypatch):
+    monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
+    monkeypatch.setattr(recovery, "taille", lambda *a: pytest.fail("nothing may train"))
+    monkeypatch.setattr(recovery, "measure", lambda *a: pytest.fail("nothing may be measured"))
+    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only", "none",
+                                      "--curves", "demo-mix-replies-then-sft", "--work", str(tmp_path / "work")])
+    with pytest.raises(SystemExit, match="two stages"):
+        recovery.main()
