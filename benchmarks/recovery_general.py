@@ -354,6 +354,9 @@ def curve_points(work: Path, name: str, row: tuple, args, measured_once):
 
 def write_tables(measured: dict, trained: dict, args, curves: dict | None = None) -> None:
     teacher = measured["teacher"]
+    # a curve can be filled in any order (points adopted, then the missing ones): the table and figure go by tokens
+    curves = {name: dict(sorted(points.items(), key=lambda kv: parse_count(kv[0])))
+              for name, points in (curves or {}).items()}
     t_avg, _ = average(teacher)
     head = ["row", "data", "WikiText-2 ppl (x teacher)", "plays ppl (x teacher)", *TASKS, "zero-shot avg (gap)",
             "tokens/s"]
@@ -384,7 +387,7 @@ def write_tables(measured: dict, trained: dict, args, curves: dict | None = None
         head = ["row", "tokens", "WikiText-2 ppl (x teacher)", "plays ppl (x teacher)", "zero-shot avg (gap)"]
         lines = ["", "## Curves (recovery_general.png)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, points in curves.items():
-            for budget, m in sorted(points.items(), key=lambda kv: parse_count(kv[0])):
+            for budget, m in points.items():
                 avg, err = average(m)
                 lines.append(f"| {name} | {budget} | {m['ppl']['wikitext2']} "
                              f"({m['ppl']['wikitext2'] / teacher['ppl']['wikitext2']:.2f}x) | {m['ppl']['plays']} "
@@ -394,7 +397,7 @@ def write_tables(measured: dict, trained: dict, args, curves: dict | None = None
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recovery_general.md").write_text(text)
     (RESULTS / "recovery_general.json").write_text(json.dumps(
-        {"measured": measured, "trained": trained, "curves": curves or {}, "settings": vars(args)}, indent=1) + "\n")
+        {"measured": measured, "trained": trained, "curves": curves, "settings": vars(args)}, indent=1) + "\n")
     if curves:
         plot_curves(curves, teacher, RESULTS / "recovery_general.png")
     print(text, flush=True)
@@ -410,7 +413,6 @@ def plot_curves(curves: dict, teacher: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, (name, points) in enumerate(curves.items()):
-        points = dict(sorted(points.items(), key=lambda kv: parse_count(kv[0])))  # a curve can be filled in any order
         tokens = [parse_count(b) for b in points]
         axes[0].plot(tokens, [m["ppl"]["wikitext2"] for m in points.values()], marker="o", color=f"C{i}", label=name)
         axes[1].plot(tokens, [m["ppl"]["plays"] for m in points.values()], marker="o", color=f"C{i}", label=name)
