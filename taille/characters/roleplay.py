@@ -16,8 +16,11 @@ Later turns are knowledge questions and small talk. The teacher answers each tur
 card's system prompt (taille.chat.persona.Persona.system_prompt), sampled at --temperature / --top-p (one
 setting for the whole corpus, not each card's own).
 
-Every reply is filtered; the conversation ends before the first reply that fails, and a conversation
-without one good reply is dropped. The filters, in order, each counted in OUT.meta.json:
+Every reply is filtered; a reply that fails is sampled again up to --retries times (new seeds), then the
+conversation ends before it, and a conversation without one good reply is dropped. Without retries the lines
+the teacher breaks character on, the hardest ones, are the ones the corpus loses (OUT.meta.json counts the
+first-line kinds kept against the shares asked). The filters, in order, each counted in OUT.meta.json (every
+failed draw, retried or not):
 
   unfinished         the reply ran into --max-new-tokens without a whole sentence (a reply that ran
                      on after some is cut after its last one, and counted)
@@ -47,7 +50,32 @@ from taille.errors import TailleError
 log = logging.getLogger(__name__)
 
 KINDS = (("knowledge", 0.35), ("small_talk", 0.2), ("goal", 0.15), ("adversarial", 0.3))
-"""Kinds of first player line and their shares (a `teacher` kind takes 0.2 of them when --self-instruct is on)."""
+"""Kinds of first player line and their shares, unless --kinds says others (a `teacher` kind takes 0.2 of them
+when --self-instruct is on)."""
+
+RETRY_SEED = 7_919_993
+"""Added to a batch's sampling seed once per retry (--retries), so a reply sampled again is a new draw."""
+
+
+def parse_kinds(spec: str | None) -> tuple[tuple[str, float], ...]:
+    """--kinds 'adversarial:0.7,small_talk:0.3' -> the shares of each first-line kind (KINDS when None)."""
+    if spec is None:
+        return KINDS
+    known = [k for k, _ in KINDS]
+    out = []
+    for item in str(spec).split(","):
+        kind, _, share = item.strip().partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if kind not in known or value < 0:
+            raise TailleError(f"--kinds {spec}: give KIND:SHARE,... with KIND one of {', '.join(known)} and SHARE "
+                              f"a number of 0 or more ('{item.strip()}' is not)")
+        out.append((kind, value))
+    if sum(v for _, v in out) <= 0 or len({k for k, _ in out}) < len(out):
+        raise TailleError(f"--kinds {spec}: each kind once, and the shares not all 0")
+    return tuple((k, v) for k, v in out if v > 0)
 
 PLAYER_LINES = ("Here are things a traveller says to {name}, {role}, one per line:\n{examples}\n{next}.")
 """The plain text the teacher continues to write a new player line for a card (self-instruct)."""
@@ -139,7 +167,7 @@ def plan_conversations(personas: dict, s, rng_seed: int, round_: int, extra: dic
     for pid, persona in personas.items():
         rng = random.Random(f"{rng_seed}-{round_}-{pid}")
         pools = player_lines(persona, rng)
-        kinds = list(KINDS)
+        kinds = list(parse_kinds(s.kinds))
         if extra.get(pid):
             pools["teacher"] = extra[pid]
             kinds = [(k, w * 0.8) for k, w in kinds] + [("teacher", 0.2)]
@@ -192,7 +220,8 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
     counts = {k: 0 for k in ("unfinished", "never", "out_of_character", "degenerate", "language",
                              "exact_duplicate", "near_duplicate")}
     kinds_kept: dict[str, int] = {}
-    counts_trimmed = [0]
+    kinds_asked: dict[str, int] = {}
+    counts_trimmed, kept_on_retry = [0], [0]
     conversations, replies_kept, generated, seconds, dropped = 0, 0, 0, 0.0, 0
     bar = tqdm(total=s.tokens, initial=min(kept_tokens, s.tokens), desc="role-play", unit="tok", unit_scale=True)
     round_ = 0
@@ -201,11 +230,12 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
         meta = {"engine": engine.name, "teacher": s.teacher, "personas": s.personas, "cards": len(personas),
                 "settings": asdict(s), "tokens_kept": kept_tokens, "conversations_this_run": conversations,
                 "conversations_total": len(done) + conversations, "replies_kept_this_run": replies_kept,
-                "first_line_kinds_this_run": kinds_kept, "dropped_conversations_this_run": dropped,
+                "first_line_kinds_asked_this_run": kinds_asked, "first_line_kinds_this_run": kinds_kept, "dropped_conversations_this_run": dropped,
                 "generated_tokens_this_run": generated,
                 "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
                 "filtered_replies_this_run": counts,
-                "replies_cut_after_last_sentence_this_run": counts_trimmed[0], "finished": kept_tokens >= s.tokens}
+                "replies_cut_after_last_sentence_this_run": counts_trimmed[0],
+                "replies_kept_on_a_retry_this_run": kept_on_retry[0], "finished": kept_tokens >= s.tokens}
         Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         return meta
 
@@ -219,6 +249,7 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
                 batch = todo[b:b + s.batch_size]
                 for c in batch:
                     c["messages"] = [{"role": "system", "content": personas[c["persona"]].system_prompt()}]
+                    kinds_asked[c["turns"][0][0]] = kinds_asked.get(c["turns"][0][0], 0) + 1
                     c["open"], c["tokens"] = True, 0
                 for t in range(max(len(c["turns"]) for c in batch)):
                     live = [c for c in batch if c["open"] and t < len(c["turns"])]
@@ -226,23 +257,32 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
                         break
                     for c in live:
                         c["messages"].append({"role": "user", "content": c["turns"][t][1]})
-                    start = time.perf_counter()
-                    answers = engine.sample([engine.render_messages(c["messages"]) for c in live], s.max_new_tokens,
-                                            s.seed + round_ * 1_000_003 + b * 101 + t)
-                    seconds += time.perf_counter() - start
-                    for c, (text, n) in zip(live, answers):
-                        generated += n
-                        text, trimmed = finish(text.strip(), n, s.max_new_tokens)
-                        counts_trimmed[0] += trimmed and bool(text)
-                        verdict = reply_verdict(text, n, personas[c["persona"]], s, dedup, engine.count)
-                        if verdict is not None:
-                            counts[verdict] += 1
-                            c["messages"].pop()  # the player line that went unanswered
-                            c["open"] = False
-                            continue
-                        c["messages"].append({"role": "assistant", "content": text})
-                        c["tokens"] += engine.count(text)
-                        replies_kept += 1
+                    for attempt in range(s.retries + 1):
+                        start = time.perf_counter()
+                        answers = engine.sample([engine.render_messages(c["messages"]) for c in live],
+                                                s.max_new_tokens,
+                                                s.seed + round_ * 1_000_003 + b * 101 + t + attempt * RETRY_SEED)
+                        seconds += time.perf_counter() - start
+                        failed = []
+                        for c, (text, n) in zip(live, answers):
+                            generated += n
+                            text, trimmed = finish(text.strip(), n, s.max_new_tokens)
+                            counts_trimmed[0] += trimmed and bool(text)
+                            verdict = reply_verdict(text, n, personas[c["persona"]], s, dedup, engine.count)
+                            if verdict is not None:
+                                counts[verdict] += 1
+                                failed.append(c)
+                                continue
+                            c["messages"].append({"role": "assistant", "content": text})
+                            c["tokens"] += engine.count(text)
+                            replies_kept += 1
+                            kept_on_retry[0] += attempt > 0
+                        live = failed
+                        if not live:
+                            break
+                    for c in live:  # failed every draw
+                        c["messages"].pop()  # the player line that went unanswered
+                        c["open"] = False
                 for c in batch:
                     if len(c["messages"]) < 3:
                         dropped += 1

@@ -95,6 +95,14 @@ class GenerateSettings:
     """With --personas: conversations per card in each round over the cards."""
     turns: int = 3
     """With --personas: most player turns in a conversation (each has 1 to N)."""
+    kinds: str | None = None
+    """With --personas: the shares of the first player line's kind, KIND:SHARE,... over knowledge, small_talk,
+    goal, adversarial (adversarial:1 writes answers to hostile lines only); none: knowledge 0.35, small talk
+    0.2, goal 0.15, adversarial 0.3."""
+    retries: int = 0
+    """With --personas: a reply a filter drops is sampled again, up to N more times with new seeds, before its
+    conversation ends there (rejection sampling: the lines the teacher most often breaks character on stay
+    in the corpus, answered in character)."""
 
     def __post_init__(self):
         from taille.models.precision import check_precision
@@ -114,6 +122,16 @@ class GenerateSettings:
             raise TailleError("--near-duplicate must be in (0, 1]")
         if self.conversations < 1 or not 1 <= self.turns <= 8:
             raise TailleError("--conversations must be at least 1 and --turns between 1 and 8")
+        if self.kinds == "none":
+            self.kinds = None
+        if self.personas is None and (self.kinds is not None or self.retries):
+            raise TailleError("--kinds and --retries shape role-play conversations: they need --personas")
+        if self.retries < 0:
+            raise TailleError("--retries must be 0 or more")
+        if self.kinds is not None:
+            from taille.characters.roleplay import parse_kinds
+
+            parse_kinds(self.kinds)
         if self.personas is not None and (self.prompts != SEED or self.plain):
             raise TailleError("--personas writes its own player lines in chat turns; give --prompts (or --plain) "
                               "or --personas, not both")

@@ -4,6 +4,7 @@ metadata counts exactly what was planted, a resumed run adds new conversations o
 lines trained on are never the evaluation's. One slow test runs SmolLM2 behind llama-server."""
 
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -163,6 +164,10 @@ def test_every_planted_bad_reply_is_filtered_and_counted(tmp_path, monkeypatch, 
     assert meta["finished"] and meta["tokens_kept"] >= 150
     assert meta["tokens_kept"] == sum(r["tokens"] for r in records)
     assert meta["first_line_kinds_this_run"] == dict(Counter(r["kinds"][0] for r in records))
+    asked = meta["first_line_kinds_asked_this_run"]  # every conversation begun, kept or dropped
+    assert sum(asked.values()) == first_calls and set(asked) <= FIRST_KINDS
+    hostile_dropped = sum(1 for a, _ in teacher.failed if len(a) == 2 and a[1]["content"] in lines.ADVERSARIAL_TRAIN)
+    assert asked["adversarial"] - meta["first_line_kinds_this_run"]["adversarial"] == hostile_dropped > 0
     assert meta["engine"] == "scripted test teacher" and meta["cards"] == len(cards)
     assert json.loads((tmp_path / "rp.jsonl.meta.json").read_text()) == meta
 
@@ -241,3 +246,81 @@ def test_llama_server_teacher_writes_role_play_on_smollm2(tmp_path, smollm2):
         assert r["messages"][0] == {"role": "system", "content": cards[r["persona"]].system_prompt()}
         assert [m["role"] for m in r["messages"][1:]] == ["user", "assistant"] * len(r["kinds"])
         assert all(m["content"].strip() for m in r["messages"])
+
+
+class SeedsSeen(ScriptedTeacher):
+    """The scripted teacher, also recording the seed each conversation was sampled with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seeds: list[int] = []
+
+    def sample(self, prompts, max_new_tokens, seed):
+        self.seeds += [seed] * len(prompts)
+        return super().sample(prompts, max_new_tokens, seed)
+
+
+def test_retries_sample_a_dropped_reply_again_with_a_new_seed(tmp_path, monkeypatch, cards):
+    from taille.characters.roleplay import RETRY_SEED
+
+    # every first draw breaks character and every second is good: without retries each conversation ends at
+    # its first reply (dropped); with one retry every player line is answered in character
+    teacher = SeedsSeen(cards, script=("as_an_ai", "good"))
+    use(monkeypatch, teacher)
+    meta = generate_roleplay(settings(tmp_path, batch_size=1, retries=1))
+    records = read(tmp_path / "rp.jsonl")
+    assert meta["dropped_conversations_this_run"] == 0 and records
+    assert meta["filtered_replies_this_run"]["never"] == teacher.planted["as_an_ai"]
+    assert meta["replies_kept_on_a_retry_this_run"] == meta["replies_kept_this_run"] == teacher.planted["good"]
+    for k in range(0, len(teacher.asked), 2):  # each failed draw is asked again: same conversation, new seed
+        assert teacher.asked[k + 1] == teacher.asked[k]
+        assert teacher.seeds[k + 1] == teacher.seeds[k] + RETRY_SEED
+    replies = [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"]
+    assert not any("As an AI" in reply for reply in replies)
+    assert all(len(r["messages"]) == 1 + 2 * len(r["kinds"]) for r in records)
+
+    plain = ScriptedTeacher(cards, script=("as_an_ai", "good"))
+    use(monkeypatch, plain)
+    meta = generate_roleplay(settings(tmp_path, out=str(tmp_path / "plain.jsonl"), batch_size=1))
+    assert meta["dropped_conversations_this_run"] > 0 and meta["replies_kept_on_a_retry_this_run"] == 0
+
+
+def test_retries_are_bounded(tmp_path, monkeypatch, cards):
+    # two bad draws, a good one, a bad then a good one; one retry allowed: no player line is asked a third time in a row, and
+    # conversations whose line failed both draws end there
+    teacher = ScriptedTeacher(cards, script=("as_an_ai", "as_an_ai", "good", "as_an_ai", "good"))
+    use(monkeypatch, teacher)
+    meta = generate_roleplay(settings(tmp_path, batch_size=1, retries=1))
+    runs = [1]
+    for a, b in zip(teacher.asked, teacher.asked[1:]):
+        runs.append(runs[-1] + 1 if a == b else 1)
+    assert max(runs) == 2
+    assert meta["dropped_conversations_this_run"] > 0 and meta["replies_kept_on_a_retry_this_run"] > 0
+
+
+def test_kinds_choose_the_first_player_lines(tmp_path, monkeypatch, cards):
+    teacher = ScriptedTeacher(cards, script=("good",))
+    use(monkeypatch, teacher)
+    meta = generate_roleplay(settings(tmp_path, kinds="adversarial:1", turns=1))
+    records = read(tmp_path / "rp.jsonl")
+    assert records and meta["first_line_kinds_this_run"] == {"adversarial": len(records)}
+    assert all(r["kinds"] == ["adversarial"] and r["messages"][1]["content"] in lines.ADVERSARIAL_TRAIN
+               for r in records)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(kinds="hostile:1"), "KIND one of knowledge, small_talk, goal, adversarial"),
+    (dict(kinds="adversarial"), "('adversarial' is not)"),
+    (dict(kinds="adversarial:-1"), "SHARE a number of 0 or more"),
+    (dict(kinds="adversarial:0,goal:0"), "the shares not all 0"),
+    (dict(kinds="goal:1,goal:2"), "each kind once"),
+    (dict(retries=-1), "--retries must be 0 or more"),
+    (dict(personas=None, kinds="adversarial:1"), "they need --personas"),
+    (dict(personas=None, retries=2), "they need --personas"),
+])
+def test_bad_kinds_and_retries_are_refused_in_one_line(tmp_path, extra, message):
+    from taille.errors import TailleError
+
+    with pytest.raises(TailleError, match=re.escape(message)) as e:
+        settings(tmp_path, **extra)
+    assert "\n" not in str(e.value)
