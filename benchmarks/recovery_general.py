@@ -22,6 +22,11 @@ benchmark's schedule, changing one thing:
   demo-mix-replies-then-sft   the default's recipe (demo-mix-replies) for all but the last 64K tokens, then
                  64K of cross-entropy alone on the role-play corpus's filtered replies (peak LR 1e-4, no teacher):
                  the hard labels where they matter for a character, the teacher's distribution everywhere else
+  demo-mix-replies-then-sft-adv   the same first stage (the same run), then the 64K of cross-entropy on the
+                 role-play corpus (0.7) and ADVERSARIAL_TOKENS of the teacher's in-character answers to hostile
+                 player lines (0.3), written into --work first (`taille generate --personas --kinds adversarial:1
+                 --retries 3`, ~10 min here): in the shipped corpus 140 of 930 kept replies answer a hostile
+                 line (only first lines are hostile), and the ones the teacher broke on were dropped, not retried
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -80,9 +85,11 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
+ADVERSARIAL_TOKENS = "8K"
+"""Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~200 replies, one per conversation."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -138,6 +145,8 @@ def main() -> None:
     data = {"plays": "shakespeare", "demo-mix": "roleplay:0.45,chat:0.35,shakespeare:0.2", "general": corpus,
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
+    adversarial = work / "adversarial.jsonl"  # written first by the row that trains on it (below)
+    sft_data = {"demo-mix-replies-then-sft": "roleplay", "demo-mix-replies-then-sft-adv": f"roleplay:0.7,{adversarial}:0.3"}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -148,6 +157,8 @@ def main() -> None:
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
                                                                "--ce-weight", 1]),
             "demo-mix-replies-then-sft": (None, f"{data['demo-mix']} then roleplay", []),  # then_sft() below
+            "demo-mix-replies-then-sft-adv": (None, f"{data['demo-mix']} then {sft_data['demo-mix-replies-then-sft-adv']}",
+                                              []),
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -191,11 +202,13 @@ def main() -> None:
             and not (work / "free.jsonl.meta.json").exists():  # the meta is written when the corpus is whole
         taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
+    if "demo-mix-replies-then-sft-adv" in chosen and not (work / "runs" / "demo-mix-replies-then-sft-adv" / "taille.json").exists():
+        hostile_lines(work, adversarial)
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
         outs[name] = out = (two_rounds(work, args) if name == "two-rounds" else
-                            then_sft(work, args, width, data["demo-mix"]) if name == "demo-mix-replies-then-sft" else
+                            then_sft(work, args, width, data["demo-mix"], name, sft_data[name]) if name in sft_data else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
             if source is None:  # from a teacher cache, which holds the blocks
@@ -303,7 +316,8 @@ def two_rounds(work: Path, args) -> Path:
 
 
 SFT_TOKENS = "64K"
-EARLIER_STAGE = {"demo-mix-replies-then-sft": ("then-sft", "kd"), "two-rounds": ("two-rounds", "kd-112m")}
+EARLIER_STAGE = {"demo-mix-replies-then-sft": ("then-sft", "kd"), "demo-mix-replies-then-sft-adv": ("then-sft", "kd"),
+                 "two-rounds": ("two-rounds", "kd-112m")}
 
 
 def summary(work: Path, name: str, out: Path) -> dict:
@@ -318,18 +332,33 @@ def summary(work: Path, name: str, out: Path) -> dict:
     return {**last, "tokens": tokens, "seconds": first["seconds"] + last["seconds"], "tokens_per_s": round(rate, 1)}
 
 
-def then_sft(work: Path, args, width: Path, mix: str) -> Path:
+def hostile_lines(work: Path, out: Path) -> None:
+    """The teacher's in-character answers to hostile player lines on the shipped corpus's training cards (the
+    200 of `personas make --seed 0`; the evaluation's held-out cards and lines are never asked), a reply the
+    filters drop sampled again up to 3 times. Resumable; done when its meta says finished."""
+    meta = Path(f"{out}.meta.json")
+    if meta.is_file() and json.loads(meta.read_text()).get("finished"):
+        return
+    cards = work / "cards"
+    if not cards.is_dir():
+        taille("personas", "make", "--count", 200, "--seed", 0, "--out", cards)
+    taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", "adversarial:1",
+           "--retries", 3, "--conversations", 1, "--turns", 1, "--tokens", ADVERSARIAL_TOKENS, "--max-new-tokens", 64,
+           "--batch-size", 16, "--out", out)
+
+
+def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str) -> Path:
     """The default's recipe (forward KL, `--loss-on replies`) for all but the last SFT_TOKENS, then SFT_TOKENS of
-    cross-entropy alone on the role-play corpus's replies, which the corpus filter kept in character: the same
-    tokens as one row."""
+    cross-entropy alone on `sft_data`'s replies (role-play the corpus filter kept in character): the same tokens as
+    one row. Rows that differ in their SFT data share the first stage."""
     first = work / "then-sft" / "kd"
     if not (first / "taille.json").exists():
         rest = str(int(parse_count(args.tokens) - parse_count(SFT_TOKENS)))
         taille("distill", "--student", width, "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
                "--tokens", rest, "--out", first, "--resume")
-    out = work / "runs" / "demo-mix-replies-then-sft"
+    out = work / "runs" / name
     if not (out / "taille.json").exists():
-        taille("distill", "--student", first, *train_args(args, "roleplay"), "--loss-on", "replies", "--kd-weight", 0,
+        taille("distill", "--student", first, *train_args(args, sft_data), "--loss-on", "replies", "--kd-weight", 0,
                "--ce-weight", 1, "--tokens", SFT_TOKENS, "--lr", 1e-4, "--min-lr", 1e-5, "--out", out, "--resume")
     return out
 

@@ -119,3 +119,37 @@ def test_two_stage_rows_refuse_seed_repeats_and_curves(recovery, tmp_path, monke
                                       "--curves", "demo-mix-replies-then-sft", "--work", str(tmp_path / "work")])
     with pytest.raises(SystemExit, match="two stages"):
         recovery.main()
+
+
+def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recovery, tmp_path, monkeypatch):
+    """demo-mix-replies-then-sft-adv: the corpus of in-character answers to hostile lines is generated (on the
+    shipped corpus's cards, rejection-sampled), then only the SFT stage trains, from then-sft's KD stage."""
+    recovery.RESULTS.mkdir()
+    work = tmp_path / "work"
+    fake_run(work / "then-sft" / "kd", 448_000, 400.0)  # the then-sft row's first stage, trained before
+    calls = []
+
+    def taille(*a):
+        calls.append([str(x) for x in a])
+        if a[0] == "distill":
+            fake_run(Path(a[a.index("--out") + 1]), 64_000, 560.0)
+
+    monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
+    monkeypatch.setattr(recovery, "taille", taille)
+    monkeypatch.setattr(recovery, "measure", lambda model, args, folder: point(100.0))
+    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only",
+                                      "demo-mix-replies-then-sft-adv", "--work", str(work)])
+    recovery.main()
+
+    assert [c[:2] for c in calls] == [["personas", "make"], ["generate", "--teacher"], ["distill", "--student"]]
+    make, generate, distill = calls
+    assert make[make.index("--count") + 1] == "200" and make[make.index("--seed") + 1] == "0"
+    assert generate[generate.index("--personas") + 1] == make[make.index("--out") + 1]
+    assert generate[generate.index("--kinds") + 1] == "adversarial:1" and int(generate[generate.index("--retries") + 1]) > 0
+    corpus = generate[generate.index("--out") + 1]
+    assert distill[distill.index("--student") + 1] == str(work / "then-sft" / "kd")  # not trained again
+    assert distill[distill.index("--data") + 1] == f"roleplay:0.7,{corpus}:0.3"
+    assert distill[distill.index("--kd-weight") + 1] == "0" and "--teacher" not in distill
+    results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
+    rate = results["trained"]["demo-mix-replies-then-sft-adv"]["tokens_per_s"]
+    assert rate == pytest.approx(512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)  # both stages counted
