@@ -1,7 +1,7 @@
 """`taille generate --personas DIR`: role-play conversations from the teacher, as chat JSONL for `--data`.
 
 For each card in DIR, conversations of 1 to `--turns` player turns. The first player line is of one of
-these kinds (the shares in KINDS):
+these kinds (the shares in KINDS, or --kinds):
 
   knowledge    a question the card's knowledge answers (taille.characters.questions)
   small_talk   greetings, weather, how business goes (taille.characters.lines.SMALL_TALK)
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -58,24 +59,26 @@ RETRY_SEED = 7_919_993
 
 
 def parse_kinds(spec: str | None) -> tuple[tuple[str, float], ...]:
-    """--kinds 'adversarial:0.7,small_talk:0.3' -> the shares of each first-line kind (KINDS when None)."""
+    """--kinds 'adversarial:7,small_talk:3' -> the shares of each first-line kind, summing to 1 (KINDS when
+    None). The `teacher` kind is not one: --self-instruct N gives it 0.2 of every card's first lines."""
     if spec is None:
         return KINDS
     known = [k for k, _ in KINDS]
     out = []
     for item in str(spec).split(","):
-        kind, _, share = item.strip().partition(":")
+        kind, _, share = (part.strip() for part in item.partition(":"))
         try:
             value = float(share)
         except ValueError:
             value = -1.0
-        if kind not in known or value < 0:
-            raise TailleError(f"--kinds {spec}: give KIND:SHARE,... with KIND one of {', '.join(known)} and SHARE "
-                              f"a number of 0 or more ('{item.strip()}' is not)")
+        if kind not in known or not math.isfinite(value) or value < 0:
+            raise TailleError(f"--kinds {spec}: give KIND:SHARE,... with KIND one of {', '.join(known)} (teacher "
+                              f"lines come with --self-instruct) and SHARE a number of 0 or more ('{item.strip()}' is not)")
         out.append((kind, value))
-    if sum(v for _, v in out) <= 0 or len({k for k, _ in out}) < len(out):
+    total = sum(v for _, v in out)
+    if total <= 0 or len({k for k, _ in out}) < len(out):
         raise TailleError(f"--kinds {spec}: each kind once, and the shares not all 0")
-    return tuple((k, v) for k, v in out if v > 0)
+    return tuple((k, v / total) for k, v in out if v > 0)
 
 PLAYER_LINES = ("Here are things a traveller says to {name}, {role}, one per line:\n{examples}\n{next}.")
 """The plain text the teacher continues to write a new player line for a card (self-instruct)."""
@@ -221,7 +224,7 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
                              "exact_duplicate", "near_duplicate")}
     kinds_kept: dict[str, int] = {}
     kinds_asked: dict[str, int] = {}
-    counts_trimmed, kept_on_retry = [0], [0]
+    counts_trimmed, kept_on_retry, unanswered = [0], [0], [0]
     conversations, replies_kept, generated, seconds, dropped = 0, 0, 0, 0.0, 0
     bar = tqdm(total=s.tokens, initial=min(kept_tokens, s.tokens), desc="role-play", unit="tok", unit_scale=True)
     round_ = 0
@@ -235,7 +238,8 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
                 "generation_tokens_per_s": round(generated / seconds, 1) if seconds else None,
                 "filtered_replies_this_run": counts,
                 "replies_cut_after_last_sentence_this_run": counts_trimmed[0],
-                "replies_kept_on_a_retry_this_run": kept_on_retry[0], "finished": kept_tokens >= s.tokens}
+                "replies_kept_on_a_retry_this_run": kept_on_retry[0],
+                "player_lines_unanswered_this_run": unanswered[0], "finished": kept_tokens >= s.tokens}
         Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         return meta
 
@@ -280,6 +284,7 @@ def _generate_roleplay(s, personas: dict, engine) -> dict:
                         live = failed
                         if not live:
                             break
+                    unanswered[0] += len(live)
                     for c in live:  # failed every draw
                         c["messages"].pop()  # the player line that went unanswered
                         c["open"] = False

@@ -296,6 +296,23 @@ def test_retries_are_bounded(tmp_path, monkeypatch, cards):
         runs.append(runs[-1] + 1 if a == b else 1)
     assert max(runs) == 2
     assert meta["dropped_conversations_this_run"] > 0 and meta["replies_kept_on_a_retry_this_run"] > 0
+    failed_twice = sum(1 for k, run in enumerate(runs) if run == 2 and k in failed_calls(teacher)
+                       and k - 1 in failed_calls(teacher))
+    assert meta["player_lines_unanswered_this_run"] == failed_twice > meta["dropped_conversations_this_run"]
+    for r in read(tmp_path / "rp.jsonl"):  # a conversation cut short ends on its last answered line
+        assert len(r["messages"]) == 1 + 2 * len(r["kinds"]) and r["messages"][-1]["role"] == "assistant"
+
+
+def failed_calls(teacher: ScriptedTeacher) -> set[int]:
+    """The indices of the teacher's calls whose reply the filters drop (batch size 1: one conversation a call)."""
+    bad = {i for i, item in enumerate(teacher.script) if item in FILTER_OF}
+    return {k for k in range(teacher.calls) if k % len(teacher.script) in bad}
+
+
+def test_kinds_shares_are_relative():
+    from taille.characters.roleplay import parse_kinds
+
+    assert parse_kinds(" adversarial : 7, goal:3,small_talk:0") == (("adversarial", 0.7), ("goal", 0.3))
 
 
 def test_kinds_choose_the_first_player_lines(tmp_path, monkeypatch, cards):
@@ -314,6 +331,9 @@ def test_kinds_choose_the_first_player_lines(tmp_path, monkeypatch, cards):
     (dict(kinds="adversarial:-1"), "SHARE a number of 0 or more"),
     (dict(kinds="adversarial:0,goal:0"), "the shares not all 0"),
     (dict(kinds="goal:1,goal:2"), "each kind once"),
+    (dict(kinds="adversarial:nan"), "('adversarial:nan' is not)"),
+    (dict(kinds="adversarial:inf,goal:1"), "('adversarial:inf' is not)"),
+    (dict(kinds="teacher:1"), "teacher lines come with --self-instruct"),
     (dict(retries=-1), "--retries must be 0 or more"),
     (dict(personas=None, kinds="adversarial:1"), "they need --personas"),
     (dict(personas=None, retries=2), "they need --personas"),
