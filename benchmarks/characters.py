@@ -67,7 +67,7 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-replies-jsd": "the same data and mask, JSD (beta 0.5) instead of forward KL",
           "demo-mix-replies-sft": "the same data and mask, cross-entropy alone on the teacher's filtered replies (no KD: `--kd-weight 0 --ce-weight 1`)",
           "demo-mix-replies-then-sft": "the demo's recipe for 448K tokens, then 64K of cross-entropy alone on the role-play replies (lr 1e-4)",
-          "demo-mix-replies-then-sft-adv": "the same 448K tokens, then 64K of cross-entropy on the role-play replies (0.7) and the teacher's in-character answers to hostile lines (0.3, rejection-sampled: `--kinds adversarial:1 --retries 3`)",
+          "demo-mix-replies-then-sft-adv": "the same 448K tokens, then 64K of cross-entropy on the role-play replies (0.6) and the teacher's in-character answers to hostile lines (0.4, rejection-sampled: `--kinds adversarial:1 --retries 3`)",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 

@@ -23,9 +23,9 @@ benchmark's schedule, changing one thing:
                  64K of cross-entropy alone on the role-play corpus's filtered replies (peak LR 1e-4, no teacher):
                  the hard labels where they matter for a character, the teacher's distribution everywhere else
   demo-mix-replies-then-sft-adv   the same first stage (the same run), then the 64K of cross-entropy on the
-                 role-play corpus (0.7) and ADVERSARIAL_TOKENS of the teacher's in-character answers to hostile
-                 player lines (0.3), written into --work first (`taille generate --personas --kinds adversarial:1
-                 --retries 3`, ~10 min here): in the shipped corpus 140 of 930 kept replies answer a hostile
+                 role-play corpus (0.6 of the blocks) and ADVERSARIAL_TOKENS of the teacher's in-character answers
+                 to hostile player lines (0.4), written into --work first (`taille generate --personas --kinds adversarial:1
+                 --retries 3`, ~5 min here): in the shipped corpus 140 of 930 kept replies answer a hostile
                  line (only first lines are hostile), and the ones the teacher broke on were dropped, not retried
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
@@ -88,8 +88,9 @@ HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_no
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
-ADVERSARIAL_TOKENS = "8K"
-"""Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~200 replies, one per conversation."""
+ADVERSARIAL_TOKENS = "4K"
+"""Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~100 one-line conversations of ~290
+tokens (the card is most of it), about what its 0.4 of the 64K SFT tokens reads once."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -146,7 +147,7 @@ def main() -> None:
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
     adversarial = work / "adversarial.jsonl"  # written first by the row that trains on it (below)
-    sft_data = {"demo-mix-replies-then-sft": "roleplay", "demo-mix-replies-then-sft-adv": f"roleplay:0.7,{adversarial}:0.3"}
+    sft_data = {"demo-mix-replies-then-sft": "roleplay", "demo-mix-replies-then-sft-adv": f"roleplay:0.6,{adversarial}:0.4"}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -337,11 +338,10 @@ def hostile_lines(work: Path, out: Path) -> None:
     200 of `personas make --seed 0`; the evaluation's held-out cards and lines are never asked), a reply the
     filters drop sampled again up to 3 times. Resumable; done when its meta says finished."""
     meta = Path(f"{out}.meta.json")
-    if meta.is_file() and json.loads(meta.read_text()).get("finished"):
+    if meta.is_file() and json.loads(meta.read_text())["tokens_kept"] >= parse_count(ADVERSARIAL_TOKENS):
         return
     cards = work / "cards"
-    if not cards.is_dir():
-        taille("personas", "make", "--count", 200, "--seed", 0, "--out", cards)
+    taille("personas", "make", "--count", 200, "--seed", 0, "--out", cards)  # deterministic, seconds: a stopped one is whole again
     taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", "adversarial:1",
            "--retries", 3, "--conversations", 1, "--turns", 1, "--tokens", ADVERSARIAL_TOKENS, "--max-new-tokens", 64,
            "--batch-size", 16, "--out", out)

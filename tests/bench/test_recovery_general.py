@@ -148,7 +148,7 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
     assert generate[generate.index("--kinds") + 1] == "adversarial:1" and int(generate[generate.index("--retries") + 1]) > 0
     corpus = generate[generate.index("--out") + 1]
     assert distill[distill.index("--student") + 1] == str(work / "then-sft" / "kd")  # not trained again
-    assert distill[distill.index("--data") + 1] == f"roleplay:0.7,{corpus}:0.3"
+    assert distill[distill.index("--data") + 1] == f"roleplay:0.6,{corpus}:0.4"
     assert distill[distill.index("--kd-weight") + 1] == "0" and "--teacher" not in distill
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     rate = results["trained"]["demo-mix-replies-then-sft-adv"]["tokens_per_s"]
