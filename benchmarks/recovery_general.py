@@ -89,7 +89,7 @@ ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
-"""Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~100 one-line conversations of ~290
+"""Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
 tokens (the card is most of it), about what its 0.4 of the 64K SFT tokens reads once."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
