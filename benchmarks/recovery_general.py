@@ -27,6 +27,9 @@ benchmark's schedule, changing one thing:
                  to hostile player lines (0.4), written into --work first (`taille generate --personas --kinds adversarial:1
                  --retries 3`, ~5 min here): in the shipped corpus 140 of 930 kept replies answer a hostile
                  line (only first lines are hostile), and the ones the teacher broke on were dropped, not retried
+  demo-mix-replies-then-sft-adv-anchor   the same, the SFT stage's loss also forward KL (weight 1) to the first
+                 stage's student (`--teacher` that checkpoint), not to the teacher: the hard labels move the
+                 student toward the kept replies, the anchor holds it to what it was (its text, fewer loops?)
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -85,7 +88,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
@@ -147,7 +150,11 @@ def main() -> None:
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
     adversarial = work / "adversarial.jsonl"  # written first by the row that trains on it (below)
-    sft_data = {"demo-mix-replies-then-sft": "roleplay", "demo-mix-replies-then-sft-adv": f"roleplay:0.6,{adversarial}:0.4"}
+    hostile = f"roleplay:0.6,{adversarial}:0.4"
+    kd_stage = work / "then-sft" / "kd"
+    sft_stages = {"demo-mix-replies-then-sft": ("roleplay", ["--kd-weight", 0]),  # (data, the loss's other term)
+                  "demo-mix-replies-then-sft-adv": (hostile, ["--kd-weight", 0]),
+                  "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1])}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -158,8 +165,8 @@ def main() -> None:
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
                                                                "--ce-weight", 1]),
             "demo-mix-replies-then-sft": (None, f"{data['demo-mix']} then roleplay", []),  # then_sft() below
-            "demo-mix-replies-then-sft-adv": (None, f"{data['demo-mix']} then {sft_data['demo-mix-replies-then-sft-adv']}",
-                                              []),
+            **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()
+               if name != "demo-mix-replies-then-sft"},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -203,13 +210,14 @@ def main() -> None:
             and not (work / "free.jsonl.meta.json").exists():  # the meta is written when the corpus is whole
         taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
-    if "demo-mix-replies-then-sft-adv" in chosen and not (work / "runs" / "demo-mix-replies-then-sft-adv" / "taille.json").exists():
+    if any(sft_stages[n][0] == hostile and not (work / "runs" / n / "taille.json").exists()
+           for n in chosen if n in sft_stages):
         hostile_lines(work, adversarial)
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
         outs[name] = out = (two_rounds(work, args) if name == "two-rounds" else
-                            then_sft(work, args, width, data["demo-mix"], name, sft_data[name]) if name in sft_data else
+                            then_sft(work, args, width, data["demo-mix"], name, *sft_stages[name]) if name in sft_stages else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
             if source is None:  # from a teacher cache, which holds the blocks
@@ -318,6 +326,7 @@ def two_rounds(work: Path, args) -> Path:
 
 SFT_TOKENS = "64K"
 EARLIER_STAGE = {"demo-mix-replies-then-sft": ("then-sft", "kd"), "demo-mix-replies-then-sft-adv": ("then-sft", "kd"),
+                 "demo-mix-replies-then-sft-adv-anchor": ("then-sft", "kd"),
                  "two-rounds": ("two-rounds", "kd-112m")}
 
 
@@ -347,10 +356,11 @@ def hostile_lines(work: Path, out: Path) -> None:
            "--batch-size", 16, "--out", out)
 
 
-def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str) -> Path:
+def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str, other: list) -> Path:
     """The default's recipe (forward KL, `--loss-on replies`) for all but the last SFT_TOKENS, then SFT_TOKENS of
-    cross-entropy alone on `sft_data`'s replies (role-play the corpus filter kept in character): the same tokens as
-    one row. Rows that differ in their SFT data share the first stage."""
+    cross-entropy on `sft_data`'s replies (role-play the corpus filter kept in character) with `other` as the
+    loss's other term (--kd-weight 0: none): the same tokens as one row. Rows that differ in their SFT stage share
+    the first stage."""
     first = work / "then-sft" / "kd"
     if not (first / "taille.json").exists():
         rest = str(int(parse_count(args.tokens) - parse_count(SFT_TOKENS)))
@@ -358,7 +368,7 @@ def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str) 
                "--tokens", rest, "--out", first, "--resume")
     out = work / "runs" / name
     if not (out / "taille.json").exists():
-        taille("distill", "--student", first, *train_args(args, sft_data), "--loss-on", "replies", "--kd-weight", 0,
+        taille("distill", "--student", first, *train_args(args, sft_data), "--loss-on", "replies", *other,
                "--ce-weight", 1, "--tokens", SFT_TOKENS, "--lr", 1e-4, "--min-lr", 1e-5, "--out", out, "--resume")
     return out
 

@@ -138,11 +138,12 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
     monkeypatch.setattr(recovery, "taille", taille)
     monkeypatch.setattr(recovery, "measure", lambda model, args, folder: point(100.0))
     monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only",
-                                      "demo-mix-replies-then-sft-adv", "--work", str(work)])
+                                      "demo-mix-replies-then-sft-adv,demo-mix-replies-then-sft-adv-anchor", "--work", str(work)])
     recovery.main()
 
-    assert [c[:2] for c in calls] == [["personas", "make"], ["generate", "--teacher"], ["distill", "--student"]]
-    make, generate, distill = calls
+    assert [c[:2] for c in calls] == [["personas", "make"], ["generate", "--teacher"], ["distill", "--student"],
+                                      ["distill", "--student"]]  # one corpus for both rows
+    make, generate, distill, anchored = calls
     assert make[make.index("--count") + 1] == "200" and make[make.index("--seed") + 1] == "0"
     assert generate[generate.index("--personas") + 1] == make[make.index("--out") + 1]
     assert generate[generate.index("--kinds") + 1] == "adversarial:1" and int(generate[generate.index("--retries") + 1]) > 0
@@ -150,6 +151,10 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
     assert distill[distill.index("--student") + 1] == str(work / "then-sft" / "kd")  # not trained again
     assert distill[distill.index("--data") + 1] == f"roleplay:0.6,{corpus}:0.4"
     assert distill[distill.index("--kd-weight") + 1] == "0" and "--teacher" not in distill
+    # the anchored row: the same data and start, its KL to the first stage's student, not to the teacher
+    assert anchored[anchored.index("--data") + 1] == distill[distill.index("--data") + 1]
+    assert anchored[anchored.index("--teacher") + 1] == str(work / "then-sft" / "kd")
+    assert float(anchored[anchored.index("--kd-weight") + 1]) > 0
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     rate = results["trained"]["demo-mix-replies-then-sft-adv"]["tokens_per_s"]
     assert rate == pytest.approx(512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)  # both stages counted
