@@ -6,7 +6,9 @@ OUT/cache/            the teacher's top-K distributions over the search's traini
 OUT/cand-NN/pruned    each candidate, pruned
 OUT/cand-NN/run       its short distillation (metrics.jsonl)
 OUT/leaderboard.{json,md,png}, OUT/winner.yaml (a `prune:` section for a recipe)
-Finished candidates are not redone when the search runs again.
+OUT/search.json       what the search was asked (teacher, data, scores, settings)
+Finished candidates are not redone when the search runs again with the same request; another request in the
+same OUT is refused (its cache, shapes and runs would be reused for settings they were not made with).
 """
 
 from __future__ import annotations
@@ -102,6 +104,21 @@ def default_shape(config, params: str):
         return None
 
 
+def check_same_request(out: Path, request: dict) -> None:
+    """Keep OUT/search.json; a search in an OUT that holds another request's work is refused in one line."""
+    path = out / "search.json"
+    request = json.loads(json.dumps(request))
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in request.items() if before.get(k) != v]
+        if changed:
+            raise TailleError(f"--out {out} holds a search asked with other settings ({', '.join(changed)}): give a "
+                              "new --out, or the same settings to go on with it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(request, indent=1) + "\n")
+
+
 def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Path) -> dict:
     from taille.distill.cache import build_cache
     from taille.data.mixture import auto_held_out
@@ -112,6 +129,7 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
 
     config = load_config(teacher)
     out = Path(out)
+    check_same_request(out, {"teacher": teacher, "data": data, "scores": str(scores), **asdict(s)})
     default = default_shape(config, s.params)
     candidates = pick(config, s, default)
     tokens = s.steps * s.batch_size * s.seq_len
