@@ -343,9 +343,9 @@ def summary(work: Path, name: str, out: Path) -> dict:
 
 
 def hostile_lines(work: Path, out: Path) -> None:
-    """The teacher's in-character answers to hostile player lines on the shipped corpus's training cards (the
-    200 of `personas make --seed 0`; the evaluation's held-out cards and lines are never asked), a reply the
-    filters drop sampled again up to 3 times. Resumable; done when its meta says finished."""
+    """The teacher's in-character answers to hostile player lines on the train half of `personas make --count 200
+    --seed 0` (161 cards; the evaluation's held-out cards and lines are never asked), a reply the filters drop
+    sampled again up to 3 times. Resumable; done when it holds ADVERSARIAL_TOKENS."""
     meta = Path(f"{out}.meta.json")
     if meta.is_file() and json.loads(meta.read_text())["tokens_kept"] >= parse_count(ADVERSARIAL_TOKENS):
         return
