@@ -129,7 +129,9 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
 
     config = load_config(teacher)
     out = Path(out)
-    check_same_request(out, {"teacher": teacher, "data": data, "scores": str(scores), **asdict(s)})
+    where = {"teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
+             "scores": str(Path(scores).resolve())}  # the same folders named from another directory are the same
+    check_same_request(out, {**where, "data": data, **asdict(s)})
     default = default_shape(config, s.params)
     candidates = pick(config, s, default)
     tokens = s.steps * s.batch_size * s.seq_len
