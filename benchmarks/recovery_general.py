@@ -189,9 +189,12 @@ def main() -> None:
         student, source, extra = rows[name]
         rows[f"{name}-seed1"] = (student, source, [*extra, "--seed", 1])
         order.append(f"{name}-seed1")
-    staged = [n for n in [*filter(None, args.seeds.split(",")), *filter(None, args.curves.split(","))]
-              if n in rows and rows[n][0] is None]  # their stages are their own functions, at one budget and seed
-    if staged:
+        if name in sft_stages:  # the repeat is its SFT stage's: the first stage is one run, shared by these rows
+            data_, other = sft_stages[name]
+            sft_stages[f"{name}-seed1"] = (data_, [*other, "--seed", 1])
+    staged = [n for n in [*(n for n in filter(None, args.seeds.split(",")) if n not in sft_stages),
+                          *filter(None, args.curves.split(","))] if n in rows and rows[n][0] is None]
+    if staged:  # their stages are their own functions, at one budget (and, but for an SFT stage's, one seed)
         sys.exit(f"--seeds/--curves {','.join(staged)}: a row trained in two stages is run only as itself")
     chosen = [] if args.only == "none" else args.only.split(",") if args.only else order
     unknown = [r for r in chosen if r not in rows]
@@ -334,6 +337,7 @@ def summary(work: Path, name: str, out: Path) -> dict:
     """run_summary of a row's run; a row trained in two stages counts both (tokens, seconds, and the rate of
     the whole: its tokens over each stage's tokens at that stage's rate)."""
     last = run_summary(out)
+    name = name.removesuffix("-seed1")  # a staged row's repeat shares its first stage
     if name not in EARLIER_STAGE or not (work.joinpath(*EARLIER_STAGE[name]) / "metrics.jsonl").is_file():
         return last
     first = run_summary(work.joinpath(*EARLIER_STAGE[name]))

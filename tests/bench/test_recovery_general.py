@@ -158,3 +158,31 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     rate = results["trained"]["demo-mix-replies-then-sft-adv"]["tokens_per_s"]
     assert rate == pytest.approx(512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)  # both stages counted
+
+
+def test_a_staged_sft_rows_seed_repeat_repeats_its_sft_stage_only(recovery, tmp_path, monkeypatch):
+    recovery.RESULTS.mkdir()
+    work = tmp_path / "work"
+    fake_run(work / "then-sft" / "kd", 448_000, 400.0)
+    calls = []
+
+    def taille(*a):
+        calls.append([str(x) for x in a])
+        if a[0] == "distill":
+            fake_run(Path(a[a.index("--out") + 1]), 64_000, 560.0)
+
+    monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
+    monkeypatch.setattr(recovery, "taille", taille)
+    monkeypatch.setattr(recovery, "measure", lambda model, args, folder: point(100.0))
+    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only",
+                                      "demo-mix-replies-then-sft-seed1", "--seeds", "demo-mix-replies-then-sft",
+                                      "--work", str(work)])
+    recovery.main()
+    assert len(calls) == 1 and calls[0][:2] == ["distill", "--student"]
+    (distill,) = calls
+    assert distill[distill.index("--student") + 1] == str(work / "then-sft" / "kd")
+    assert distill[distill.index("--seed") + 1] == "1" and distill[distill.index("--data") + 1] == "roleplay"
+    assert distill[distill.index("--out") + 1] == str(work / "runs" / "demo-mix-replies-then-sft-seed1")
+    results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
+    assert results["trained"]["demo-mix-replies-then-sft-seed1"]["tokens_per_s"] == pytest.approx(
+        512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)
