@@ -174,7 +174,10 @@ def main() -> None:
 
 def label(name: str) -> str:
     """A row's label; a seed repeat (ROW-seed1) is its row's, with the seed."""
-    return LABELS[name] if name in LABELS else f"{LABELS[name.removesuffix('-seed1')]} (seed 1)"
+    if name in LABELS:
+        return LABELS[name]
+    row = name.removesuffix("-seed1")  # a two-stage row's repeat is its last stage's (recovery_general --seeds)
+    return f"{LABELS[row]} ({'the CE stage with ' if '-then-sft' in row else ''}seed 1)"
 
 
 def cell(value, fmt: str = "{:.2f}") -> str:
