@@ -121,12 +121,11 @@ def test_two_stage_rows_refuse_seed_repeats_and_curves(recovery, tmp_path, monke
         recovery.main()
 
 
-def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recovery, tmp_path, monkeypatch):
-    """demo-mix-replies-then-sft-adv: the corpus of in-character answers to hostile lines is generated (on the
-    shipped corpus's cards, rejection-sampled), then only the SFT stage trains, from then-sft's KD stage."""
+def run_after_kd_stage(recovery, work: Path, monkeypatch, *options: str) -> list[list[str]]:
+    """main() with `options`, the then-sft rows' first stage already trained in `work`: the taille commands it ran
+    (a distillation leaves a finished 64K run), nothing measured for real."""
     recovery.RESULTS.mkdir()
-    work = tmp_path / "work"
-    fake_run(work / "then-sft" / "kd", 448_000, 400.0)  # the then-sft row's first stage, trained before
+    fake_run(work / "then-sft" / "kd", 448_000, 400.0)
     calls = []
 
     def taille(*a):
@@ -137,9 +136,18 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
     monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
     monkeypatch.setattr(recovery, "taille", taille)
     monkeypatch.setattr(recovery, "measure", lambda model, args, folder: point(100.0))
-    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only",
-                                      "demo-mix-replies-then-sft-adv,demo-mix-replies-then-sft-adv-anchor", "--work", str(work)])
+    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", *options,
+                                      "--work", str(work)])
     recovery.main()
+    return calls
+
+
+def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recovery, tmp_path, monkeypatch):
+    """demo-mix-replies-then-sft-adv: the corpus of in-character answers to hostile lines is generated (on the
+    shipped corpus's cards, rejection-sampled), then only the SFT stage trains, from then-sft's KD stage."""
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only",
+                               "demo-mix-replies-then-sft-adv,demo-mix-replies-then-sft-adv-anchor")
 
     assert [c[:2] for c in calls] == [["personas", "make"], ["generate", "--teacher"], ["distill", "--student"],
                                       ["distill", "--student"]]  # one corpus for both rows
@@ -161,23 +169,9 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
 
 
 def test_a_staged_sft_rows_seed_repeat_repeats_its_sft_stage_only(recovery, tmp_path, monkeypatch):
-    recovery.RESULTS.mkdir()
     work = tmp_path / "work"
-    fake_run(work / "then-sft" / "kd", 448_000, 400.0)
-    calls = []
-
-    def taille(*a):
-        calls.append([str(x) for x in a])
-        if a[0] == "distill":
-            fake_run(Path(a[a.index("--out") + 1]), 64_000, 560.0)
-
-    monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
-    monkeypatch.setattr(recovery, "taille", taille)
-    monkeypatch.setattr(recovery, "measure", lambda model, args, folder: point(100.0))
-    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only",
-                                      "demo-mix-replies-then-sft-seed1", "--seeds", "demo-mix-replies-then-sft",
-                                      "--work", str(work)])
-    recovery.main()
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "demo-mix-replies-then-sft-seed1", "--seeds",
+                               "demo-mix-replies-then-sft")
     assert len(calls) == 1 and calls[0][:2] == ["distill", "--student"]
     (distill,) = calls
     assert distill[distill.index("--student") + 1] == str(work / "then-sft" / "kd")
