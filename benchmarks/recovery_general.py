@@ -151,7 +151,7 @@ def main() -> None:
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
     adversarial = work / "adversarial.jsonl"  # written first by the row that trains on it (below)
     hostile = f"roleplay:0.6,{adversarial}:0.4"
-    kd_stage = work / "then-sft" / "kd"
+    kd_stage = work.joinpath(*KD_STAGE)
     sft_stages = {"demo-mix-replies-then-sft": ("roleplay", ["--kd-weight", 0]),  # (data, the loss's other term)
                   "demo-mix-replies-then-sft-adv": (hostile, ["--kd-weight", 0]),
                   "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1])}
@@ -164,9 +164,7 @@ def main() -> None:
             "demo-mix-replies-jsd": (width, data["demo-mix"], ["--loss-on", "replies", "--loss", "jsd"]),
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
                                                                "--ce-weight", 1]),
-            "demo-mix-replies-then-sft": (None, f"{data['demo-mix']} then roleplay", []),  # then_sft() below
-            **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()
-               if name != "demo-mix-replies-then-sft"},
+            **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()},  # then_sft()
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -328,8 +326,9 @@ def two_rounds(work: Path, args) -> Path:
 
 
 SFT_TOKENS = "64K"
-EARLIER_STAGE = {"demo-mix-replies-then-sft": ("then-sft", "kd"), "demo-mix-replies-then-sft-adv": ("then-sft", "kd"),
-                 "demo-mix-replies-then-sft-adv-anchor": ("then-sft", "kd"),
+KD_STAGE = ("then-sft", "kd")
+"""The first stage the then-sft rows share, under --work."""
+EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix-replies-then-sft")},
                  "two-rounds": ("two-rounds", "kd-112m")}
 
 
@@ -365,7 +364,7 @@ def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str, 
     cross-entropy on `sft_data`'s replies (role-play the corpus filter kept in character) with `other` as the
     loss's other term (--kd-weight 0: none): the same tokens as one row. Rows that differ in their SFT stage share
     the first stage."""
-    first = work / "then-sft" / "kd"
+    first = work.joinpath(*KD_STAGE)
     if not (first / "taille.json").exists():
         rest = str(int(parse_count(args.tokens) - parse_count(SFT_TOKENS)))
         taille("distill", "--student", width, "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
