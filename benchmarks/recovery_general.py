@@ -30,6 +30,10 @@ benchmark's schedule, changing one thing:
   demo-mix-replies-then-sft-adv-anchor   the same, the SFT stage's loss also forward KL (weight 1) to the first
                  stage's student (`--teacher` that checkpoint), not to the teacher: the hard labels move the
                  student toward the kept replies, the anchor holds it to what it was (its text, fewer loops?)
+                 (these two rows' corpus was written from the first 31 of lines.ADVERSARIAL_TRAIN; today's
+                 list has 84, so on a new machine their corpus is drawn from all of them)
+  demo-mix-replies-then-sft-adv-wide   the adv row's stages, its hostile corpus WIDE_ADVERSARIAL_TOKENS from all
+                 84 training lines (adversarial-wide.jsonl): more lines and more answers to each, at the same 0.4
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -88,12 +92,15 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
 tokens (the card is most of it), about what its 0.4 of the 64K SFT tokens reads once."""
+WIDE_ADVERSARIAL_TOKENS = "12K"
+"""Reply tokens of demo-mix-replies-then-sft-adv-wide's hostile corpus: ~280 conversations, ~3 per line and card
+pair asked, of which 0.4 of the 64K SFT tokens reads about a quarter (more lines seen, fewer repeats)."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -149,12 +156,14 @@ def main() -> None:
     data = {"plays": "shakespeare", "demo-mix": "roleplay:0.45,chat:0.35,shakespeare:0.2", "general": corpus,
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
-    adversarial = work / "adversarial.jsonl"  # written first by the row that trains on it (below)
-    hostile = f"roleplay:0.6,{adversarial}:0.4"
+    hostile_corpora = {work / "adversarial.jsonl": ADVERSARIAL_TOKENS,  # written first by a row that trains on it
+                       work / "adversarial-wide.jsonl": WIDE_ADVERSARIAL_TOKENS}
+    hostile, wide = (f"roleplay:0.6,{corpus}:0.4" for corpus in hostile_corpora)
     kd_stage = work.joinpath(*KD_STAGE)
     sft_stages = {"demo-mix-replies-then-sft": ("roleplay", ["--kd-weight", 0]),  # (data, the loss's other term)
                   "demo-mix-replies-then-sft-adv": (hostile, ["--kd-weight", 0]),
-                  "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1])}
+                  "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1]),
+                  "demo-mix-replies-then-sft-adv-wide": (wide, ["--kd-weight", 0])}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -211,9 +220,10 @@ def main() -> None:
             and not (work / "free.jsonl.meta.json").exists():  # the meta is written when the corpus is whole
         taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
-    if any(sft_stages[n][0] == hostile and not (work / "runs" / n / "taille.json").exists()
-           for n in chosen if n in sft_stages):
-        hostile_lines(work, adversarial)
+    for corpus, budget in hostile_corpora.items():
+        if any(f"{corpus}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
+               for n in chosen if n in sft_stages):
+            hostile_lines(work, corpus, budget)
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
@@ -242,7 +252,7 @@ def main() -> None:
         if kept.is_file():
             measured[name] = json.loads(kept.read_text())
             run = work / "runs" / name
-            trained[name] = ({"data": rows[name][1], **summary(work, name, run)} if (run / "metrics.jsonl").is_file()
+            trained[name] = ({"data": shown(rows[name][1], work), **summary(work, name, run)} if (run / "metrics.jsonl").is_file()
                              else committed.get("trained", {}).get(name, {}))
     # curves of the same protocol stay in the figure (another --limit or budget would mix two protocols)
     kept_curves = committed.get("curves", {}) if same_protocol(committed, args) else {}
@@ -251,7 +261,7 @@ def main() -> None:
     write_tables(measured, trained, args, kept_curves)
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
-        trained[name] = {"data": rows[name][1] or f"teacher cache {rows[name][2][1].name}", **summary(work, name, outs[name])}
+        trained[name] = {"data": shown(rows[name][1], work) or f"teacher cache {rows[name][2][1].name}", **summary(work, name, outs[name])}
         write_tables(measured, trained, args, kept_curves)
     if args.demo:  # measured again whenever the demo's weights change
         demo = Path(args.demo).resolve()
@@ -336,6 +346,7 @@ def summary(work: Path, name: str, out: Path) -> dict:
     """run_summary of a row's run; a row trained in two stages counts both (tokens, seconds, and the rate of
     the whole: its tokens over each stage's tokens at that stage's rate)."""
     last = run_summary(out)
+    last["metrics"] = shown(last["metrics"], work)
     name = name.removesuffix("-seed1")  # a staged row's repeat shares its first stage
     if name not in EARLIER_STAGE or not (work.joinpath(*EARLIER_STAGE[name]) / "metrics.jsonl").is_file():
         return last
@@ -345,17 +356,23 @@ def summary(work: Path, name: str, out: Path) -> dict:
     return {**last, "tokens": tokens, "seconds": first["seconds"] + last["seconds"], "tokens_per_s": round(rate, 1)}
 
 
-def hostile_lines(work: Path, out: Path) -> None:
+def shown(source: str | None, work: Path) -> str | None:
+    """A row's data as the results show it: corpora written into --work named from there (the JSON is
+    committed; the work folder is this machine's)."""
+    return source.replace(f"{work}/", "WORK/") if source else source
+
+
+def hostile_lines(work: Path, out: Path, tokens: str) -> None:
     """The teacher's in-character answers to hostile player lines on the train half of `personas make --count 200
     --seed 0` (161 cards; the evaluation's held-out cards and lines are never asked), a reply the filters drop
-    sampled again up to 3 times. Resumable; done when it holds ADVERSARIAL_TOKENS."""
+    sampled again up to 3 times. Resumable; done when it holds `tokens` reply tokens."""
     meta = Path(f"{out}.meta.json")
-    if meta.is_file() and json.loads(meta.read_text())["tokens_kept"] >= parse_count(ADVERSARIAL_TOKENS):
+    if meta.is_file() and json.loads(meta.read_text())["tokens_kept"] >= parse_count(tokens):
         return
     cards = work / "cards"
     taille("personas", "make", "--count", 200, "--seed", 0, "--out", cards)  # deterministic, seconds: a stopped one is whole again
     taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", "adversarial:1",
-           "--retries", 3, "--conversations", 1, "--turns", 1, "--tokens", ADVERSARIAL_TOKENS, "--max-new-tokens", 64,
+           "--retries", 3, "--conversations", 1, "--turns", 1, "--tokens", tokens, "--max-new-tokens", 64,
            "--batch-size", 16, "--out", out)
 
 

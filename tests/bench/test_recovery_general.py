@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from taille.options import parse_count
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -142,23 +144,29 @@ def run_after_kd_stage(recovery, work: Path, monkeypatch, *options: str) -> list
     return calls
 
 
-def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recovery, tmp_path, monkeypatch):
+def test_the_hostile_lines_rows_write_their_corpora_and_share_the_kd_stage(recovery, tmp_path, monkeypatch):
     """demo-mix-replies-then-sft-adv: the corpus of in-character answers to hostile lines is generated (on the
-    shipped corpus's cards, rejection-sampled), then only the SFT stage trains, from then-sft's KD stage."""
+    shipped corpus's cards, rejection-sampled), then only the SFT stage trains, from then-sft's KD stage; the
+    wide row's corpus is its own, larger one."""
     work = tmp_path / "work"
-    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only",
-                               "demo-mix-replies-then-sft-adv,demo-mix-replies-then-sft-adv-anchor")
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "demo-mix-replies-then-sft-adv,"
+                               "demo-mix-replies-then-sft-adv-anchor,demo-mix-replies-then-sft-adv-wide")
 
-    assert [c[:2] for c in calls] == [["personas", "make"], ["generate", "--teacher"], ["distill", "--student"],
-                                      ["distill", "--student"]]  # one corpus for both rows
-    make, generate, distill, anchored = calls
+    assert [c[:2] for c in calls] == [["personas", "make"], ["generate", "--teacher"], ["personas", "make"],
+                                      ["generate", "--teacher"], *[["distill", "--student"]] * 3]  # adv's corpus once
+    make, generate, _, generate_wide, distill, anchored, distill_wide = calls
     assert make[make.index("--count") + 1] == "200" and make[make.index("--seed") + 1] == "0"
     assert generate[generate.index("--personas") + 1] == make[make.index("--out") + 1]
     assert generate[generate.index("--kinds") + 1] == "adversarial:1" and int(generate[generate.index("--retries") + 1]) > 0
-    corpus = generate[generate.index("--out") + 1]
+    corpus, wide = (g[g.index("--out") + 1] for g in (generate, generate_wide))
+    assert corpus != wide and generate_wide[generate_wide.index("--kinds") + 1] == "adversarial:1"
+    tokens = [parse_count(g[g.index("--tokens") + 1]) for g in (generate, generate_wide)]
+    assert tokens[1] > tokens[0]
     assert distill[distill.index("--student") + 1] == str(work / "then-sft" / "kd")  # not trained again
     assert distill[distill.index("--data") + 1] == f"roleplay:0.6,{corpus}:0.4"
     assert distill[distill.index("--kd-weight") + 1] == "0" and "--teacher" not in distill
+    assert distill_wide[distill_wide.index("--data") + 1] == f"roleplay:0.6,{wide}:0.4"
+    assert distill_wide[distill_wide.index("--student") + 1] == str(work / "then-sft" / "kd")
     # the anchored row: the same data and start, its KL to the first stage's student, not to the teacher
     assert anchored[anchored.index("--data") + 1] == distill[distill.index("--data") + 1]
     assert anchored[anchored.index("--teacher") + 1] == str(work / "then-sft" / "kd")
@@ -166,6 +174,10 @@ def test_the_hostile_lines_row_writes_its_corpus_and_shares_the_kd_stage(recover
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     rate = results["trained"]["demo-mix-replies-then-sft-adv"]["tokens_per_s"]
     assert rate == pytest.approx(512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)  # both stages counted
+    # the committed results name the corpora from the work folder, not from this machine's paths
+    assert results["trained"]["demo-mix-replies-then-sft-adv-wide"]["data"].endswith(
+        "then roleplay:0.6,WORK/adversarial-wide.jsonl:0.4")
+    assert str(tmp_path) not in json.dumps(results["trained"])
 
 
 def test_a_staged_sft_rows_seed_repeat_repeats_its_sft_stage_only(recovery, tmp_path, monkeypatch):
