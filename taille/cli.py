@@ -490,7 +490,7 @@ def search(
     out: Annotated[Path, typer.Option(help="Folder: leaderboard.{md,json,png}, winner.yaml, candidates.",
                                       show_default=False)],
     scores: Annotated[Optional[Path], typer.Option(help="Scores from `taille importance` (else computed here).")] = None,
-    samples: Annotated[int, typer.Option(help="Calibration blocks, when importance runs here.")] = 128,
+    samples: Annotated[int, typer.Option(help="Calibration blocks, when importance runs here (at importance's block length, in --precision).")] = 128,
 ) -> None:
     """Architecture search (Minitron): prune each candidate shape near the target and distil each briefly
     from one teacher cache, then rank by held-out loss.
@@ -505,7 +505,8 @@ def search(
     if scores is None:
         scores = out / "importance"
         if not (scores / "importance.json").is_file():
-            run_importance(ImportanceConfig(model=model, data=data, out=str(scores), samples=samples))
+            run_importance(ImportanceConfig(model=model, data=data, out=str(scores), samples=samples,
+                                            precision=settings.precision))
     board = run_search(model, data, scores, settings, out)
     _print_table(f"architecture search: {len(board['rows'])} candidates", board["header"][:-1],
                  [r[:-1] for r in board["rows"]], right=set(range(1, 9)))

@@ -58,13 +58,19 @@ def held_out_loss(model_dir, tokenizer_dir) -> float:
 
 
 def test_search_on_the_plays_ranks_candidates_by_held_out_loss_on_the_held_out_plays(teacher, text_file, tmp_path,
-                                                                                      capsys):
+                                                                                      capsys, monkeypatch):
     from transformers import AutoConfig
 
+    import taille.prune.prune
     from taille.prune.shape import Shape, count_params
 
     out = tmp_path / "search"
-    stdout, _ = run_cli(capsys, *search_args(teacher, f"{text_file}:0.5,shakespeare:0.5", out))
+    importance, real = [], taille.prune.prune.run_importance
+    monkeypatch.setattr(taille.prune.prune, "run_importance", lambda cfg: importance.append(cfg) or real(cfg))
+    args = search_args(teacher, f"{text_file}:0.5,shakespeare:0.5", out)
+    stdout, _ = run_cli(capsys, *args)
+    # the importance step runs here, in the search's precision (not importance's own default)
+    assert [cfg.precision for cfg in importance] == [args[args.index("--precision") + 1]]
     board = json.loads((out / "leaderboard.json").read_text())
     rows = board["candidates"]
     assert board["ranked_by"] == "eval_loss" and "ranked by eval loss" in board["summary"]
