@@ -264,7 +264,7 @@ def plan_recipe(recipe: Recipe, config=None) -> dict:
         from taille.search.search import SearchSettings, default_shape, pick
 
         s = SearchSettings(**recipe.search)
-        default = default_shape(config, s.params)
+        default = default_shape(config, s.params, s.tolerance)
         out["search"] = [{"shape": c.shape.to_dict(), "params": c.params, "default": c.shape == default}
                          for c in pick(config, s, default)]
     return out

@@ -94,14 +94,17 @@ def pick(config, s: SearchSettings, default_shape=None) -> list:
     return chosen
 
 
-def default_shape(config, params: str):
-    """What `prune --params P --axes mlp,hidden,heads` would pick (None when nothing lands within 1%)."""
-    from taille.prune.shape import parse_params, search_shape
+def default_shape(config, params: str, tolerance: float = 0.01):
+    """What `prune --params P --axes mlp,hidden,heads` would pick (it allows 1%); None when nothing lands
+    within 1%, or that shape is further than `tolerance` (a search's) from P: not one of its candidates."""
+    from taille.prune.shape import count_params, parse_params, search_shape
 
+    target = parse_params(params)
     try:
-        return search_shape(config, parse_params(params), ("mlp", "hidden", "heads"), 0.01)
+        shape = search_shape(config, target, ("mlp", "hidden", "heads"), 0.01)
     except TailleError:
         return None
+    return shape if abs(count_params(config, shape) - target) <= tolerance * target else None
 
 
 def check_same_request(out: Path, request: dict) -> None:
@@ -132,7 +135,7 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
     where = {"teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
              "scores": str(Path(scores).resolve())}  # the same folders named from another directory are the same
     check_same_request(out, {**where, "data": data, **asdict(s)})
-    default = default_shape(config, s.params)
+    default = default_shape(config, s.params, s.tolerance)
     candidates = pick(config, s, default)
     tokens = s.steps * s.batch_size * s.seq_len
     cache = out / "cache"
@@ -189,6 +192,8 @@ def write_leaderboard(results: list[dict], key: str, s: SearchSettings, out: Pat
                     f"{results.index(default) + 1}) at this budget.")
     elif default is winner:
         summary += "The default width shape wins."
+    else:
+        summary += f"The default width shape is not within {s.tolerance:.1%} of {s.params}: not among them."
     board = {"header": header, "rows": rows, "summary": summary, "ranked_by": key, "settings": asdict(s),
              "winner": {"shape": winner["shape"], "params": winner["params"]}, "candidates": results}
     out.mkdir(parents=True, exist_ok=True)

@@ -209,3 +209,23 @@ def test_a_search_run_again_redoes_only_missing_candidates(teacher, text_file, t
     assert "holds a search asked with other settings (params 80000 -> 78000, steps 2 -> 4)" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert json.loads((out / "leaderboard.json").read_text()) == last
+
+
+def test_the_default_shape_joins_the_candidates_only_within_the_tolerance():
+    """`prune --params` allows 1%; a search asked for less must not add a default shape outside its own
+    tolerance (its summary would call every candidate within it)."""
+    from transformers import LlamaConfig
+
+    from taille.prune.shape import count_params, parse_params
+    from taille.search.search import SearchSettings, default_shape, pick
+
+    smollm2 = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                          intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    target = parse_params("88M")  # prune's shape for 88M lands 0.9% under it
+    loose, tight = (SearchSettings(params="88M", tolerance=t, candidates=4) for t in (0.01, 0.005))
+    default = default_shape(smollm2, "88M", loose.tolerance)
+    assert default is not None and 0.005 < abs(count_params(smollm2, default) - target) / target <= 0.01
+    assert default in [c.shape for c in pick(smollm2, loose, default)]
+    assert default_shape(smollm2, "88M", tight.tolerance) is None
+    chosen = pick(smollm2, tight, default_shape(smollm2, "88M", tight.tolerance))
+    assert chosen and all(abs(c.params - target) <= 0.005 * target for c in chosen)
