@@ -69,7 +69,7 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-replies-then-sft": "the demo's recipe for 448K tokens, then 64K of cross-entropy alone on the role-play replies (lr 1e-4)",
           "demo-mix-replies-then-sft-adv": "the same 448K tokens, then 64K of cross-entropy on the role-play replies (0.6) and the teacher's in-character answers to hostile lines (0.4, rejection-sampled: `--kinds adversarial:1 --retries 3`)",
           "demo-mix-replies-then-sft-adv-anchor": "the same, the CE stage also held to the first stage's student by forward KL (weight 1; `--teacher` that checkpoint)",
-          "demo-mix-replies-then-sft-adv-wide": "the adv row with a wider hostile corpus: 84 training lines (not 31), 12K reply tokens (not 4K), the same 0.4",
+          "demo-mix-replies-then-sft-adv-wide": "the adv row with a wider hostile corpus: all 67 training lines (its corpus was written from the first 31), 12K reply tokens (not 4K), the same 0.4",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 

@@ -31,9 +31,9 @@ benchmark's schedule, changing one thing:
                  stage's student (`--teacher` that checkpoint), not to the teacher: the hard labels move the
                  student toward the kept replies, the anchor holds it to what it was (its text, fewer loops?)
                  (these two rows' corpus was written from the first 31 of lines.ADVERSARIAL_TRAIN; today's
-                 list has 84, so on a new machine their corpus is drawn from all of them)
+                 list has 67, so on a new machine their corpus is drawn from all of them)
   demo-mix-replies-then-sft-adv-wide   the adv row's stages, its hostile corpus WIDE_ADVERSARIAL_TOKENS from all
-                 84 training lines (adversarial-wide.jsonl): more lines and more answers to each, at the same 0.4
+                 67 training lines (adversarial-wide.jsonl): more lines and more answers to each, at the same 0.4
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,8 +100,8 @@ ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
 tokens (the card is most of it), about what its 0.4 of the 64K SFT tokens reads once."""
 WIDE_ADVERSARIAL_TOKENS = "12K"
-"""Reply tokens of demo-mix-replies-then-sft-adv-wide's hostile corpus: ~280 conversations, ~3 per line and card
-pair asked, of which 0.4 of the 64K SFT tokens reads about a quarter (more lines seen, fewer repeats)."""
+"""Reply tokens of demo-mix-replies-then-sft-adv-wide's hostile corpus: ~280 conversations, ~4 answers per line
+asked, of which 0.4 of the 64K SFT tokens reads about a quarter (more lines seen, fewer repeats)."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -149,7 +150,7 @@ def main() -> None:
 
     from taille.paths import cache_dir
 
-    work = Path(args.work) if args.work else cache_dir("bench") / "recovery_general"
+    work = (Path(args.work) if args.work else cache_dir("bench") / "recovery_general").expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     width, depth = pruned_students(work)
     corpus = str(Path(args.corpus).expanduser().resolve()) if args.corpus else "chat"
@@ -220,10 +221,10 @@ def main() -> None:
             and not (work / "free.jsonl.meta.json").exists():  # the meta is written when the corpus is whole
         taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
-    for corpus, budget in hostile_corpora.items():
-        if any(f"{corpus}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
+    for path, budget in hostile_corpora.items():
+        if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
                for n in chosen if n in sft_stages):
-            hostile_lines(work, corpus, budget)
+            hostile_lines(work, path, budget)
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
@@ -253,7 +254,8 @@ def main() -> None:
             measured[name] = json.loads(kept.read_text())
             run = work / "runs" / name
             trained[name] = ({"data": shown(rows[name][1], work), **summary(work, name, run)} if (run / "metrics.jsonl").is_file()
-                             else committed.get("trained", {}).get(name, {}))
+                             else {k: shown(v, work) if k in ("data", "metrics") and isinstance(v, str) else v
+                                   for k, v in committed.get("trained", {}).get(name, {}).items()})
     # curves of the same protocol stay in the figure (another --limit or budget would mix two protocols)
     kept_curves = committed.get("curves", {}) if same_protocol(committed, args) else {}
     if not args.demo and "demo" in committed.get("measured", {}):  # the last demo measured stays in the tables
@@ -357,9 +359,9 @@ def summary(work: Path, name: str, out: Path) -> dict:
 
 
 def shown(source: str | None, work: Path) -> str | None:
-    """A row's data as the results show it: corpora written into --work named from there (the JSON is
-    committed; the work folder is this machine's)."""
-    return source.replace(f"{work}/", "WORK/") if source else source
+    """A row's data (or metrics file) as the results show it: what lies in --work named from there (the JSON is
+    committed; the work folder is this machine's), also in entries another machine wrote in its default one."""
+    return re.sub(r"/[^\s,:]*/bench/recovery_general/", "WORK/", source.replace(f"{work}/", "WORK/")) if source else source
 
 
 def hostile_lines(work: Path, out: Path, tokens: str) -> None:

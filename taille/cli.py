@@ -496,8 +496,8 @@ def search(
     from one teacher cache, then rank by held-out loss.
 
     Importance runs once (or comes from --scores); the teacher runs once, into a top-K cache; every
-    candidate gets the same steps. The default width shape is always among the candidates, so the
-    leaderboard says whether the search beat it. A search run again skips finished candidates.
+    candidate gets the same steps. The default width shape is among the candidates when it lies within
+    --tolerance, so the leaderboard says whether the search beat it. A search run again skips finished candidates.
     """
     from taille.prune.prune import run_importance
     from taille.search.search import run_search

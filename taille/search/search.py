@@ -72,8 +72,8 @@ class SearchSettings:
 
 def pick(config, s: SearchSettings, default_shape=None) -> list:
     """Up to `candidates` plan shapes, as different as possible: the most even cut of each (layers,
-    heads, hidden) first, then the rest; the default width shape (what `prune --params` picks) is
-    always among them, so the search says whether it is beaten."""
+    heads, hidden) first, then the rest; the default width shape (what `prune --params` picks; None when it
+    is not within the tolerance) is among them, so the search says whether it is beaten."""
     from taille.prune.shape import count_params
     from taille.search.plan import Candidate, plan
 
@@ -184,7 +184,7 @@ def write_leaderboard(results: list[dict], key: str, s: SearchSettings, out: Pat
                      "default width shape" if r["default"] else ""])
     winner = results[0]
     default = next((r for r in results if r["default"]), None)
-    summary = (f"{len(results)} candidates within {s.tolerance:.0%} of {s.params}, each distilled {s.steps} steps "
+    summary = (f"{len(results)} candidates within {s.tolerance * 100:g}% of {s.params}, each distilled {s.steps} steps "
                f"({s.steps * s.batch_size * s.seq_len:,} tokens) from a top-{s.top_k} teacher cache; ranked by "
                f"{key.replace('_', ' ')}. ")
     if default is not None and default is not winner:
@@ -193,7 +193,8 @@ def write_leaderboard(results: list[dict], key: str, s: SearchSettings, out: Pat
     elif default is winner:
         summary += "The default width shape wins."
     else:
-        summary += f"The default width shape is not within {s.tolerance:.1%} of {s.params}: not among them."
+        summary += (f"The default width shape (prune --params {s.params}) is not within {s.tolerance * 100:g}% "
+                    "of it, or prune finds none within 1%: not among them.")
     board = {"header": header, "rows": rows, "summary": summary, "ranked_by": key, "settings": asdict(s),
              "winner": {"shape": winner["shape"], "params": winner["params"]}, "candidates": results}
     out.mkdir(parents=True, exist_ok=True)

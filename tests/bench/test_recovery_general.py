@@ -192,3 +192,18 @@ def test_a_staged_sft_rows_seed_repeat_repeats_its_sft_stage_only(recovery, tmp_
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     assert results["trained"]["demo-mix-replies-then-sft-seed1"]["tokens_per_s"] == pytest.approx(
         512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)
+
+
+def test_a_hostile_corpus_is_whole_only_at_its_own_budget(recovery, tmp_path, monkeypatch):
+    """The wide corpus (12K) is not taken for done because it holds the small one's 4K: it generates on."""
+    calls = []
+    monkeypatch.setattr(recovery, "taille", lambda *a: calls.append([str(x) for x in a]))
+    out = tmp_path / "adversarial-wide.jsonl"
+    Path(f"{out}.meta.json").write_text(json.dumps({"tokens_kept": 5000}))
+    recovery.hostile_lines(tmp_path, out, recovery.WIDE_ADVERSARIAL_TOKENS)
+    assert [c[0] for c in calls] == ["personas", "generate"]
+    generate = calls[1]
+    assert generate[generate.index("--tokens") + 1] == recovery.WIDE_ADVERSARIAL_TOKENS
+    calls.clear()
+    recovery.hostile_lines(tmp_path, out, recovery.ADVERSARIAL_TOKENS)  # 5,000 kept: 4K is whole
+    assert calls == []
