@@ -51,7 +51,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "free": "distilled on the teacher's free text (`generate --prompts free`, no chat)",
@@ -63,6 +63,7 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-on-policy": "the same, each block ending in the student's own samples (on-policy)",
           "demo-mix-on-policy-reply": "the same, the student writing the blocks' replies (on-policy from a reply)",
           "demo-mix-replies": "role-play + general + plays, the loss on the replies and the plays (`--loss-on replies`)",
+          "demo-mix-free-replies": "the same, the teacher's free text in place of part of the chat (roleplay 0.45, chat 0.2, free 0.15, plays 0.2)",
           "demo-mix-replies-ce": "the same, plus cross-entropy on the data's tokens (`--ce-weight 0.5`)",
           "demo-mix-replies-jsd": "the same data and mask, JSD (beta 0.5) instead of forward KL",
           "demo-mix-replies-sft": "the same data and mask, cross-entropy alone on the teacher's filtered replies (no KD: `--kd-weight 0 --ce-weight 1`)",

@@ -12,6 +12,9 @@ benchmark's schedule, changing one thing:
                  in the block's last 128 tokens, else those 128 (`--on-policy-from reply`): aimed at replies
   demo-mix-replies   the demo's data, the loss on the replies of the chat sources and on all of the plays
                  (`--loss-on replies`): what `taille demo` distils on
+  demo-mix-free-replies   the default's recipe with the teacher's free text (the `free` row's corpus) in place of
+                 part of the chat answers: roleplay 0.45, chat 0.2, free 0.15, plays 0.2 (`--loss-on replies`: the
+                 free text, plain, is learned whole): does pre-training-like text buy back WikiText-2 in the mix?
   demo-mix-replies-ce   the same, plus cross-entropy (weight 0.5) on the data's own next tokens: the corpus's
                  replies were sampled from the teacher and its out-of-character ones filtered out, so the hard
                  labels pull the student toward the kept replies where the teacher's distribution would break
@@ -93,7 +96,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
@@ -170,6 +173,8 @@ def main() -> None:
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
                                                                    "--on-policy-from", "reply"]),
             "demo-mix-replies": (width, data["demo-mix"], ["--loss-on", "replies"]),
+            "demo-mix-free-replies": (width, f"roleplay:0.45,chat:0.2,{work / 'free.jsonl'}:0.15,shakespeare:0.2",
+                                      ["--loss-on", "replies"]),
             "demo-mix-replies-ce": (width, data["demo-mix"], ["--loss-on", "replies", "--ce-weight", 0.5]),
             "demo-mix-replies-jsd": (width, data["demo-mix"], ["--loss-on", "replies", "--loss", "jsd"]),
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
@@ -217,7 +222,8 @@ def main() -> None:
         taille("select", "--teacher", TEACHER, "--reference", width, "--data", "shakespeare", "--tokens", args.tokens,
                "--pool", 2, "--seq-len", args.seq_len, "--out", work / "difference.jsonl")
     free = str(work / "free.jsonl")  # written by the first run that trains on it (a row, its repeat, its curve)
-    if any(rows[n][1] == free for n in [*chosen, *filter(None, args.curves.split(","))] if n in rows) \
+    if any(rows[n][1] and (rows[n][1] == free or f"{free}:" in rows[n][1])
+           for n in [*chosen, *filter(None, args.curves.split(","))] if n in rows) \
             and not (work / "free.jsonl.meta.json").exists():  # the meta is written when the corpus is whole
         taille("generate", "--teacher", TEACHER, "--prompts", "free", "--temperature", 1.0, "--tokens", FREE_TOKENS,
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on

@@ -207,3 +207,16 @@ def test_a_hostile_corpus_is_whole_only_at_its_own_budget(recovery, tmp_path, mo
     calls.clear()
     recovery.hostile_lines(tmp_path, out, recovery.ADVERSARIAL_TOKENS)  # 5,000 kept: 4K is whole
     assert calls == []
+
+
+def test_the_free_mix_row_writes_the_free_corpus_first_and_mixes_it_in(recovery, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "demo-mix-free-replies")
+    assert [c[:2] for c in calls] == [["generate", "--teacher"], ["distill", "--student"]]
+    generate, distill = calls
+    free = generate[generate.index("--out") + 1]
+    assert generate[generate.index("--prompts") + 1] == "free" and free == str(work / "free.jsonl")
+    assert generate[generate.index("--tokens") + 1] == recovery.FREE_TOKENS  # the `free` row's corpus, shared
+    mix = dict(part.rsplit(":", 1) for part in distill[distill.index("--data") + 1].split(","))
+    assert float(mix[free]) > 0 and set(mix) == {"roleplay", "chat", free, "shakespeare"}
+    assert distill[distill.index("--loss-on") + 1] == "replies"
