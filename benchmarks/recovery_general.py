@@ -61,6 +61,8 @@ benchmark's schedule, changing one thing:
   lr-1e-3 / lr-2e-4   the plays at twice / under half the reference peak LR (5e-4)
   depth          the depth-pruned 90M student (18 layers), on the plays
   two-rounds     prune to ~112M, distil half the budget, prune that to 90M, distil the other half
+  two-rounds-mix   the same two rounds on the default's data and mask (demo-mix-replies's), the second
+                 round's importance calibrated on that mix
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -97,7 +99,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -185,6 +187,7 @@ def main() -> None:
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
             "lr-2e-4": (width, "shakespeare", ["--lr", 2e-4, "--min-lr", 2e-5]),
             "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", []),
+            "two-rounds-mix": (None, data["demo-mix"], ["--loss-on", "replies"]),
             "roleplay-general": (width, data["roleplay-general"], []),
             "roleplay-general-on-policy-reply": (width, data["roleplay-general"], ["--on-policy", 1.0, "--on-policy-tokens",
                                                                                    128, "--on-policy-from", "reply"]),
@@ -234,7 +237,7 @@ def main() -> None:
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
-        outs[name] = out = (two_rounds(work, args) if name == "two-rounds" else
+        outs[name] = out = (two_rounds(work, args, name, source, extra) if name in TWO_ROUNDS else
                             then_sft(work, args, width, data["demo-mix"], name, *sft_stages[name]) if name in sft_stages else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
@@ -254,7 +257,7 @@ def main() -> None:
     trained = {}
     # rows measured by earlier runs stay in the tables (--only adds rows, it does not drop the others)
     committed = json.loads((RESULTS / "recovery_general.json").read_text()) if (RESULTS / "recovery_general.json").is_file() else {}
-    for name in (n for n in order if n not in chosen and n != "two-rounds"):
+    for name in (n for n in order if n not in chosen):
         kept = work / "measured" / f"{name}-{args.limit}.json"
         if kept.is_file():
             measured[name] = json.loads(kept.read_text())
@@ -320,25 +323,28 @@ def adopt_committed(work: Path, args) -> None:
             print(f"kept from {path}: {name}", flush=True)
 
 
-def two_rounds(work: Path, args) -> Path:
-    """Prune to ~112M, distil half the budget, prune the result to 90M (its own importance scores), distil
-    the other half: the same tokens as one round."""
+TWO_ROUNDS = ("two-rounds", "two-rounds-mix")
+
+
+def two_rounds(work: Path, args, name: str, source: str, extra: list) -> Path:
+    """Prune to ~112M, distil half the budget on `source` (with `extra`), prune the result to 90M (its own
+    importance scores, calibrated on `source`), distil the other half: the same tokens as one round."""
     half = str(int(parse_count(args.tokens) // 2))
-    first, second = work / "two-rounds" / "112m", work / "two-rounds" / "90m"
+    folder = work / name
+    first, second, kd1 = folder / "112m", folder / "90m", folder / "kd-112m"
     if not (first / "taille.json").exists():
         taille("prune", "-m", TEACHER, "--scores", work / "importance", "--params", "112M", "--axes", "mlp,hidden,heads",
                "--out", first)
-    kd1 = work / "two-rounds" / "kd-112m"
     if not (kd1 / "taille.json").exists():
-        taille("distill", "--student", first, "--teacher", TEACHER, *train_args(args, "shakespeare"), "--tokens", half,
+        taille("distill", "--student", first, "--teacher", TEACHER, *train_args(args, source), *extra, "--tokens", half,
                "--out", kd1, "--resume")
     if not (second / "taille.json").exists():
-        taille("importance", "-m", kd1, "--data", "shakespeare", "--samples", 128, "--out", work / "two-rounds" / "scores")
-        taille("prune", "-m", kd1, "--scores", work / "two-rounds" / "scores", "--params", "90M", "--axes",
+        taille("importance", "-m", kd1, "--data", source, "--samples", 128, "--out", folder / "scores")
+        taille("prune", "-m", kd1, "--scores", folder / "scores", "--params", "90M", "--axes",
                "mlp,hidden,heads", "--out", second)
-    out = work / "runs" / "two-rounds"
+    out = work / "runs" / name
     if not (out / "taille.json").exists():
-        taille("distill", "--student", second, "--teacher", TEACHER, *train_args(args, "shakespeare"), "--tokens", half,
+        taille("distill", "--student", second, "--teacher", TEACHER, *train_args(args, source), *extra, "--tokens", half,
                "--out", out, "--resume")
     return out
 
@@ -347,7 +353,7 @@ SFT_TOKENS = "64K"
 KD_STAGE = ("then-sft", "kd")
 """The first stage the then-sft rows share, under --work."""
 EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix-replies-then-sft")},
-                 "two-rounds": ("two-rounds", "kd-112m")}
+                 **{name: (name, "kd-112m") for name in TWO_ROUNDS}}
 
 
 def summary(work: Path, name: str, out: Path) -> dict:

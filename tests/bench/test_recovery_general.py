@@ -220,3 +220,31 @@ def test_the_free_mix_row_writes_the_free_corpus_first_and_mixes_it_in(recovery,
     mix = dict(part.rsplit(":", 1) for part in distill[distill.index("--data") + 1].split(","))
     assert float(mix[free]) > 0 and set(mix) == {"roleplay", "chat", free, "shakespeare"}
     assert distill[distill.index("--loss-on") + 1] == "replies"
+
+
+def test_two_rounds_on_the_mix_prunes_twice_on_its_data_and_a_measured_row_stays_in_the_tables(recovery, tmp_path,
+                                                                                               monkeypatch):
+    work = tmp_path / "work"
+    # the plays' two-rounds row, trained and measured by an earlier run: it stays when another row is run
+    fake_run(work / "two-rounds" / "kd-112m", 256_000, 430.0)
+    fake_run(work / "runs" / "two-rounds", 256_000, 460.0)
+    (work / "measured").mkdir(parents=True)
+    (work / "measured" / "two-rounds-500.json").write_text(json.dumps(point(113.0)))
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "two-rounds-mix")
+
+    assert [c[0] for c in calls] == ["prune", "distill", "importance", "prune", "distill"]
+    prune1, kd1, importance, prune2, kd2 = calls
+    folder = work / "two-rounds-mix"
+    assert prune1[prune1.index("--params") + 1] == "112M" and prune1[prune1.index("--out") + 1] == str(folder / "112m")
+    mix = "roleplay:0.45,chat:0.35,shakespeare:0.2"
+    for distill, start in ((kd1, folder / "112m"), (kd2, folder / "90m")):
+        assert distill[distill.index("--student") + 1] == str(start)
+        assert distill[distill.index("--data") + 1] == mix and distill[distill.index("--loss-on") + 1] == "replies"
+        assert parse_count(distill[len(distill) - 1 - distill[::-1].index("--tokens") + 1]) == 256_000  # the last wins
+    assert importance[importance.index("-m") + 1] == str(folder / "kd-112m")
+    assert importance[importance.index("--data") + 1] == mix
+    assert prune2[prune2.index("--params") + 1] == "90M" and prune2[prune2.index("-m") + 1] == str(folder / "kd-112m")
+    results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
+    assert results["measured"]["two-rounds"]["ppl"]["wikitext2"] == 113.0
+    assert results["trained"]["two-rounds"]["tokens"] == 512_000  # both rounds counted
+    assert "| two-rounds |" in (recovery.RESULTS / "recovery_general.md").read_text()
