@@ -499,6 +499,7 @@ def search(
     candidate gets the same steps. The default width shape is among the candidates when it lies within
     --tolerance, so the leaderboard says whether the search beat it. A search run again skips finished candidates.
     """
+    from taille.models.precision import frozen_weights_dtype
     from taille.prune.prune import run_importance
     from taille.search.search import run_search
 
@@ -506,7 +507,8 @@ def search(
         scores = out / "importance"
         if not (scores / "importance.json").is_file():
             run_importance(ImportanceConfig(model=model, data=data, out=str(scores), samples=samples,
-                                            precision=settings.precision))
+                                            precision=settings.precision,
+                                            dtype=frozen_weights_dtype(settings.precision)))
     board = run_search(model, data, scores, settings, out)
     _print_table(f"architecture search: {len(board['rows'])} candidates", board["header"][:-1],
                  [r[:-1] for r in board["rows"]], right=set(range(1, 9)))

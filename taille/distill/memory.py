@@ -7,7 +7,7 @@ the measured peak of a real run in benchmarks/distill_memory.py):
   student      fp32 master weights, fp32 gradients, AdamW's two fp32 moments; under bf16-mixed, autocast
                keeps a bf16 copy of every matmul weight for the micro-step (DDP), while FSDP gathers the
                weights in bf16 itself (its mixed-precision policy) and frees each layer's after use;
-  teacher      frozen, bf16 on a GPU, fp32 on a CPU; no activations kept (no_grad), only its final hidden
+  teacher      frozen, bf16 on a GPU (fp32 under fp32), fp32 on a CPU; no activations kept (no_grad), only its final hidden
                states (B, T-1, H_t) until the loss;
   activations  per decoder layer, what autograd saves for backward: the residual stream and the RMSNorm
                internals in fp32, one bf16 copy of a norm's output per projection that reads it, rotated
@@ -72,7 +72,7 @@ class DistillMemorySettings:
     precision: str = "auto"
     """auto (bf16-mixed on a GPU, and on a CPU with AMX/AVX512-BF16), bf16-mixed or fp32: as `taille distill`."""
     device: str = "cuda"
-    """cuda (teacher in bf16, 512 MiB logit slices) or cpu (teacher in fp32, 64 MiB slices), as the loop picks."""
+    """cuda (teacher in bf16 unless fp32, 512 MiB logit slices) or cpu (teacher in fp32, 64 MiB slices), as the loop picks."""
     top_k: int = 128
     """Log-probabilities per position in the teacher cache (the teacher-cache columns)."""
     activation_checkpointing: bool = False
@@ -217,7 +217,8 @@ def per_gpu(student: Dims, teacher: Dims, cfg: DistillMemorySettings, strategy: 
     sharded = strategy.startswith("fsdp")
     shards = gpus if sharded else 1
     cache = strategy.endswith("cache")
-    t_bytes = 2 if cfg.device == "cuda" else 4  # the loop loads the teacher in bf16 on a GPU, fp32 on a CPU
+    # the loop loads the teacher in bf16 on a GPU (fp32 under --precision fp32), fp32 on a CPU
+    t_bytes = 2 if cfg.device == "cuda" and compute == 2 else 4
     Ps = student.params
 
     weights = 4 * Ps / shards

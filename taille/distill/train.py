@@ -275,7 +275,7 @@ def setup(cfg: DistillConfig) -> Run:
     from taille.data.mixture import load_blocks
     from taille.data.tokens import load_tokens
     from taille.models.load import load_model, resolve_device
-    from taille.models.precision import resolve_precision
+    from taille.models.precision import frozen_weights_dtype, resolve_precision
 
     # On a machine without an accelerator, cpu=True lets torchrun / accelerate launch form a gloo group.
     trackers = {} if cfg.report_to == "none" else {"log_with": cfg.report_to, "project_dir": cfg.out}
@@ -311,7 +311,7 @@ def setup(cfg: DistillConfig) -> Run:
     student.train()
     teacher = None
     if cfg.teacher and cfg.loss.kd:
-        teacher, teacher_tokenizer = load_model(cfg.teacher, dtype="auto" if device.type == "cuda" else "fp32",
+        teacher, teacher_tokenizer = load_model(cfg.teacher, dtype=frozen_weights_dtype(precision),
                                                 device=str(device))
         teacher.requires_grad_(False)
         check_tokenizers(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size)

@@ -243,11 +243,11 @@ def torch_engine(s: GenerateSettings) -> Engine:
     import torch
 
     from taille.models.load import load_model, resolve_device
-    from taille.models.precision import autocast, resolve_precision
+    from taille.models.precision import autocast, frozen_weights_dtype, resolve_precision
 
     device = resolve_device("auto")
     precision = resolve_precision(s.precision, device)
-    model, tokenizer = load_model(s.teacher, device=device)
+    model, tokenizer = load_model(s.teacher, dtype=frozen_weights_dtype(precision), device=device)
     chat = bool(getattr(tokenizer, "chat_template", None))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -41,6 +41,12 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16-mixed" if device == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
+def frozen_weights_dtype(precision: str) -> str:
+    """The `load_model` dtype of a model that only runs forward (a teacher): bf16 weights on a bf16 GPU unless
+    the run asked for fp32, which then means fp32 weights as well as fp32 matmuls."""
+    return "fp32" if precision == "fp32" else "auto"
+
+
 def autocast(precision: str, device: str):
     """A context that runs matmuls in bf16 for 'bf16-mixed', and does nothing for 'fp32'."""
     import torch

@@ -127,7 +127,7 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
     from taille.data.mixture import auto_held_out
     from taille.distill.train import DistillConfig, distill
     from taille.models.load import load_config, load_model, resolve_device
-    from taille.models.precision import resolve_precision
+    from taille.models.precision import frozen_weights_dtype, resolve_precision
     from taille.prune.prune import PruneConfig, Target, run_prune
 
     config = load_config(teacher)
@@ -140,16 +140,17 @@ def run_search(teacher: str, data: str, scores: Path, s: SearchSettings, out: Pa
     tokens = s.steps * s.batch_size * s.seq_len
     cache = out / "cache"
     if not (cache / "meta.json").is_file():
-        model, tokenizer = load_model(teacher)
-        build_cache(model, tokenizer, data, cache, s.top_k, s.seq_len, tokens, s.batch_size,
-                    resolve_precision(s.precision, resolve_device("auto")))
+        precision = resolve_precision(s.precision, resolve_device("auto"))
+        model, tokenizer = load_model(teacher, dtype=frozen_weights_dtype(precision))
+        build_cache(model, tokenizer, data, cache, s.top_k, s.seq_len, tokens, s.batch_size, precision)
         del model
     results = []
     for i, c in enumerate(candidates):
         folder = out / f"cand-{i:02d}"
         if not (folder / "pruned" / "taille.json").is_file():
             run_prune(PruneConfig(model=teacher, out=str(folder / "pruned"), target=Target(**c.shape.to_dict()),
-                                  scores=str(scores), depth_criterion=s.depth_criterion))
+                                  scores=str(scores), depth_criterion=s.depth_criterion,
+                                  dtype=frozen_weights_dtype(s.precision)))
         if not (folder / "run" / "taille.json").is_file():
             distill(DistillConfig(student=str(folder / "pruned"), data=None, out=str(folder / "run"),
                                   teacher_cache=str(cache),

@@ -172,6 +172,10 @@ def test_the_teacher_cache_and_sharding_the_teacher_save_its_weights():
     assert on8["fsdp-teacher"].parts["teacher weights"] < on8["fsdp"].parts["teacher weights"] / 3
     assert on8["fsdp-cache"].parts["teacher weights"] == 0
     assert on8["fsdp-cache"].peak < on8["fsdp-teacher"].peak < on8["fsdp"].peak < on8["ddp"].peak
+    # --precision fp32 loads the teacher in fp32 on a GPU too (train.py: frozen_weights_dtype)
+    fp32 = DistillMemorySettings(batch_size=1, seq_len=4096, grad_accum=1, activation_checkpointing=True,
+                                 precision="fp32")
+    assert per_gpu(student, teacher, fp32, "fsdp", 8).parts["teacher weights"] == 4 * teacher.params
 
 
 def test_nothing_fits_says_so_and_what_would():

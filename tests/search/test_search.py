@@ -61,16 +61,24 @@ def test_search_on_the_plays_ranks_candidates_by_held_out_loss_on_the_held_out_p
                                                                                       capsys, monkeypatch):
     from transformers import AutoConfig
 
+    import taille.models.load
     import taille.prune.prune
     from taille.prune.shape import Shape, count_params
 
     out = tmp_path / "search"
     importance, real = [], taille.prune.prune.run_importance
     monkeypatch.setattr(taille.prune.prune, "run_importance", lambda cfg: importance.append(cfg) or real(cfg))
+    loads, real_load = [], taille.models.load.load_model
+    monkeypatch.setattr(taille.models.load, "load_model",
+                        lambda spec, dtype="auto", device="auto": loads.append((spec, dtype)) or real_load(spec, dtype, device))
     args = search_args(teacher, f"{text_file}:0.5,shakespeare:0.5", out)
     stdout, _ = run_cli(capsys, *args)
     # the importance step runs here, in the search's precision (not importance's own default)
     assert [cfg.precision for cfg in importance] == [args[args.index("--precision") + 1]]
+    # --precision fp32 holds the teacher's weights in fp32 too, for the importance pass, the teacher cache and pruning
+    # (their "auto" would be bf16 on a bf16 GPU)
+    assert [cfg.dtype for cfg in importance] == ["fp32"]
+    assert {dtype for spec, dtype in loads if spec == str(teacher)} == {"fp32"}
     board = json.loads((out / "leaderboard.json").read_text())
     rows = board["candidates"]
     assert board["ranked_by"] == "eval_loss" and "ranked by eval loss" in board["summary"]
