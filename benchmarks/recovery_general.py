@@ -37,6 +37,11 @@ benchmark's schedule, changing one thing:
                  list has 67, so on a new machine their corpus is drawn from all of them)
   demo-mix-replies-then-sft-adv-wide   the adv row's stages, its hostile corpus WIDE_ADVERSARIAL_TOKENS from all
                  67 training lines (adversarial-wide.jsonl): more lines and more answers to each, at the same 0.4
+  demo-mix-replies-then-sft-adv-wide-prefer   the adv-wide row's student, then `taille prefer`: DPO (+ the
+                 chosen replies' cross-entropy) on pairs of the student's own replies that the corpus filters
+                 reject (never phrases, out-of-character markers, loops) against the teacher's kept ones, over
+                 PREFER_PROMPTS turns drawn from the wide hostile corpus and the shipped role-play corpus (train
+                 cards only); its distillation tokens are the adv-wide row's, the DPO stage is on top
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -98,7 +103,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
@@ -182,6 +187,8 @@ def main() -> None:
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
                                                                "--ce-weight", 1]),
             **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()},  # then_sft()
+            **{name: (None, f"{data['demo-mix']} then {sft_stages[base][0]} then prefer", [])  # then_prefer()
+               for name, base in PREFER_ROWS.items()},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -217,6 +224,9 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only {','.join(unknown)}: rows are {', '.join(rows)}")
 
+    def row_data(name: str) -> str:  # what the tables show as a row's data (a teacher cache: the cache's name)
+        return shown(rows[name][1], work) or f"teacher cache {rows[name][2][1].name}"
+
     def measured_once(name: str, model: str) -> dict:
         return remember(work / "measured" / f"{name}-{args.limit}.json",
                         lambda: measure(model, args, work / "eval" / f"{name}-{args.limit}"))
@@ -232,13 +242,15 @@ def main() -> None:
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
     for path, budget in hostile_corpora.items():
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
-               for n in chosen if n in sft_stages):
+               for n in [*chosen, *(PREFER_ROWS[c] for c in chosen if c in PREFER_ROWS)] if n in sft_stages):
             hostile_lines(work, path, budget)
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
         outs[name] = out = (two_rounds(work, args, name, source, extra) if name in TWO_ROUNDS else
                             then_sft(work, args, width, data["demo-mix"], name, *sft_stages[name]) if name in sft_stages else
+                            then_prefer(work, then_sft(work, args, width, data["demo-mix"], PREFER_ROWS[name],
+                                                       *sft_stages[PREFER_ROWS[name]]), name) if name in PREFER_ROWS else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
             if source is None:  # from a teacher cache, which holds the blocks
@@ -262,7 +274,7 @@ def main() -> None:
         if kept.is_file():
             measured[name] = json.loads(kept.read_text())
             run = work / "runs" / name
-            trained[name] = ({"data": shown(rows[name][1], work), **summary(work, name, run)} if (run / "metrics.jsonl").is_file()
+            trained[name] = ({"data": row_data(name), **summary(work, name, run)} if (run / "metrics.jsonl").is_file()
                              else {k: shown(v, work) if k in ("data", "metrics") and isinstance(v, str) else v
                                    for k, v in committed.get("trained", {}).get(name, {}).items()})
     # curves of the same protocol stay in the figure (another --limit or budget would mix two protocols)
@@ -272,7 +284,7 @@ def main() -> None:
     write_tables(measured, trained, args, kept_curves)
     for name in chosen:
         measured[name] = measured_once(name, str(outs[name]))
-        trained[name] = {"data": shown(rows[name][1], work) or f"teacher cache {rows[name][2][1].name}", **summary(work, name, outs[name])}
+        trained[name] = {"data": row_data(name), **summary(work, name, outs[name])}
         write_tables(measured, trained, args, kept_curves)
     if args.demo:  # measured again whenever the demo's weights change
         demo = Path(args.demo).resolve()
@@ -356,9 +368,32 @@ EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix
                  **{name: (name, "kd-112m") for name in TWO_ROUNDS}}
 
 
+PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-then-sft-adv-wide"}
+"""Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
+PREFER_PROMPTS = 600
+"""Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
+corpus's and the shipped role-play corpus's assistant turns."""
+
+
+def then_prefer(work: Path, student: Path, name: str) -> Path:
+    """`taille prefer` on `student`: its own replies the corpus filters reject, against the teacher's kept ones,
+    over PREFER_PROMPTS turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
+    out = work / "runs" / name
+    if not (out / "taille.json").exists():
+        taille("prefer", "--student", student, "--data", f"{work / 'adversarial-wide.jsonl'},roleplay", "--personas",
+               work / "cards", "--max-prompts", PREFER_PROMPTS, "--out", out)
+    return out
+
+
 def summary(work: Path, name: str, out: Path) -> dict:
     """run_summary of a row's run; a row trained in two stages counts both (tokens, seconds, and the rate of
     the whole: its tokens over each stage's tokens at that stage's rate)."""
+    if name.removesuffix("-seed1") in PREFER_ROWS:  # the distillation is the base row's; the DPO stage is on top
+        base = PREFER_ROWS[name.removesuffix("-seed1")]
+        record = json.loads((out / "taille.json").read_text())["prefer"]
+        return {**summary(work, base, work / "runs" / base),
+                "prefer": {k: record[k] for k in ("steps", "seconds", "final_loss", "final_reward_accuracy",
+                                                  "final_reward_margin")} | {"pairs": record["pairs"]["pairs"]}}
     last = run_summary(out)
     last["metrics"] = shown(last["metrics"], work)
     name = name.removesuffix("-seed1")  # a staged row's repeat shares its first stage

@@ -199,6 +199,7 @@ def info(model: ModelArg, json_out: JsonOpt = False) -> None:
 
 
 from taille.bench.config import BenchSettings  # noqa: E402  (settings modules are light: no torch)
+from taille.characters.prefer import PreferSettings  # noqa: E402
 from taille.characters.settings import CardSettings  # noqa: E402
 from taille.chat.chat import ChatSettings  # noqa: E402
 from taille.data.select import SelectSettings  # noqa: E402
@@ -460,6 +461,25 @@ def generate(cfg: GenerateSettings) -> None:
     print(f"{meta['records']:,} records, {meta['tokens_kept']:,} answer tokens -> {cfg.out} ({meta['engine']}; "
           f"{meta['generation_tokens_per_s']} generated tokens/s this run; duplicate rate "
           f"{meta['duplicate_rate_this_run']})")
+
+
+@_verb()
+def prefer(cfg: PreferSettings) -> None:
+    """Teach a distilled character what not to say: DPO on its own out-of-character replies.
+
+    For each assistant turn of a role-play corpus (--data), the student samples --samples replies; the first
+    the corpus filters reject (a `never` phrase, an out-of-character marker, a loop) is paired against the
+    corpus's in-character teacher reply. Then DPO (TRL's DPOTrainer, the student itself as the reference) with
+    --sft-weight x the chosen replies' cross-entropy. OUT: the tuned model, pairs.jsonl(.meta.json), metrics.jsonl.
+    """
+    from taille.characters.prefer import prefer as run
+
+    record = run(cfg)
+    pairs = record["pairs"]
+    print(f"{pairs['pairs']:,} pairs from {pairs['turns']:,} turns ({pairs['failed_share']:.1%} of {pairs['draws']:,} "
+          f"student draws broke character: {', '.join(f'{k} {v}' for k, v in pairs['failed_draws'].items())}); "
+          f"DPO {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}, reward accuracy "
+          f"{record['final_reward_accuracy']} -> {cfg.out}")
 
 
 personas_app = typer.Typer(help="Character cards: `taille personas make` composes many for role-play data and "

@@ -97,6 +97,9 @@ CASES = [
     ("teacher-cache", ["--out", "O", "--from", "D", "--sampling", "random"], "--temperature and --sampling"),
     ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--seed", "3"], "a top-K cache has none"),
     # select
+    ("prefer", ["--student", "M", "--data", "T", "--out", "O"], "give chat JSONL"),
+    ("prefer", ["--student", "N", "--data", "roleplay", "--out", "O"], "N"),
+    ("prefer", ["--student", "M", "--data", "roleplay", "--out", "O", "--sft-weight", "-1"], "--sft-weight"),
     ("select", ["--out", "O", "--teacher", "M", "--reference", "M", "--data", "T"], "give a .jsonl file"),
     ("select", ["--out", "sel.jsonl", "--teacher", "M", "--reference", "M", "--data", "T", "--pool", "1"], "--pool 1.0"),
     ("select", ["--out", "sel.jsonl", "--teacher", "M", "--reference", "N", "--data", "T"], "N"),

@@ -1,0 +1,314 @@
+"""`taille prefer`: teach a distilled character what not to say, from its own mistakes (DPO).
+
+Distillation and SFT show the student what the teacher says; neither shows it what it must not say, and a
+small student keeps some of the teacher's habits the corpus filters cut (saying it is an AI, loops). Here:
+
+1. pairs: for every assistant turn of a role-play corpus (`taille generate --personas` output, or the shipped
+   `roleplay`), the student samples --samples replies to the same conversation. The first of them that the
+   corpus filters reject (the card's `never` phrases, an out-of-character marker, a loop or no sentence;
+   taille.characters.detect) becomes the rejected reply, and the corpus's kept teacher reply the chosen one:
+   on-policy negatives, the student's real failure modes, against in-character answers. A turn whose draws all
+   pass gives no pair. Written to OUT/pairs.jsonl in the conversational preference format TRL reads
+   ({"prompt": [...], "chosen": [...], "rejected": [...]}) with OUT/pairs.meta.json (draws, failures by kind).
+2. DPO (Rafailov et al., NeurIPS 2023) with TRL's DPOTrainer, the student itself (frozen) as the reference,
+   plus --sft-weight x the chosen replies' cross-entropy (RPO, Pang et al. 2024), which keeps the chosen
+   replies' likelihood from falling with the rejected ones'. Writes an ordinary Hugging Face folder to OUT
+   (safetensors) with taille.json and metrics.jsonl (TRL's log: loss, reward accuracy and margin).
+
+A stopped run keeps its pairs (a run with the same pair settings reuses them); the DPO stage, minutes at
+this scale, starts again. Nothing is checkpointed with pickles.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from taille.errors import TailleError
+from taille.models.precision import check_precision
+from taille.options import coerce
+
+log = logging.getLogger(__name__)
+
+REJECTED_KINDS = ("never", "out_of_character", "degenerate")
+"""Why a student draw can be the rejected reply: the corpus filters that mean a broken character."""
+PAIR_FIELDS = ("data", "personas", "samples", "max_prompts", "max_new_tokens", "temperature", "top_p", "seed")
+ENGINES = ("auto", "torch", "llama-server")
+"""The settings that decide the pairs: a run that changes none of them reuses OUT/pairs.jsonl."""
+
+
+@dataclass
+class PreferSettings:
+    student: str
+    """The model to tune (a distilled student); a frozen copy of it is the DPO reference."""
+    data: str
+    """Role-play chat JSONL, comma-separated (`taille generate --personas` output, .jsonl or .jsonl.gz, or the
+    shipped `roleplay`): the conversations whose turns are sampled, their teacher replies the chosen ones."""
+    out: str
+    """Folder for the tuned model, pairs.jsonl and metrics.jsonl."""
+    personas: str | None = None
+    """The cards the corpus was written from (a folder, or a `personas make` folder: its train half): their
+    `never` phrases count as breaks too. Without it, the out-of-character markers and loops only."""
+    samples: int = 4
+    """Student replies sampled per turn; the first the filters reject is the pair's rejected reply."""
+    max_prompts: int | None = None
+    """Sample at most this many turns (drawn at random with --seed; default: every assistant turn)."""
+    max_new_tokens: int = 64
+    """Tokens per sampled reply (a reply cut there is kept up to its last sentence, as the corpus was)."""
+    temperature: float = 0.8
+    """Sampling temperature of the student's replies (the corpus's own default)."""
+    engine: str = "auto"
+    """What samples the student's replies: llama-server (the student exported to an f16 GGUF in OUT while the
+    pairs are drawn, 16 slots, continuous batching), torch (transformers generate), or auto: llama-server
+    when it is built."""
+    top_p: float = 0.95
+    """Nucleus sampling of the student's replies."""
+    beta: float = 0.1
+    """DPO's beta: how far from the reference the preference may pull the student."""
+    sft_weight: float = 1.0
+    """Weight of the chosen replies' cross-entropy beside the DPO loss (RPO); 0 for DPO alone."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW, 10% warm-up, cosine)."""
+    epochs: float = 2.0
+    """Passes over the pairs."""
+    batch_size: int = 8
+    """Pairs per optimizer step."""
+    max_length: int = 1024
+    """Longest prompt + reply trained on, in tokens (a longer pair is left out, and counted)."""
+    precision: str = "auto"
+    """auto (bf16-mixed where the hardware has fast bf16, else fp32), bf16-mixed or fp32."""
+    seed: int = 0
+    """Seed of the sampled replies, the turns drawn and the training order."""
+
+    def __post_init__(self):
+        coerce(self)
+        if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.max_length < 16:
+            raise TailleError("--samples, --max-new-tokens and --batch-size must be at least 1, --max-length at least 16")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise TailleError("--max-prompts must be at least 1")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise TailleError("--top-p must be in (0, 1] and --temperature positive")
+        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.sft_weight < 0:
+            raise TailleError("--beta, --lr and --epochs must be positive, --sft-weight 0 or more")
+        check_precision(self.precision)
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            raise TailleError("taille prefer trains with TRL's DPOTrainer: pip install 'taille[prefer]' (trl)")
+        if self.engine not in ENGINES:
+            raise TailleError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
+        for spec in self.data.split(","):
+            corpus_path(spec)
+
+
+def corpus_path(spec: str) -> Path:
+    """A --data entry as a file: a shipped corpus by name, else a chat JSONL path."""
+    from taille.data.sources import SHIPPED
+
+    spec = spec.strip()
+    if spec in SHIPPED:
+        return Path(__file__).resolve().parents[1] / "data" / "corpora" / SHIPPED[spec]
+    path = Path(spec).expanduser()
+    if not (spec.endswith(".jsonl") or spec.endswith(".jsonl.gz")):
+        raise TailleError(f"--data {spec}: give chat JSONL (.jsonl or .jsonl.gz) or one of {', '.join(SHIPPED)}")
+    if not path.is_file():
+        raise TailleError(f"--data {spec}: no such file")
+    return path
+
+
+def turns(data: str) -> list[dict]:
+    """Every assistant turn of the corpora: {"prompt": messages before it, "chosen": its text, "persona"}."""
+    out = []
+    for spec in data.split(","):
+        path = corpus_path(spec)
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                messages = record.get("messages") if isinstance(record, dict) else None
+                if not isinstance(messages, list):
+                    raise TailleError(f"{path}:{n}: a chat record needs a 'messages' list (taille generate --personas)")
+                for i, m in enumerate(messages):
+                    if m.get("role") == "assistant" and i and messages[i - 1].get("role") == "user":
+                        out.append({"prompt": messages[:i], "chosen": m["content"], "persona": record.get("persona")})
+    if not out:
+        raise TailleError(f"--data {data}: no assistant turn after a user turn to learn from")
+    return out
+
+
+def rejection(text: str, generated: int, max_new_tokens: int, persona) -> tuple[str, str] | None:
+    """(reply as kept, the filter that rejects it) when a student draw breaks character, else None."""
+    from taille.characters.detect import breaks_character, degenerate, said_never
+    from taille.characters.roleplay import finish
+
+    kept, _ = finish(text.strip(), generated, max_new_tokens)
+    if not kept:  # no whole sentence within the budget: the corpus calls it unfinished, not a break
+        return None
+    if said_never(kept, persona) is not None:
+        return kept, "never"
+    if breaks_character(kept, persona) is not None:
+        return kept, "out_of_character"
+    if degenerate(kept) is not None:
+        return kept, "degenerate"
+    return None
+
+
+def student_engine(s: PreferSettings, out: Path):
+    """The sampler of the student's replies (taille.generate's engines, at the settings' temperature and top-p)."""
+    from taille.generate.generate import GenerateSettings, server_engine, torch_engine
+    from taille.serve.engine import binary_path
+
+    engine = s.engine
+    if engine == "auto":
+        engine = "llama-server" if binary_path().is_file() else "torch"
+    settings = dict(out=str(out / "pairs.jsonl"), temperature=s.temperature, top_p=s.top_p,
+                    max_new_tokens=s.max_new_tokens, precision=s.precision, batch_size=16)
+    if engine == "torch":
+        return torch_engine(GenerateSettings(teacher=s.student, engine="torch", **settings))
+    from taille.export.gguf import export_gguf
+
+    gguf = out / "pairs-student-f16.gguf"  # the student before tuning: deleted once the pairs are written
+    if not gguf.is_file():
+        export_gguf(s.student, gguf, quant="f16")
+    return server_engine(GenerateSettings(teacher=str(gguf), engine="llama-server", **settings), gguf)
+
+
+def make_pairs(s: PreferSettings, out: Path) -> dict:
+    """OUT/pairs.jsonl from the student's own failing draws (reused when the pair settings are the same)."""
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    pairs, meta_path = out / "pairs.jsonl", out / "pairs.meta.json"
+    wanted = {k: getattr(s, k) for k in PAIR_FIELDS}
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") == wanted and meta.get("finished"):
+            log.info("reusing %d pairs from %s", meta["pairs"], pairs)
+            return meta
+    personas = {}
+    if s.personas is not None:
+        from taille.characters.cards import load_half
+
+        personas = load_half(s.personas, "train")
+    todo = turns(s.data)
+    random.Random(s.seed).shuffle(todo)
+    todo = todo[: s.max_prompts] if s.max_prompts else todo
+    engine = student_engine(s, out)
+    if engine.render_messages is None or not engine.chat:
+        raise TailleError(f"--student {s.student}: it has no chat template, so it cannot play a card")
+    failures = {k: 0 for k in REJECTED_KINDS}
+    draws, generated, start, kept = 0, 0, time.perf_counter(), []
+    batch = 16
+    bar = tqdm(total=len(todo) * s.samples, desc="student draws", unit="reply")
+    for b in range(0, len(todo), batch):
+        group = todo[b:b + batch]
+        rendered = [engine.render_messages(t["prompt"]) for t in group]
+        rejected: list[tuple[str, str] | None] = [None] * len(group)
+        for k in range(s.samples):
+            answers = engine.sample(rendered, s.max_new_tokens, s.seed * 1_000_003 + b * 101 + k)
+            for i, (text, n) in enumerate(answers):
+                draws, generated = draws + 1, generated + n
+                verdict = rejection(text, n, s.max_new_tokens, personas.get(group[i]["persona"]))
+                if verdict is not None:
+                    failures[verdict[1]] += 1
+                    rejected[i] = rejected[i] or verdict
+            bar.update(len(group))
+        for t, r in zip(group, rejected):
+            if r is not None:
+                kept.append({"prompt": t["prompt"], "chosen": [{"role": "assistant", "content": t["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": r[0]}], "rejected_by": r[1],
+                             "persona": t["persona"]})
+    bar.close()
+    engine.close()
+    del engine
+    (out / "pairs-student-f16.gguf").unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in kept))
+    by_kind = {k: sum(p["rejected_by"] == k for p in kept) for k in REJECTED_KINDS}
+    meta = {"settings": wanted, "turns": len(todo), "draws": draws, "failed_draws": failures,
+            "failed_share": round(sum(failures.values()) / max(draws, 1), 4), "pairs": len(kept),
+            "pairs_by_rejection": by_kind, "generated_tokens": generated, "seconds": round(seconds, 1),
+            "tokens_per_s": round(generated / max(seconds, 1e-9), 1), "finished": True}
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def prefer(s: PreferSettings) -> dict:
+    """Pairs, then DPO (+ RPO's cross-entropy) with TRL; returns the record written to OUT/taille.json."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from taille.models.load import load_config, load_model, resolve_device
+    from taille.models.precision import frozen_weights_dtype, resolve_precision
+
+    load_config(s.student)  # a student that is not there stops here, before any sampling
+    out = Path(s.out)
+    pair_meta = make_pairs(s, out)
+    if not pair_meta["pairs"]:
+        raise TailleError(f"none of the student's {pair_meta['draws']} draws broke character: there is nothing to "
+                          "prefer against (more --samples or --max-prompts, or a corpus of hostile lines)")
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    device = resolve_device("auto")
+    precision = resolve_precision(s.precision, device)
+    model, tokenizer = load_model(s.student, dtype="fp32", device=device)
+    reference, _ = load_model(s.student, dtype=frozen_weights_dtype(precision), device=device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    def length(r: dict) -> int:  # the longer of the two conversations, in tokens
+        return max(len(tokenizer.apply_chat_template(r["prompt"] + r[k], tokenize=True, return_dict=False))
+                   for k in ("chosen", "rejected"))
+
+    fitting = [r for r in records if length(r) <= s.max_length]
+    if not fitting:
+        raise TailleError(f"all {len(records)} pairs are longer than --max-length {s.max_length} tokens (prompt and "
+                          "reply): raise it")
+    if len(fitting) < len(records):
+        log.warning("%d of %d pairs are longer than --max-length %d tokens: left out", len(records) - len(fitting),
+                    len(records), s.max_length)
+    records = fitting
+    losses = ["sigmoid", "sft"] if s.sft_weight else ["sigmoid"]
+    config = DPOConfig(output_dir=str(out / "trainer"), beta=s.beta, loss_type=losses,
+                       loss_weights=[1.0, s.sft_weight] if s.sft_weight else None, learning_rate=s.lr,
+                       num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
+                       lr_scheduler_type="cosine", warmup_steps=0.1, max_length=s.max_length,
+                       truncation_mode="keep_start", bf16=precision == "bf16-mixed", use_cpu=device == "cpu",
+                       save_strategy="no", report_to="none", logging_steps=1, seed=s.seed, data_seed=s.seed,
+                       dataloader_num_workers=0, remove_unused_columns=True)
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data, processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    try:
+        (out / "trainer").rmdir()  # the Trainer's output_dir: nothing is saved there (save_strategy "no")
+    except OSError:
+        pass
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in trainer.state.log_history))
+    model = trainer.model
+    model.config.name_or_path = str(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tail = history[-max(1, len(history) // 10):]
+
+    def mean(key: str):
+        values = [h[key] for h in tail if key in h]
+        return round(sum(values) / len(values), 4) if values else None
+
+    record = {"settings": asdict(s), "pairs": pair_meta, "pairs_trained": len(records), "steps": trainer.state.global_step, "precision": precision,
+              "seconds": round(seconds, 1), "final_loss": mean("loss"),
+              "final_reward_accuracy": mean("rewards/accuracies"), "final_reward_margin": mean("rewards/margins")}
+    source = Path(s.student) / "taille.json"
+    (out / "taille.json").write_text(json.dumps({"prefer": record, "student": json.loads(source.read_text())
+                                                 if source.is_file() else s.student}, indent=1))
+    del reference
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return record
