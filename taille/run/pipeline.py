@@ -9,6 +9,7 @@ RUN/importance/        scores + figures
 RUN/search/            leaderboard.{md,json,png}, one folder per candidate
 RUN/pruned/            the pruned student (standard HF folder)
 RUN/distilled/         the distilled student, checkpoints, metrics, curves
+RUN/preferred/         the distilled student after DPO on its own broken replies (when the recipe has `prefer`)
 RUN/eval/              teacher vs pruned vs distilled
 RUN/export/            GGUF files of the distilled student, verified in llama.cpp (when the recipe has `export`)
 RUN/report.md, RUN/report.html
@@ -26,11 +27,13 @@ from taille.run import recipe as R
 
 log = logging.getLogger(__name__)
 
-STAGES = ("personas", "roleplay", "correct", "importance", "search", "prune", "distill", "eval", "export", "report")
+STAGES = ("personas", "roleplay", "correct", "importance", "search", "prune", "distill", "prefer", "eval", "export",
+          "report")
 DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/done.json", "correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
-        "eval": "eval/eval.json", "export": "export/export.json", "report": "report.md"}
-OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "correct": "correct", "search": "search", "export": "export"}
+        "prefer": "preferred/taille.json", "eval": "eval/eval.json", "export": "export/export.json", "report": "report.md"}
+OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "correct": "correct", "search": "search", "prefer": "prefer",
+            "export": "export"}
 """Stages that run only when the recipe has their section."""
 
 
@@ -127,12 +130,19 @@ def stage_distill(recipe, run: Path, teacher: str) -> None:
     distill(R.distill_config(recipe, str(run / "pruned"), str(run / "distilled"), teacher=teacher, run=run))
 
 
+def stage_prefer(recipe, run: Path, teacher: str) -> None:
+    from taille.characters.prefer import prefer
+
+    prefer(R.prefer_settings(recipe, str(run / "distilled"), str(run / "preferred"), run))
+
+
 def stage_eval(recipe, run: Path, teacher: str) -> None:
     from taille.eval.run import evaluate, write_report
 
-    models = [teacher, str(run / "pruned"), str(run / "distilled")]
+    stages = ["pruned", "distilled"] + (["preferred"] if recipe.prefer is not None else [])
+    models = [teacher, *(str(run / stage) for stage in stages)]
     report = evaluate(models, R.eval_settings(recipe, run, teacher), out=run / "eval")
-    report["labels"] = {teacher: "teacher", str(run / "pruned"): "pruned", str(run / "distilled"): "distilled"}
+    report["labels"] = {teacher: "teacher", **{str(run / stage): stage for stage in stages}}
     write_report(report, run / "eval")
 
 
@@ -140,7 +150,7 @@ def stage_export(recipe, run: Path, teacher: str) -> None:
     from taille.export.gguf import export_gguf
     from taille.export.verify import verify_gguf
 
-    student, records = str(run / "distilled"), []
+    student, records = str(R.final_student(recipe, run)), []
     for quant in R.export_quants(recipe):
         cfg = R.export_settings(recipe, str(run / "export" / f"{recipe.name}-{quant}.gguf"), quant)
         record = export_gguf(student, cfg.out, quant, name=recipe.name, pre_tokenizer=cfg.pre_tokenizer)
@@ -161,5 +171,5 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
 
 
 STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "correct": stage_correct, "importance": stage_importance, "search": stage_search,
-                   "prune": stage_prune, "distill": stage_distill, "eval": stage_eval, "export": stage_export,
+                   "prune": stage_prune, "distill": stage_distill, "prefer": stage_prefer, "eval": stage_eval, "export": stage_export,
                    "report": stage_report}

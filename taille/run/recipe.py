@@ -25,8 +25,10 @@ from pathlib import Path
 from taille.errors import TailleError
 
 SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "correct", "importance", "search", "prune",
-            "distill", "eval", "export")
+            "distill", "prefer", "eval", "export")
 ROLEPLAY_FIXED = ("teacher", "out", "personas", "prompts")
+PREFER_FIXED = ("student", "out")
+"""What the run decides for the prefer stage: the distilled student, the folder."""
 """What the run decides for the role-play stage: the teacher, the file, the cards (the personas stage's)."""
 EXPORT_KEYS = ("quants", "verify", "verify_data", "verify_blocks", "verify_len", "pre_tokenizer")
 PRUNE_OWN = ("criterion", "depth_criterion", "seed", "dtype", "device", "precision")
@@ -51,6 +53,10 @@ class Recipe:
     search: dict | None = None
     prune: dict | None = None
     distill: dict = field(default_factory=dict)
+    prefer: dict | None = None
+    """DPO on the distilled student's own broken replies (`taille prefer`: {samples, max_prompts, beta, ...}) into
+    RUN/preferred, which the evaluation scores beside the distilled student and the export writes. Its `data`
+    defaults to the run's role-play file (else the shipped corpus), its `personas` to the run's cards."""
     eval: dict = field(default_factory=dict)
     export: dict | None = None
     """GGUF files of the distilled student: {quants: [q4_k_m, ...], verify: true, pre_tokenizer: null}."""
@@ -98,6 +104,7 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
                           _keys(DistillConfig, "student", "data", "out", "teacher", "teacher_cache", "resume", "progress"))
     if "loss" in distill:
         _check_keys("distill.loss", distill["loss"], _keys(LossConfig))
+    from taille.characters.prefer import PreferSettings
     from taille.characters.settings import CardSettings
     from taille.generate.generate import GenerateSettings
 
@@ -111,7 +118,8 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "data", "out")),
         search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
         prune=_check_keys("prune", values.get("prune"), _keys(Target) + PRUNE_OWN),
-        distill=distill, eval=_check_keys("eval", values.get("eval") or {}, _keys(EvalSettings)),
+        distill=distill, prefer=_check_keys("prefer", values.get("prefer"), _keys(PreferSettings, *PREFER_FIXED)),
+        eval=_check_keys("eval", values.get("eval") or {}, _keys(EvalSettings)),
         export=_check_keys("export", values.get("export"), EXPORT_KEYS), source=source)
     # build every stage's settings now: a bad value fails before hours of work, not at that stage
     if recipe.personas is not None:
@@ -125,6 +133,8 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         SearchSettings(**recipe.search)
     prune_config(recipe, recipe.teacher, "OUT", "SCORES", shape={"hidden": 1} if recipe.search else None)
     distill_config(recipe, "STUDENT", "OUT")
+    if recipe.prefer is not None:
+        prefer_settings(recipe, "STUDENT", "OUT", check_files=recipe.roleplay is None)
     if recipe.eval:
         eval_settings(recipe)
     export_settings(recipe, "OUT.gguf", "q4_k_m")
@@ -187,6 +197,27 @@ def roleplay_settings(recipe: Recipe, teacher: str, run: Path):
 
     return GenerateSettings(teacher=teacher, out=str(run / "roleplay" / "roleplay.jsonl"),
                             personas=str(run / "personas" / "train"), **recipe.roleplay)
+
+
+def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = None, check_files: bool = True):
+    """The prefer stage's settings: its data the run's role-play file when the run writes one (else the shipped
+    corpus), its cards the run's, unless the section names others. `check_files` False while the run's file is
+    not written yet (a recipe checked before it runs)."""
+    from taille.characters.prefer import PreferSettings
+
+    values = dict(recipe.prefer or {})
+    if "data" not in values:
+        values["data"] = str((run or Path("RUN")) / "roleplay" / "roleplay.jsonl") if recipe.roleplay else "roleplay"
+    if "personas" not in values and recipe.personas is not None:
+        values["personas"] = str((run or Path("RUN")) / "personas")
+    if not check_files:
+        values["data"] = "roleplay"  # the settings' own checks, without the file the run will write
+    return PreferSettings(student=student, out=out, **values)
+
+
+def final_student(recipe: Recipe, run: Path) -> Path:
+    """The student the run ends with: RUN/preferred when the recipe has `prefer`, else RUN/distilled."""
+    return run / ("preferred" if recipe.prefer is not None else "distilled")
 
 
 def importance_config(recipe: Recipe, teacher: str, out: str, run: Path | None = None):

@@ -57,6 +57,14 @@ def blocks(recipe, run: Path, teacher: str) -> list[tuple]:
                       "of training.")]
         if (run / "distilled" / "curves.png").is_file():
             out.append(("img", "distilled/curves.png", "training loss, held-out perplexity and KL to the teacher"))
+    preferred = _json(run / "preferred" / "taille.json")
+    if preferred:
+        r, pairs = preferred["prefer"], preferred["prefer"]["pairs"]
+        out += [("h2", "Preference tuning (DPO on the student's own broken replies)"),
+                ("p", f"{pairs['pairs']:,} pairs from {pairs['turns']:,} role-play turns ({pairs['failed_share']:.1%} of "
+                      f"{pairs['draws']:,} student draws broke character: "
+                      f"{', '.join(f'{k} {v}' for k, v in pairs['failed_draws'].items())}); {r['steps']} DPO steps in "
+                      f"{r['seconds'] / 60:.1f} min, reward accuracy {r['final_reward_accuracy']} over the last steps.")]
     exported = _json(run / "export" / "export.json")
     if exported:
         rows = []

@@ -93,3 +93,62 @@ def test_characters_are_scored_on_the_runs_cards_against_the_teacher(tmp_path):
     # the recipe's `roleplay` is the run's file in a run, the shipped corpus outside one
     assert data_spec(recipe, run) == f"{run / 'roleplay' / 'roleplay.jsonl'}:0.5,{tmp_path / 'train.txt'}:0.5"
     assert data_spec(recipe) == recipe.data
+
+
+def test_a_prefer_section_tunes_the_distilled_student_on_the_runs_role_play_and_the_rest_follow_it(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    from taille.generate.generate import Engine
+    from taille.run import pipeline
+    from taille.run.recipe import final_student
+
+    path = character_recipe(tmp_path)
+    values = yaml.safe_load(path.read_text())
+    values["prefer"] = {"samples": 2, "epochs": 1, "batch_size": 2, "max_length": 8192, "precision": "fp32"}
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
+    students = []
+
+    def broken_student(s, out):  # every draw says what no character may: each turn gives a pair
+        students.append(s.student)
+        return Engine("scripted", True, render=lambda p: p, render_text=lambda t: t, count=lambda t: len(t.split()),
+                      sample=lambda rendered, n, seed: [("I am only a language model.", 6)] * len(rendered),
+                      render_messages=lambda messages: messages[-1]["content"])
+
+    monkeypatch.setattr("taille.characters.prefer.student_engine", broken_student)
+    run_cli(capsys, "run", path, "--until", "prefer")
+    run = tmp_path / "run"
+    record = json.loads((run / "preferred" / "taille.json").read_text())["prefer"]
+    assert students == [str(run / "distilled")]
+    assert record["settings"]["data"] == str(run / "roleplay" / "roleplay.jsonl")
+    assert record["settings"]["personas"] == str(run / "personas")
+    turns = sum(m["role"] == "assistant" for line in (run / "roleplay" / "roleplay.jsonl").read_text().splitlines()
+                for m in json.loads(line)["messages"])
+    assert record["pairs"]["pairs"] == turns and record["pairs"]["pairs_by_rejection"]["never"] == turns
+    recipe = load_recipe(path)
+    assert final_student(recipe, run) == run / "preferred"
+
+    # the evaluation scores the preferred student beside the distilled one
+    seen = {}
+    monkeypatch.setattr("taille.eval.run.evaluate", lambda models, s, out: seen.setdefault("models", models) and {})
+    monkeypatch.setattr("taille.eval.run.write_report", lambda report, out: seen.setdefault("labels", report["labels"]))
+    pipeline.stage_eval(recipe, run, recipe.teacher)
+    assert seen["models"][-2:] == [str(run / "distilled"), str(run / "preferred")]
+    assert seen["labels"][str(run / "preferred")] == "preferred"
+    pipeline.stage_report(recipe, run, recipe.teacher)
+    report = (run / "report.md").read_text()
+    assert "Preference tuning" in report and f"{turns:,} pairs from {turns:,} role-play turns" in report
+
+
+def test_a_bad_prefer_section_fails_when_the_recipe_is_read(tmp_path):
+    import pytest
+
+    from taille.errors import TailleError
+
+    path = character_recipe(tmp_path)
+    for section, message in (({"sampels": 2}, r"unknown key\(s\) sampels"), ({"beta": 0}, "--beta"),
+                             ({"student": "x"}, r"unknown key\(s\) student")):
+        values = yaml.safe_load(path.read_text())
+        values["prefer"] = section
+        path.write_text(yaml.safe_dump(values))
+        with pytest.raises(TailleError, match=message):
+            load_recipe(path)
