@@ -181,7 +181,8 @@ def label(name: str) -> str:
     if name in LABELS:
         return LABELS[name]
     row = name.removesuffix("-seed1")  # a two-stage row's repeat is its last stage's (recovery_general --seeds)
-    return f"{LABELS[row]} ({'the CE stage with ' if '-then-sft' in row else ''}seed 1)"
+    stage = "the DPO stage with " if row.endswith("-prefer") else "the CE stage with " if "-then-sft" in row else ""
+    return f"{LABELS[row]} ({stage}seed 1)"
 
 
 def cell(value, fmt: str = "{:.2f}") -> str:

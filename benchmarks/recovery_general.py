@@ -215,7 +215,7 @@ def main() -> None:
         if name in sft_stages:  # the repeat is its SFT stage's: the first stage is one run, shared by these rows
             data_, other = sft_stages[name]
             sft_stages[f"{name}-seed1"] = (data_, [*other, "--seed", 1])
-    staged = [n for n in [*(n for n in filter(None, args.seeds.split(",")) if n not in sft_stages),
+    staged = [n for n in [*(n for n in filter(None, args.seeds.split(",")) if n not in sft_stages and n not in PREFER_ROWS),
                           *filter(None, args.curves.split(","))] if n in rows and rows[n][0] is None]
     if staged:  # their stages are their own functions, at one budget (and, but for an SFT stage's, one seed)
         sys.exit(f"--seeds/--curves {','.join(staged)}: a row trained in two stages is run only as itself")
@@ -249,8 +249,9 @@ def main() -> None:
         student, source, extra = rows[name]
         outs[name] = out = (two_rounds(work, args, name, source, extra) if name in TWO_ROUNDS else
                             then_sft(work, args, width, data["demo-mix"], name, *sft_stages[name]) if name in sft_stages else
-                            then_prefer(work, then_sft(work, args, width, data["demo-mix"], PREFER_ROWS[name],
-                                                       *sft_stages[PREFER_ROWS[name]]), name) if name in PREFER_ROWS else
+                            then_prefer(work, then_sft(work, args, width, data["demo-mix"], base_of(name),
+                                                       *sft_stages[base_of(name)]), name, extra)
+                            if name.removesuffix("-seed1") in PREFER_ROWS else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
             if source is None:  # from a teacher cache, which holds the blocks
@@ -375,13 +376,19 @@ PREFER_PROMPTS = 600
 corpus's and the shipped role-play corpus's assistant turns."""
 
 
-def then_prefer(work: Path, student: Path, name: str) -> Path:
-    """`taille prefer` on `student`: its own replies the corpus filters reject, against the teacher's kept ones,
-    over PREFER_PROMPTS turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
+def base_of(name: str) -> str:
+    """The row whose student a prefer row (or its seed repeat) tunes."""
+    return PREFER_ROWS[name.removesuffix("-seed1")]
+
+
+def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
+    """`taille prefer` on `student` (with `extra`: a repeat's --seed, which redraws the pairs and reorders the
+    training): its own replies the corpus filters reject, against the teacher's kept ones, over PREFER_PROMPTS
+    turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
     out = work / "runs" / name
     if not (out / "taille.json").exists():
         taille("prefer", "--student", student, "--data", f"{work / 'adversarial-wide.jsonl'},roleplay", "--personas",
-               work / "cards", "--max-prompts", PREFER_PROMPTS, "--out", out)
+               work / "cards", "--max-prompts", PREFER_PROMPTS, *extra, "--out", out)
     return out
 
 
@@ -389,7 +396,7 @@ def summary(work: Path, name: str, out: Path) -> dict:
     """run_summary of a row's run; a row trained in two stages counts both (tokens, seconds, and the rate of
     the whole: its tokens over each stage's tokens at that stage's rate)."""
     if name.removesuffix("-seed1") in PREFER_ROWS:  # the distillation is the base row's; the DPO stage is on top
-        base = PREFER_ROWS[name.removesuffix("-seed1")]
+        base = base_of(name)
         record = json.loads((out / "taille.json").read_text())["prefer"]
         return {**summary(work, base, work / "runs" / base),
                 "prefer": {k: record[k] for k in ("steps", "seconds", "final_loss", "final_reward_accuracy",

@@ -134,6 +134,13 @@ def run_after_kd_stage(recovery, work: Path, monkeypatch, *options: str) -> list
         calls.append([str(x) for x in a])
         if a[0] == "distill":
             fake_run(Path(a[a.index("--out") + 1]), 64_000, 560.0)
+        if a[0] == "prefer":  # a finished `taille prefer` folder: TRL's log and the prefer record
+            out = Path(a[a.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "metrics.jsonl").write_text(json.dumps({"loss": 0.5, "step": 1}) + "\n")
+            (out / "taille.json").write_text(json.dumps({"prefer": {
+                "steps": 40, "seconds": 960.0, "final_loss": 0.5, "final_reward_accuracy": 0.97,
+                "final_reward_margin": 0.8, "pairs": {"pairs": 153}}}))
 
     monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
     monkeypatch.setattr(recovery, "taille", taille)
@@ -192,6 +199,25 @@ def test_a_staged_sft_rows_seed_repeat_repeats_its_sft_stage_only(recovery, tmp_
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     assert results["trained"]["demo-mix-replies-then-sft-seed1"]["tokens_per_s"] == pytest.approx(
         512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)
+
+
+def test_the_prefer_row_tunes_the_wide_rows_student_and_its_repeat_redraws_with_another_seed(recovery, tmp_path,
+                                                                                            monkeypatch):
+    work = tmp_path / "work"
+    row = "demo-mix-replies-then-sft-adv-wide-prefer"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", f"{row},{row}-seed1", "--seeds", row)
+    prefers = [c for c in calls if c[0] == "prefer"]
+    wide = work / "runs" / "demo-mix-replies-then-sft-adv-wide"
+    assert [c[c.index("--student") + 1] for c in prefers] == [str(wide)] * 2  # the wide row's student, trained once
+    assert sum(c[0] == "distill" for c in calls) == 1
+    assert "--seed" not in prefers[0] and prefers[1][prefers[1].index("--seed") + 1] == "1"
+    assert [c[c.index("--out") + 1] for c in prefers] == [str(work / "runs" / row), str(work / "runs" / f"{row}-seed1")]
+    assert prefers[0][prefers[0].index("--data") + 1] == f"{work / 'adversarial-wide.jsonl'},roleplay"
+    results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
+    for name in (row, f"{row}-seed1"):  # the distillation's tokens and rate are the wide row's; the DPO stage beside
+        trained = results["trained"][name]
+        assert trained["prefer"]["pairs"] == 153 and trained["tokens"] == 512_000
+        assert trained["tokens_per_s"] == pytest.approx(512_000 / (448_000 / 400 + 64_000 / 560), abs=0.1)
 
 
 def test_a_hostile_corpus_is_whole_only_at_its_own_budget(recovery, tmp_path, monkeypatch):
