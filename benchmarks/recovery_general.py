@@ -242,7 +242,8 @@ def main() -> None:
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
     for path, budget in hostile_corpora.items():
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
-               for n in [*chosen, *(PREFER_ROWS[c] for c in chosen if c in PREFER_ROWS)] if n in sft_stages):
+               for n in [*chosen, *(base_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
+               if n in sft_stages):
             hostile_lines(work, path, budget)
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders

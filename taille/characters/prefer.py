@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 REJECTED_KINDS = ("never", "out_of_character", "degenerate")
 """Why a student draw can be the rejected reply: the corpus filters that mean a broken character."""
-PAIR_FIELDS = ("data", "personas", "samples", "max_prompts", "max_new_tokens", "temperature", "top_p", "seed")
+PAIR_FIELDS = ("student", "data", "personas", "samples", "max_prompts", "max_new_tokens", "temperature", "engine",
+               "top_p", "seed")
+"""The settings that decide the pairs: a run that changes none of them (nor the student's weights) reuses
+OUT/pairs.jsonl."""
 ENGINES = ("auto", "torch", "llama-server")
-"""The settings that decide the pairs: a run that changes none of them reuses OUT/pairs.jsonl."""
 
 
 @dataclass
@@ -130,10 +132,15 @@ def turns(data: str) -> list[dict]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TailleError(f"{path}:{n}: not JSON ({e.msg})") from None
                 messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list):
-                    raise TailleError(f"{path}:{n}: a chat record needs a 'messages' list (taille generate --personas)")
+                if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                             for m in messages):
+                    raise TailleError(f"{path}:{n}: a chat record needs a 'messages' list of {{role, content}} "
+                                      "(taille generate --personas)")
                 for i, m in enumerate(messages):
                     if m.get("role") == "assistant" and i and messages[i - 1].get("role") == "user":
                         out.append({"prompt": messages[:i], "chosen": m["content"], "persona": record.get("persona")})
@@ -179,24 +186,40 @@ def student_engine(s: PreferSettings, out: Path):
     return server_engine(GenerateSettings(teacher=str(gguf), engine="llama-server", **settings), gguf)
 
 
+def weights_stamp(spec: str) -> str | None:
+    """Changes whenever a local model folder's weights do (None for a Hub id or a file taille cannot stat)."""
+    import hashlib
+
+    files = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
+    if not files:
+        return None
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
 def make_pairs(s: PreferSettings, out: Path) -> dict:
     """OUT/pairs.jsonl from the student's own failing draws (reused when the pair settings are the same)."""
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     pairs, meta_path = out / "pairs.jsonl", out / "pairs.meta.json"
-    wanted = {k: getattr(s, k) for k in PAIR_FIELDS}
-    if meta_path.is_file():
+    wanted = {**{k: getattr(s, k) for k in PAIR_FIELDS}, "weights": weights_stamp(s.student)}
+    if meta_path.is_file() and pairs.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == wanted and meta.get("finished"):
             log.info("reusing %d pairs from %s", meta["pairs"], pairs)
             return meta
+    (out / "pairs-student-f16.gguf").unlink(missing_ok=True)  # a stopped run's export may be another student's
     personas = {}
     if s.personas is not None:
         from taille.characters.cards import load_half
 
         personas = load_half(s.personas, "train")
     todo = turns(s.data)
+    without_card = sum(t["persona"] not in personas for t in todo) if personas else 0
+    if without_card:
+        log.warning("%d of %d turns' personas are not among the --personas cards: their `never` phrases are not "
+                    "checked (the out-of-character markers and loops are)", without_card, len(todo))
     random.Random(s.seed).shuffle(todo)
     todo = todo[: s.max_prompts] if s.max_prompts else todo
     engine = student_engine(s, out)
@@ -231,7 +254,8 @@ def make_pairs(s: PreferSettings, out: Path) -> dict:
     seconds = time.perf_counter() - start
     pairs.write_text("".join(json.dumps(p) + "\n" for p in kept))
     by_kind = {k: sum(p["rejected_by"] == k for p in kept) for k in REJECTED_KINDS}
-    meta = {"settings": wanted, "turns": len(todo), "draws": draws, "failed_draws": failures,
+    meta = {"settings": wanted, "turns": len(todo), "turns_without_card": sum(t["persona"] not in personas for t in todo)
+            if personas else None, "draws": draws, "failed_draws": failures,
             "failed_share": round(sum(failures.values()) / max(draws, 1), 4), "pairs": len(kept),
             "pairs_by_rejection": by_kind, "generated_tokens": generated, "seconds": round(seconds, 1),
             "tokens_per_s": round(generated / max(seconds, 1e-9), 1), "finished": True}
@@ -241,14 +265,15 @@ def make_pairs(s: PreferSettings, out: Path) -> dict:
 
 def prefer(s: PreferSettings) -> dict:
     """Pairs, then DPO (+ RPO's cross-entropy) with TRL; returns the record written to OUT/taille.json."""
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from taille.models.load import load_config, load_model, resolve_device
-    from taille.models.precision import frozen_weights_dtype, resolve_precision
+    from taille.models.load import load_config, load_model, load_tokenizer, resolve_device
+    from taille.models.precision import resolve_precision
 
     load_config(s.student)  # a student that is not there stops here, before any sampling
+    if not getattr(load_tokenizer(s.student), "chat_template", None):
+        raise TailleError(f"--student {s.student}: it has no chat template, so it cannot play a card")
     out = Path(s.out)
     pair_meta = make_pairs(s, out)
     if not pair_meta["pairs"]:
@@ -258,7 +283,7 @@ def prefer(s: PreferSettings) -> dict:
     device = resolve_device("auto")
     precision = resolve_precision(s.precision, device)
     model, tokenizer = load_model(s.student, dtype="fp32", device=device)
-    reference, _ = load_model(s.student, dtype=frozen_weights_dtype(precision), device=device)
+    reference, _ = load_model(s.student, dtype="fp32", device=device)  # as the policy: log-ratios start at 0
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     def length(r: dict) -> int:  # the longer of the two conversations, in tokens
@@ -280,7 +305,7 @@ def prefer(s: PreferSettings) -> dict:
                        lr_scheduler_type="cosine", warmup_steps=0.1, max_length=s.max_length,
                        truncation_mode="keep_start", bf16=precision == "bf16-mixed", use_cpu=device == "cpu",
                        save_strategy="no", report_to="none", logging_steps=1, seed=s.seed, data_seed=s.seed,
-                       dataloader_num_workers=0, remove_unused_columns=True)
+                       dataloader_num_workers=0, remove_unused_columns=True, gradient_checkpointing=False)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
     trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data, processing_class=tokenizer)
     start = time.perf_counter()
@@ -306,9 +331,8 @@ def prefer(s: PreferSettings) -> dict:
               "seconds": round(seconds, 1), "final_loss": mean("loss"),
               "final_reward_accuracy": mean("rewards/accuracies"), "final_reward_margin": mean("rewards/margins")}
     source = Path(s.student) / "taille.json"
-    (out / "taille.json").write_text(json.dumps({"prefer": record, "student": json.loads(source.read_text())
-                                                 if source.is_file() else s.student}, indent=1))
-    del reference
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    history = json.loads(source.read_text()) if source.is_file() else {}
+    # pruned_from carried over: a later distillation from this folder keeps the pruning record
+    (out / "taille.json").write_text(json.dumps({"prefer": record, "student": history or s.student,
+                                                 "pruned_from": history.get("pruned_from")}, indent=1))
     return record

@@ -27,9 +27,9 @@ from taille.errors import TailleError
 SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "correct", "importance", "search", "prune",
             "distill", "prefer", "eval", "export")
 ROLEPLAY_FIXED = ("teacher", "out", "personas", "prompts")
+"""What the run decides for the role-play stage: the teacher, the file, the cards (the personas stage's)."""
 PREFER_FIXED = ("student", "out")
 """What the run decides for the prefer stage: the distilled student, the folder."""
-"""What the run decides for the role-play stage: the teacher, the file, the cards (the personas stage's)."""
 EXPORT_KEYS = ("quants", "verify", "verify_data", "verify_blocks", "verify_len", "pre_tokenizer")
 PRUNE_OWN = ("criterion", "depth_criterion", "seed", "dtype", "device", "precision")
 """The prune section's keys besides the target's: how to prune, whatever the shape (also with a search)."""
@@ -134,7 +134,7 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     prune_config(recipe, recipe.teacher, "OUT", "SCORES", shape={"hidden": 1} if recipe.search else None)
     distill_config(recipe, "STUDENT", "OUT")
     if recipe.prefer is not None:
-        prefer_settings(recipe, "STUDENT", "OUT", check_files=recipe.roleplay is None)
+        prefer_settings(recipe, "STUDENT", "OUT", check_files=False)
     if recipe.eval:
         eval_settings(recipe)
     export_settings(recipe, "OUT.gguf", "q4_k_m")
@@ -210,7 +210,7 @@ def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = N
         values["data"] = str((run or Path("RUN")) / "roleplay" / "roleplay.jsonl") if recipe.roleplay else "roleplay"
     if "personas" not in values and recipe.personas is not None:
         values["personas"] = str((run or Path("RUN")) / "personas")
-    if not check_files:
+    if not check_files and "data" not in (recipe.prefer or {}):
         values["data"] = "roleplay"  # the settings' own checks, without the file the run will write
     return PreferSettings(student=student, out=out, **values)
 

@@ -135,6 +135,16 @@ def test_pairs_are_reused_only_while_what_decides_them_is_unchanged(corpus, tmp_
     assert scripted.calls == calls
     meta = make_pairs(PreferSettings(**{**base, "samples": 3}), tmp_path / "out")  # a pair setting: drawn again
     assert scripted.calls > calls and meta["draws"] == 15
+    calls = scripted.calls
+    make_pairs(PreferSettings(**{**base, "samples": 3, "student": "another"}), tmp_path / "out")  # another student
+    assert scripted.calls > calls
+    # the same student folder with new weights (distilled again) draws again too
+    student = save_tiny(tmp_path / "student", seed=1)
+    make_pairs(PreferSettings(**{**base, "student": str(student)}), tmp_path / "out")
+    calls = scripted.calls
+    save_tiny(tmp_path / "student", seed=2)
+    make_pairs(PreferSettings(**{**base, "student": str(student)}), tmp_path / "out")
+    assert scripted.calls > calls
 
 
 def test_no_failing_draw_is_one_line(corpus, tmp_path, monkeypatch, capsys):

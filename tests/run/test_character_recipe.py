@@ -104,6 +104,7 @@ def test_a_prefer_section_tunes_the_distilled_student_on_the_runs_role_play_and_
     path = character_recipe(tmp_path)
     values = yaml.safe_load(path.read_text())
     values["prefer"] = {"samples": 2, "epochs": 1, "batch_size": 2, "max_length": 8192, "precision": "fp32"}
+    values["export"] = {"quants": ["f16"], "verify": False}
     path.write_text(yaml.safe_dump(values))
     monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
     students = []
@@ -134,6 +135,13 @@ def test_a_prefer_section_tunes_the_distilled_student_on_the_runs_role_play_and_
     pipeline.stage_eval(recipe, run, recipe.teacher)
     assert seen["models"][-2:] == [str(run / "distilled"), str(run / "preferred")]
     assert seen["labels"][str(run / "preferred")] == "preferred"
+    # the export writes the preferred student
+    exported = []
+    monkeypatch.setattr("taille.export.gguf.export_gguf", lambda student, out, quant, **kw: exported.append(student)
+                        or {"out": out, "quant": quant, "bytes": 1})
+    (run / "export").mkdir()
+    pipeline.stage_export(recipe, run, recipe.teacher)
+    assert exported == [str(run / "preferred")]
     pipeline.stage_report(recipe, run, recipe.teacher)
     report = (run / "report.md").read_text()
     assert "Preference tuning" in report and f"{turns:,} pairs from {turns:,} role-play turns" in report
