@@ -65,9 +65,9 @@ class PreferSettings:
     temperature: float = 0.8
     """Sampling temperature of the student's replies (the corpus's own default)."""
     engine: str = "auto"
-    """What samples the student's replies: llama-server (the student exported to an f16 GGUF in OUT while the
-    pairs are drawn, 16 slots, continuous batching), torch (transformers generate), or auto: llama-server
-    when it is built."""
+    """What samples the student's replies: llama-server (the student as an f16 GGUF, exported once into the
+    GGUF cache as `taille chat` does; 16 slots, continuous batching), torch (transformers generate), or auto:
+    llama-server when it is built."""
     top_p: float = 0.95
     """Nucleus sampling of the student's replies."""
     beta: float = 0.1
@@ -178,11 +178,9 @@ def student_engine(s: PreferSettings, out: Path):
                     max_new_tokens=s.max_new_tokens, precision=s.precision, batch_size=16)
     if engine == "torch":
         return torch_engine(GenerateSettings(teacher=s.student, engine="torch", **settings))
-    from taille.export.gguf import export_gguf
+    from taille.chat.engine import gguf_for
 
-    gguf = out / "pairs-student-f16.gguf"  # the student before tuning: deleted once the pairs are written
-    if not gguf.is_file():
-        export_gguf(s.student, gguf, quant="f16")
+    gguf = gguf_for(s.student, "f16")  # exported once into the GGUF cache, keyed by the folder's contents
     return server_engine(GenerateSettings(teacher=str(gguf), engine="llama-server", **settings), gguf)
 
 
@@ -209,7 +207,6 @@ def make_pairs(s: PreferSettings, out: Path) -> dict:
         if meta.get("settings") == wanted and meta.get("finished"):
             log.info("reusing %d pairs from %s", meta["pairs"], pairs)
             return meta
-    (out / "pairs-student-f16.gguf").unlink(missing_ok=True)  # a stopped run's export may be another student's
     personas = {}
     if s.personas is not None:
         from taille.characters.cards import load_half
@@ -250,7 +247,6 @@ def make_pairs(s: PreferSettings, out: Path) -> dict:
     bar.close()
     engine.close()
     del engine
-    (out / "pairs-student-f16.gguf").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     pairs.write_text("".join(json.dumps(p) + "\n" for p in kept))
     by_kind = {k: sum(p["rejected_by"] == k for p in kept) for k in REJECTED_KINDS}
