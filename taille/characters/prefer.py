@@ -110,11 +110,11 @@ class PreferSettings:
 
 def corpus_path(spec: str) -> Path:
     """A --data entry as a file: a shipped corpus by name, else a chat JSONL path."""
-    from taille.data.sources import SHIPPED
+    from taille.data.sources import SHIPPED, parse_source
 
     spec = spec.strip()
     if spec in SHIPPED:
-        return Path(__file__).resolve().parents[1] / "data" / "corpora" / SHIPPED[spec]
+        return parse_source(spec).paths[0]
     path = Path(spec).expanduser()
     if not (spec.endswith(".jsonl") or spec.endswith(".jsonl.gz")):
         raise TailleError(f"--data {spec}: give chat JSONL (.jsonl or .jsonl.gz) or one of {', '.join(SHIPPED)}")
