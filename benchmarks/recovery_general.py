@@ -42,6 +42,8 @@ benchmark's schedule, changing one thing:
                  reject (never phrases, out-of-character markers, loops) against the teacher's kept ones, over
                  PREFER_PROMPTS turns drawn from the wide hostile corpus and the shipped role-play corpus (train
                  cards only); its distillation tokens are the adv-wide row's, the DPO stage is on top
+  demo-mix-replies-then-sft-adv-wide-prefer-hostile   the same DPO stage on the same student, its pairs from
+                 the hostile lines alone: every turn of the wide hostile corpus, PREFER_HOSTILE_SAMPLES draws each
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -103,7 +105,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
@@ -370,11 +372,16 @@ EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix
                  **{name: (name, "kd-112m") for name in TWO_ROUNDS}}
 
 
-PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-then-sft-adv-wide"}
+PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-then-sft-adv-wide",
+               "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "demo-mix-replies-then-sft-adv-wide"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
 corpus's and the shipped role-play corpus's assistant turns."""
+PREFER_HOSTILE_SAMPLES = 8
+"""Draws per turn of the -hostile row, which answers every turn of the wide hostile corpus (291) and nothing
+else: about as many draws as the mixed row's 600 x 4, all of them on the lines that try to break the
+character (the breaks are where the mixed row's student stayed above the plays-only student's)."""
 
 
 def base_of(name: str) -> str:
@@ -387,9 +394,11 @@ def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
     training): its own replies the corpus filters reject, against the teacher's kept ones, over PREFER_PROMPTS
     turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
     out = work / "runs" / name
+    hostile = work / "adversarial-wide.jsonl"
+    turns = (["--data", hostile, "--samples", PREFER_HOSTILE_SAMPLES] if name.removesuffix("-seed1").endswith("-hostile")
+             else ["--data", f"{hostile},roleplay", "--max-prompts", PREFER_PROMPTS])
     if not (out / "taille.json").exists():
-        taille("prefer", "--student", student, "--data", f"{work / 'adversarial-wide.jsonl'},roleplay", "--personas",
-               work / "cards", "--max-prompts", PREFER_PROMPTS, *extra, "--out", out)
+        taille("prefer", "--student", student, *turns, "--personas", work / "cards", *extra, "--out", out)
     return out
 
 
