@@ -268,6 +268,31 @@ class Run:
         return self.global_batch * (self.cfg.seq_len - 1)  # real tokens per optimizer step (full blocks)
 
 
+def checkpoint_activations(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant checkpoints). transformers calls it
+    activation_checkpointing_enable from 5.2x on and gradient_checkpointing_enable before (now a deprecated
+    alias); both are in the range taille accepts, so the name is looked up, not assumed."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def check_one_process_per_gpu() -> None:
+    """A launch of more processes on this machine than it has GPUs would send the extra ones to a device
+    that does not exist (CUDA's "invalid device ordinal" in the middle of the first collective): refuse it
+    in one line instead."""
+    import torch
+
+    local_rank, local_world = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    if local_rank is None or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if int(local_rank) >= gpus:
+        raise TailleError(f"{local_world or int(local_rank) + 1} processes were launched on this machine and it has {gpus} "
+                          f"GPU{'s' if gpus > 1 else ''}: launch one process per GPU (torchrun --nproc-per-node {gpus}, "
+                          f"accelerate launch --num-processes {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to "
+                          "train on the CPUs")
+
+
 def setup(cfg: DistillConfig) -> Run:
     """Load the models and data, build the optimizer, and restore a checkpoint when resuming."""
     from accelerate import Accelerator
@@ -281,6 +306,7 @@ def setup(cfg: DistillConfig) -> Run:
     trackers = {} if cfg.report_to == "none" else {"log_with": cfg.report_to, "project_dir": cfg.out}
     # before accelerate reads its launch settings: a DeepSpeed one fails there with an ImportError
     strategy = resolve_strategy(cfg.strategy, int(os.environ.get("WORLD_SIZE", "1")))
+    check_one_process_per_gpu()
     accelerator = Accelerator(cpu=resolve_device("auto") == "cpu", **trackers)
     device, world = accelerator.device, accelerator.num_processes
     precision = resolve_precision(cfg.precision, device.type)
@@ -371,7 +397,7 @@ def setup(cfg: DistillConfig) -> Run:
                        for _ in pairs]
         log.info("hidden-state loss on (student, teacher) layers %s, weight %s", pairs, cfg.hidden_weight)
     if cfg.activation_checkpointing:
-        student.activation_checkpointing_enable({"use_reentrant": False})
+        checkpoint_activations(student)
     trunk = Trunk(student, [s for s, _ in pairs], projections)
     tied = tied_groups(trunk)
     if strategy != "fsdp" and world > 1 and (cfg.shard_teacher or cfg.sharded_checkpoints):

@@ -64,11 +64,12 @@ def test_activations_are_what_autograd_saves(family, bf16):
 def test_activation_checkpointing_keeps_each_layer_input(bf16):
     from transformers import AutoModelForCausalLM
 
+    from taille.distill.train import checkpoint_activations
     from taille.models.lm import hidden_states
 
     config = tiny_config("llama", layers=4)
     model = AutoModelForCausalLM.from_config(config).train()
-    model.activation_checkpointing_enable({"use_reentrant": False})  # what transformers' Trainer does
+    checkpoint_activations(model)  # what the loop does (and transformers' Trainer)
     B, T = 3, 40
     ids = torch.randint(3, config.vocab_size, (B, T))
     dims = Dims.of(config)
