@@ -111,14 +111,11 @@ def remember(path: Path, compute) -> dict:
 
 def weights_stamp(folder: Path) -> str:
     """Changes whenever the model folder's weights do (a model measured under a fixed name, such as a
-    `make demo` student run again, is measured again)."""
-    import hashlib
+    `make demo` student run again, is measured again): taille's own stamp, which `taille prefer` keys on."""
+    from taille.models.load import weights_stamp as stamp
 
-    files = sorted(folder.glob("*.safetensors"))  # one file or a sharded checkpoint's several
-    if not files:
-        sys.exit(f"{folder}: no safetensors weights there (give a distilled student's folder, e.g. runs/demo/distilled)")
-    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    return stamp(str(folder)) or sys.exit(f"{folder}: no safetensors weights there (give a distilled student's "
+                                          "folder, e.g. runs/demo/distilled)")
 
 
 def run_summary(out: Path, name: str | None = None) -> dict:

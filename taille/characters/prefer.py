@@ -184,20 +184,11 @@ def student_engine(s: PreferSettings, out: Path):
     return server_engine(GenerateSettings(teacher=str(gguf), engine="llama-server", **settings), gguf)
 
 
-def weights_stamp(spec: str) -> str | None:
-    """Changes whenever a local model folder's weights do (None for a Hub id or a file taille cannot stat)."""
-    import hashlib
-
-    files = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
-    if not files:
-        return None
-    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
 def make_pairs(s: PreferSettings, out: Path) -> dict:
     """OUT/pairs.jsonl from the student's own failing draws (reused when the pair settings are the same)."""
     from tqdm.auto import tqdm
+
+    from taille.models.load import weights_stamp
 
     out.mkdir(parents=True, exist_ok=True)
     pairs, meta_path = out / "pairs.jsonl", out / "pairs.meta.json"

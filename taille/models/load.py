@@ -210,6 +210,18 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def weights_stamp(spec: str) -> str | None:
+    """Changes whenever a local model folder's weights do: their names, sizes and modification times (one
+    file or a sharded checkpoint's several). None for a Hub id or a folder without safetensors."""
+    import hashlib
+
+    files = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
+    if not files:
+        return None
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
