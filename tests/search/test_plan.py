@@ -101,8 +101,8 @@ def test_parse_bytes_refuses(text):
         parse_bytes(text)
 
 
-def test_a_budget_the_whole_model_fits_says_so(capsys):
+def test_a_budget_the_whole_model_fits_says_so(capsys, smollm2):
     from tests.conftest import run_cli
 
-    out, _ = run_cli(capsys, "plan", "smollm2-135m-instruct", "--memory", "6G")
+    out, _ = run_cli(capsys, "plan", smollm2, "--memory", "6G")
     assert "fits 6 GiB unpruned" in out and "nothing to cut" in out
