@@ -44,6 +44,8 @@ benchmark's schedule, changing one thing:
                  cards only); its distillation tokens are the adv-wide row's, the DPO stage is on top
   demo-mix-replies-then-sft-adv-wide-prefer-hostile   the same DPO stage on the same student, its pairs from
                  the hostile lines alone: every turn of the wide hostile corpus, PREFER_HOSTILE_SAMPLES draws each
+  demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2   that tuned student through the same stage again
+                 (iterated DPO): its own failing draws now, on the same hostile turns, not the first student's
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -105,7 +107,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
@@ -189,8 +191,10 @@ def main() -> None:
             "demo-mix-replies-sft": (width, data["demo-mix"], ["--loss-on", "replies", "--kd-weight", 0,
                                                                "--ce-weight", 1]),
             **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()},  # then_sft()
-            **{name: (None, f"{data['demo-mix']} then {sft_stages[base][0]} then prefer", [])  # then_prefer()
-               for name, base in PREFER_ROWS.items()},
+            **{name: (None, f"{data['demo-mix']} then {sft_stages[stage_of(name)][0]} then prefer"  # then_prefer()
+                            + (f" on {work / 'adversarial-wide.jsonl'} alone" if "-hostile" in name else "")
+                            + (" then prefer again" if name.endswith("-round2") else ""), [])
+               for name in PREFER_ROWS},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
             "jsd": (width, "shakespeare", ["--loss", "jsd"]),
             "lr-1e-3": (width, "shakespeare", ["--lr", 1e-3, "--min-lr", 1e-4]),
@@ -244,16 +248,21 @@ def main() -> None:
                "--out", work / "free.jsonl")  # resumable: a stopped run goes on
     for path, budget in hostile_corpora.items():
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
-               for n in [*chosen, *(base_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
+               for n in [*chosen, *(stage_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
                if n in sft_stages):
             hostile_lines(work, path, budget)
+    def prefer_student(name: str) -> Path:  # the student a prefer row tunes, its earlier stages run first
+        base = base_of(name)
+        if base in PREFER_ROWS:  # a second round tunes the first round's student
+            return then_prefer(work, prefer_student(base), base, [])
+        return then_sft(work, args, width, data["demo-mix"], base, *sft_stages[base])
+
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
         outs[name] = out = (two_rounds(work, args, name, source, extra) if name in TWO_ROUNDS else
                             then_sft(work, args, width, data["demo-mix"], name, *sft_stages[name]) if name in sft_stages else
-                            then_prefer(work, then_sft(work, args, width, data["demo-mix"], base_of(name),
-                                                       *sft_stages[base_of(name)]), name, extra)
+                            then_prefer(work, prefer_student(name), name, extra)
                             if name.removesuffix("-seed1") in PREFER_ROWS else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
@@ -373,7 +382,8 @@ EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix
 
 
 PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-then-sft-adv-wide",
-               "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "demo-mix-replies-then-sft-adv-wide"}
+               "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "demo-mix-replies-then-sft-adv-wide",
+               "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "demo-mix-replies-then-sft-adv-wide-prefer-hostile"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -389,13 +399,19 @@ def base_of(name: str) -> str:
     return PREFER_ROWS[name.removesuffix("-seed1")]
 
 
+def stage_of(name: str) -> str:
+    """The distilled row under a prefer row's rounds of DPO."""
+    base = base_of(name)
+    return stage_of(base) if base in PREFER_ROWS else base
+
+
 def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
     """`taille prefer` on `student` (with `extra`: a repeat's --seed, which redraws the pairs and reorders the
     training): its own replies the corpus filters reject, against the teacher's kept ones, over PREFER_PROMPTS
     turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
     out = work / "runs" / name
     hostile = work / "adversarial-wide.jsonl"
-    turns = (["--data", hostile, "--samples", PREFER_HOSTILE_SAMPLES] if name.removesuffix("-seed1").endswith("-hostile")
+    turns = (["--data", hostile, "--samples", PREFER_HOSTILE_SAMPLES] if "-hostile" in name
              else ["--data", f"{hostile},roleplay", "--max-prompts", PREFER_PROMPTS])
     if not (out / "taille.json").exists():
         taille("prefer", "--student", student, *turns, "--personas", work / "cards", *extra, "--out", out)
