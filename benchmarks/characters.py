@@ -51,7 +51,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "two-rounds-mix", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "two-rounds-mix", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "free": "distilled on the teacher's free text (`generate --prompts free`, no chat)",
@@ -74,6 +74,8 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-replies-then-sft-adv-wide-prefer": "the adv-wide student, then DPO on its own replies that break character against the teacher's kept ones (`taille prefer`, 600 train turns)",
           "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "the same DPO stage, its pairs from the hostile lines alone (all 291 turns of the wide hostile corpus, 8 draws each)",
           "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "that student through the same DPO stage again (a second round: its own failing replies, drawn anew)",
+          "demo-mix-replies-then-sft-adv-composed": "the adv row with hostile lines composed from parts: 24K reply tokens answering ~1,300 composed wordings (0.75 of the lines) and the 67 hand-written ones (0.25), the same 0.4",
+          "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "that student, then the DPO stage on 600 turns of its composed hostile corpus (4 draws each)",
           "two-rounds-mix": "the default's data and mask in two rounds: pruned to 112M, 256K tokens, pruned to 90M, 256K tokens",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"

@@ -46,6 +46,11 @@ benchmark's schedule, changing one thing:
                  the hostile lines alone: every turn of the wide hostile corpus, PREFER_HOSTILE_SAMPLES draws each
   demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2   that tuned student through the same stage again
                  (iterated DPO): its own failing draws now, on the same hostile turns, not the first student's
+  demo-mix-replies-then-sft-adv-composed   the adv row's stages, its hostile corpus COMPOSED_ADVERSARIAL_TOKENS of
+                 answers to ~1,300 lines composed from parts and the 67 hand-written ones (adversarial-composed.jsonl):
+                 the DPO rounds fit the 67 lines they saw and kept breaking on unseen ones; many wordings may generalise
+  demo-mix-replies-then-sft-adv-composed-prefer-hostile   that student, then the DPO stage on PREFER_COMPOSED_PROMPTS
+                 turns of its composed corpus (4 draws each)
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -107,7 +112,7 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "roleplay-general",
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "roleplay-general",
         "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
@@ -116,6 +121,13 @@ tokens (the card is most of it), about what its 0.4 of the 64K SFT tokens reads 
 WIDE_ADVERSARIAL_TOKENS = "12K"
 """Reply tokens of demo-mix-replies-then-sft-adv-wide's hostile corpus: ~280 conversations, ~4 answers per line
 asked, of which 0.4 of the 64K SFT tokens reads about a quarter (more lines seen, fewer repeats)."""
+COMPOSED_ADVERSARIAL_TOKENS = "24K"
+"""Reply tokens of demo-mix-replies-then-sft-adv-composed's hostile corpus: ~700 one-line conversations, a quarter
+of them on the 67 hand-written training lines, three quarters on lines composed from parts (`--kinds
+adversarial:0.25,hostile:0.75`; lines.compose_hostile, ~1,300 wordings): most lines are asked once."""
+HOSTILE_KINDS = {"adversarial.jsonl": "adversarial:1", "adversarial-wide.jsonl": "adversarial:1",
+                 "adversarial-composed.jsonl": "adversarial:0.25,hostile:0.75"}
+"""The first-line kinds of each hostile corpus (`taille generate --kinds`)."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -172,13 +184,15 @@ def main() -> None:
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
             "general-plays": f"shakespeare:0.5,{corpus}:0.5"}
     hostile_corpora = {work / "adversarial.jsonl": ADVERSARIAL_TOKENS,  # written first by a row that trains on it
-                       work / "adversarial-wide.jsonl": WIDE_ADVERSARIAL_TOKENS}
-    hostile, wide = (f"roleplay:0.6,{corpus}:0.4" for corpus in hostile_corpora)
+                       work / "adversarial-wide.jsonl": WIDE_ADVERSARIAL_TOKENS,
+                       work / "adversarial-composed.jsonl": COMPOSED_ADVERSARIAL_TOKENS}
+    hostile, wide, composed = (f"roleplay:0.6,{corpus}:0.4" for corpus in hostile_corpora)
     kd_stage = work.joinpath(*KD_STAGE)
     sft_stages = {"demo-mix-replies-then-sft": ("roleplay", ["--kd-weight", 0]),  # (data, the loss's other term)
                   "demo-mix-replies-then-sft-adv": (hostile, ["--kd-weight", 0]),
                   "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1]),
-                  "demo-mix-replies-then-sft-adv-wide": (wide, ["--kd-weight", 0])}
+                  "demo-mix-replies-then-sft-adv-wide": (wide, ["--kd-weight", 0]),
+                  "demo-mix-replies-then-sft-adv-composed": (composed, ["--kd-weight", 0])}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -192,7 +206,7 @@ def main() -> None:
                                                                "--ce-weight", 1]),
             **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()},  # then_sft()
             **{name: (None, f"{data['demo-mix']} then {sft_stages[stage_of(name)][0]} then prefer"  # then_prefer()
-                            + (f" on {work / 'adversarial-wide.jsonl'} alone" if "-hostile" in name else "")
+                            + (f" on {prefer_corpus(work, name)} alone" if "-hostile" in name else "")
                             + (" then prefer again" if name.endswith("-round2") else ""), [])
                for name in PREFER_ROWS},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
@@ -250,7 +264,7 @@ def main() -> None:
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
                for n in [*chosen, *(stage_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
                if n in sft_stages):
-            hostile_lines(work, path, budget)
+            hostile_lines(work, path, budget, HOSTILE_KINDS[path.name])
     def prefer_student(name: str) -> Path:  # the student a prefer row tunes, its earlier stages run first
         base = base_of(name)
         if base in PREFER_ROWS:  # a second round tunes the first round's student
@@ -383,7 +397,8 @@ EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix
 
 PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-then-sft-adv-wide",
                "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "demo-mix-replies-then-sft-adv-wide",
-               "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "demo-mix-replies-then-sft-adv-wide-prefer-hostile"}
+               "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "demo-mix-replies-then-sft-adv-wide-prefer-hostile",
+               "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -392,6 +407,16 @@ PREFER_HOSTILE_SAMPLES = 8
 """Draws per turn of the -hostile row, which answers every turn of the wide hostile corpus (291) and nothing
 else: about as many draws as the mixed row's 600 x 4, all of them on the lines that try to break the
 character (the breaks are where the mixed row's student stayed above the plays-only student's)."""
+
+
+PREFER_COMPOSED_PROMPTS = 600
+"""Turns of the composed hostile corpus the -adv-composed-prefer-hostile row answers (4 draws each: about the
+draws of the other hostile row, over twice its lines)."""
+
+
+def prefer_corpus(work: Path, name: str) -> Path:
+    """The hostile corpus a prefer row draws its turns from: its distilled row's (composed or wide)."""
+    return work / ("adversarial-composed.jsonl" if "-adv-composed" in name else "adversarial-wide.jsonl")
 
 
 def base_of(name: str) -> str:
@@ -410,8 +435,9 @@ def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
     training): its own replies the corpus filters reject, against the teacher's kept ones, over PREFER_PROMPTS
     turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
     out = work / "runs" / name
-    hostile = work / "adversarial-wide.jsonl"
-    turns = (["--data", hostile, "--samples", PREFER_HOSTILE_SAMPLES] if "-hostile" in name
+    hostile = prefer_corpus(work, name)
+    turns = (["--data", hostile, "--max-prompts", PREFER_COMPOSED_PROMPTS] if "-adv-composed" in name
+             else ["--data", hostile, "--samples", PREFER_HOSTILE_SAMPLES] if "-hostile" in name
              else ["--data", f"{hostile},roleplay", "--max-prompts", PREFER_PROMPTS])
     if not (out / "taille.json").exists():
         taille("prefer", "--student", student, *turns, "--personas", work / "cards", *extra, "--out", out)
@@ -444,7 +470,7 @@ def shown(source: str | None, work: Path) -> str | None:
     return re.sub(r"/[^\s,:]*/bench/recovery_general/", "WORK/", source.replace(f"{work}/", "WORK/")) if source else source
 
 
-def hostile_lines(work: Path, out: Path, tokens: str) -> None:
+def hostile_lines(work: Path, out: Path, tokens: str, kinds: str) -> None:
     """The teacher's in-character answers to hostile player lines on the train half of `personas make --count 200
     --seed 0` (161 cards; the evaluation's held-out cards and lines are never asked), a reply the filters drop
     sampled again up to 3 times. Resumable; done when it holds `tokens` reply tokens."""
@@ -453,7 +479,7 @@ def hostile_lines(work: Path, out: Path, tokens: str) -> None:
         return
     cards = work / "cards"
     taille("personas", "make", "--count", 200, "--seed", 0, "--out", cards)  # deterministic, seconds: a stopped one is whole again
-    taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", "adversarial:1",
+    taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", kinds,
            "--retries", 3, "--conversations", 1, "--turns", 1, "--tokens", tokens, "--max-new-tokens", 64,
            "--batch-size", 16, "--out", out)
 

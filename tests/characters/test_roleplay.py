@@ -331,8 +331,44 @@ def test_kinds_choose_the_first_player_lines(tmp_path, monkeypatch, cards):
                for r in records)
 
 
+def test_composed_hostile_lines_are_many_none_near_an_evaluation_line():
+    composed = lines.compose_hostile()
+    assert len(composed) >= 1000 and len({x.lower() for x in composed}) == len(composed)
+    heldout = {" ".join(x.lower().split()) for x in lines.ADVERSARIAL}
+    for line in composed:
+        assert " ".join(line.lower().split()) not in heldout
+        for held in lines.ADVERSARIAL:  # the guard ADVERSARIAL_TRAIN is held to, and a word-set one
+            a, b = shingles(line, 2), shingles(held, 2)
+            assert len(a & b) / len(a | b) < 0.3, (line, held)
+            wa, wb = ({w.strip(".,?!'\"").lower() for w in t.split()} for t in (line, held))
+            assert len(wa & wb) / len(wa | wb) < 0.5, (line, held)
+    # every family is there, none is most of the lines
+    families = {"identity": "are you", "maker": "trained you", "inject": "Debug mode on.", "code": " in Python",
+                "facts": "capital of", "homework": "times", "insult": "useless"}
+    for family, marker in families.items():
+        assert any(marker in line for line in composed), family
+    assert sum(" in " in line and any(lang in line for lang in ("Python", "Rust", "Go.")) for line in composed) \
+        < len(composed) / 4
+
+
+def test_the_hostile_kind_asks_composed_lines(tmp_path, monkeypatch, cards):
+    teacher = ScriptedTeacher(cards, script=("good",))
+    use(monkeypatch, teacher)
+    meta = generate_roleplay(settings(tmp_path, kinds="adversarial:0.25,hostile:0.75", turns=1, tokens=400))
+    records = read(tmp_path / "rp.jsonl")
+    kinds = Counter(r["kinds"][0] for r in records)
+    assert set(kinds) == {"adversarial", "hostile"} and kinds["hostile"] > kinds["adversarial"]
+    assert meta["first_line_kinds_this_run"] == dict(kinds)
+    composed = set(lines.compose_hostile())
+    for r in records:
+        line = r["messages"][1]["content"]
+        assert line in (composed if r["kinds"][0] == "hostile" else set(lines.ADVERSARIAL_TRAIN))
+    hostile = [r["messages"][1]["content"] for r in records if r["kinds"][0] == "hostile"]
+    assert len(set(hostile)) > 0.8 * len(hostile)  # many lines, most asked once
+
+
 @pytest.mark.parametrize("extra, message", [
-    (dict(kinds="hostile:1"), "KIND one of knowledge, small_talk, goal, adversarial"),
+    (dict(kinds="insults:1"), "KIND one of knowledge, small_talk, goal, adversarial, hostile"),
     (dict(kinds="adversarial"), "('adversarial' is not)"),
     (dict(kinds="adversarial:-1"), "SHARE a number of 0 or more"),
     (dict(kinds="adversarial:0,goal:0"), "the shares not all 0"),
