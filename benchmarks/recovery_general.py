@@ -264,7 +264,7 @@ def main() -> None:
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
                for n in [*chosen, *(stage_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
                if n in sft_stages):
-            hostile_lines(work, path, budget, HOSTILE_KINDS[path.name])
+            hostile_lines(work, path, budget)
     def prefer_student(name: str) -> Path:  # the student a prefer row tunes, its earlier stages run first
         base = base_of(name)
         if base in PREFER_ROWS:  # a second round tunes the first round's student
@@ -470,7 +470,7 @@ def shown(source: str | None, work: Path) -> str | None:
     return re.sub(r"/[^\s,:]*/bench/recovery_general/", "WORK/", source.replace(f"{work}/", "WORK/")) if source else source
 
 
-def hostile_lines(work: Path, out: Path, tokens: str, kinds: str) -> None:
+def hostile_lines(work: Path, out: Path, tokens: str) -> None:
     """The teacher's in-character answers to hostile player lines on the train half of `personas make --count 200
     --seed 0` (161 cards; the evaluation's held-out cards and lines are never asked), a reply the filters drop
     sampled again up to 3 times. Resumable; done when it holds `tokens` reply tokens."""
@@ -479,7 +479,7 @@ def hostile_lines(work: Path, out: Path, tokens: str, kinds: str) -> None:
         return
     cards = work / "cards"
     taille("personas", "make", "--count", 200, "--seed", 0, "--out", cards)  # deterministic, seconds: a stopped one is whole again
-    taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", kinds,
+    taille("generate", "--teacher", TEACHER, "--engine", "llama-server", "--personas", cards, "--kinds", HOSTILE_KINDS[out.name],
            "--retries", 3, "--conversations", 1, "--turns", 1, "--tokens", tokens, "--max-new-tokens", 64,
            "--batch-size", 16, "--out", out)
 

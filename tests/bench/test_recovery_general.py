@@ -233,6 +233,11 @@ def test_a_hostile_corpus_is_whole_only_at_its_own_budget(recovery, tmp_path, mo
     calls.clear()
     recovery.hostile_lines(tmp_path, out, recovery.ADVERSARIAL_TOKENS)  # 5,000 kept: 4K is whole
     assert calls == []
+    assert generate[generate.index("--kinds") + 1] == "adversarial:1"  # the hand-written lines only
+    composed = tmp_path / "adversarial-composed.jsonl"  # the composed corpus asks the composed lines too
+    recovery.hostile_lines(tmp_path, composed, recovery.COMPOSED_ADVERSARIAL_TOKENS)
+    kinds = dict(k.split(":") for k in calls[1][calls[1].index("--kinds") + 1].split(","))
+    assert float(kinds["hostile"]) > float(kinds["adversarial"]) > 0
 
 
 def test_the_free_mix_row_writes_the_free_corpus_first_and_mixes_it_in(recovery, tmp_path, monkeypatch):
@@ -274,3 +279,21 @@ def test_two_rounds_on_the_mix_prunes_twice_on_its_data_and_a_measured_row_stays
     assert results["measured"]["two-rounds"]["ppl"]["wikitext2"] == 113.0
     assert results["trained"]["two-rounds"]["tokens"] == 512_000  # both rounds counted
     assert "| two-rounds |" in (recovery.RESULTS / "recovery_general.md").read_text()
+
+
+def test_the_composed_prefer_row_writes_the_composed_corpus_trains_on_it_and_draws_its_pairs_there(recovery, tmp_path,
+                                                                                                 monkeypatch):
+    work = tmp_path / "work"
+    row = "demo-mix-replies-then-sft-adv-composed-prefer-hostile"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", row)
+    assert [c[0] for c in calls] == ["personas", "generate", "distill", "prefer"]
+    corpus = str(work / "adversarial-composed.jsonl")
+    generate, distill, prefer = calls[1:]
+    assert generate[generate.index("--out") + 1] == corpus and "hostile" in generate[generate.index("--kinds") + 1]
+    assert generate[generate.index("--tokens") + 1] == recovery.COMPOSED_ADVERSARIAL_TOKENS
+    assert f"{corpus}:0.4" in distill[distill.index("--data") + 1]
+    assert prefer[prefer.index("--student") + 1] == str(work / "runs" / "demo-mix-replies-then-sft-adv-composed")
+    assert prefer[prefer.index("--data") + 1] == corpus  # its own corpus alone, not the wide one
+    assert prefer[prefer.index("--max-prompts") + 1] == str(recovery.PREFER_COMPOSED_PROMPTS)
+    results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
+    assert "adversarial-composed.jsonl alone" in results["trained"][row]["data"]
