@@ -206,7 +206,7 @@ def main() -> None:
                                                                "--ce-weight", 1]),
             **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()},  # then_sft()
             **{name: (None, f"{data['demo-mix']} then {sft_stages[stage_of(name)][0]} then prefer"  # then_prefer()
-                            + (f" on {prefer_corpus(work, name)} alone" if "-hostile" in name else "")
+                            + ("" if PREFER_TURNS[name][1] else f" on {prefer_corpus(work, name)} alone")
                             + (" then prefer again" if name.endswith("-round2") else ""), [])
                for name in PREFER_ROWS},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
@@ -412,11 +412,20 @@ character (the breaks are where the mixed row's student stayed above the plays-o
 PREFER_COMPOSED_PROMPTS = 600
 """Turns of the composed hostile corpus the -adv-composed-prefer-hostile row answers (4 draws each: about the
 draws of the other hostile row, over twice its lines)."""
+PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.jsonl", True, ["--max-prompts", PREFER_PROMPTS]),
+                "demo-mix-replies-then-sft-adv-wide-prefer-hostile": ("adversarial-wide.jsonl", False,
+                                                                      ["--samples", PREFER_HOSTILE_SAMPLES]),
+                "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": ("adversarial-wide.jsonl", False,
+                                                                             ["--samples", PREFER_HOSTILE_SAMPLES]),
+                "demo-mix-replies-then-sft-adv-composed-prefer-hostile": ("adversarial-composed.jsonl", False,
+                                                                          ["--max-prompts", PREFER_COMPOSED_PROMPTS])}
+"""Where each prefer row draws its turns: (its hostile corpus under --work, whether the shipped role-play corpus
+joins it, how many turns and draws)."""
 
 
 def prefer_corpus(work: Path, name: str) -> Path:
-    """The hostile corpus a prefer row draws its turns from: its distilled row's (composed or wide)."""
-    return work / ("adversarial-composed.jsonl" if "-adv-composed" in name else "adversarial-wide.jsonl")
+    """The hostile corpus a prefer row (or its seed repeat) draws its turns from."""
+    return work / PREFER_TURNS[name.removesuffix("-seed1")][0]
 
 
 def base_of(name: str) -> str:
@@ -435,10 +444,9 @@ def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
     training): its own replies the corpus filters reject, against the teacher's kept ones, over PREFER_PROMPTS
     turns of the wide hostile corpus and the shipped role-play corpus (train cards)."""
     out = work / "runs" / name
+    _, with_roleplay, count = PREFER_TURNS[name.removesuffix("-seed1")]
     hostile = prefer_corpus(work, name)
-    turns = (["--data", hostile, "--max-prompts", PREFER_COMPOSED_PROMPTS] if "-adv-composed" in name
-             else ["--data", hostile, "--samples", PREFER_HOSTILE_SAMPLES] if "-hostile" in name
-             else ["--data", f"{hostile},roleplay", "--max-prompts", PREFER_PROMPTS])
+    turns = ["--data", f"{hostile},roleplay" if with_roleplay else hostile, *count]
     if not (out / "taille.json").exists():
         taille("prefer", "--student", student, *turns, "--personas", work / "cards", *extra, "--out", out)
     return out

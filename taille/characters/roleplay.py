@@ -94,7 +94,7 @@ def player_lines(persona, rng: random.Random) -> dict[str, list[str]]:
     items, _ = knowledge_items(persona, seed=rng.randrange(1 << 30))
     return {"knowledge": [i.question for i in items] or list(SMALL_TALK), "small_talk": list(SMALL_TALK),
             "goal": goal_requests(persona) or list(SMALL_TALK), "adversarial": list(ADVERSARIAL_TRAIN),
-            "hostile": list(compose_hostile())}
+            "hostile": compose_hostile()}  # built once (cached), not copied per card
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
