@@ -25,10 +25,12 @@ import gzip
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from taille.characters.detect import normalise
 from taille.errors import TailleError
 from taille.models.precision import check_precision
 from taille.options import coerce
@@ -74,6 +76,12 @@ class PreferSettings:
     """DPO's beta: how far from the reference the preference may pull the student."""
     sft_weight: float = 1.0
     """Weight of the chosen replies' cross-entropy beside the DPO loss (RPO); 0 for DPO alone."""
+    unlikelihood: float = 0.0
+    """Weight of token-level unlikelihood (Welleck et al., ICLR 2020) on the words that broke character in each
+    rejected reply: the `never` phrase or out-of-character marker the filters matched ("smartphone", "language
+    model", "I'm a chatbot"), -log(1 - p(token)) at each of its tokens. DPO pushes every token of a rejected
+    reply down alike, and stops pushing once the pair is ranked; this stays on the few tokens that broke it.
+    0: off. A degenerate rejected reply has no such words and adds nothing."""
     lr: float = 1e-5
     """Peak learning rate (AdamW, 10% warm-up, cosine)."""
     epochs: float = 2.0
@@ -95,8 +103,8 @@ class PreferSettings:
             raise TailleError("--max-prompts must be at least 1")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise TailleError("--top-p must be in (0, 1] and --temperature positive")
-        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.sft_weight < 0:
-            raise TailleError("--beta, --lr and --epochs must be positive, --sft-weight 0 or more")
+        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.sft_weight < 0 or self.unlikelihood < 0:
+            raise TailleError("--beta, --lr and --epochs must be positive, --sft-weight and --unlikelihood 0 or more")
         check_precision(self.precision)
         import importlib.util
 
@@ -164,6 +172,64 @@ def rejection(text: str, generated: int, max_new_tokens: int, persona) -> tuple[
     if degenerate(kept) is not None:
         return kept, "degenerate"
     return None
+
+
+def span_positions(tokenizer, ids: list[int], words: str) -> list[int]:
+    """Indices into `ids` (a reply's tokens) of the tokens that spell `words` where the reply first says them
+    (case-insensitive; a space matches any whitespace run, an apostrophe or quote either form, as
+    detect.normalise reads them); [] when the decoded reply does not say them."""
+    text = tokenizer.decode(ids)
+    forms = {" ": r"\s+", "'": "['\u2018\u2019]", '"': '["\u201c\u201d]'}
+    found = re.search("".join(forms.get(c, re.escape(c)) for c in normalise(words)), text, re.IGNORECASE)
+    if found is None:
+        return []
+    ends = [len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))]
+    return [k for k in range(len(ids)) if (ends[k - 1] if k else 0) < found.end() and ends[k] > found.start()]
+
+
+def unlikelihood_trainer(base, weight: float, words: dict[str, str]):
+    """`base` (TRL's DPOTrainer) with `weight` x the unlikelihood of the words that broke each rejected reply of
+    a batch. `words`: a rejected reply (normalised) -> what the filters matched in it. TRL batches a step's chosen
+    conversations and then their rejected ones; a rejected reply is found again by its decoded text."""
+    import torch
+
+    class Unlikelihood(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unlikelihood_log: list[dict] = []
+            self.unlikelihood_missed = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            ids, completion = inputs["input_ids"], inputs["completion_mask"]
+            rows, targets = [], []  # (row, position of a breaking token)
+            for r in range(ids.shape[0] // 2, ids.shape[0]):
+                where = completion[r].nonzero().flatten()
+                reply = ids[r, where].tolist()
+                said = words.get(normalise(self.processing_class.decode(reply, skip_special_tokens=True)))
+                hits = span_positions(self.processing_class, reply, said) if said else []
+                self.unlikelihood_missed += bool(said) and not hits
+                if hits:
+                    rows.append(r)
+                    targets += [(len(rows) - 1, int(where[k])) for k in hits if int(where[k]) > 0]
+            if not targets:
+                return result
+            picked = torch.tensor(rows, device=ids.device)
+            kwargs = {"input_ids": ids[picked]}
+            if "attention_mask" in inputs:
+                kwargs["attention_mask"] = inputs["attention_mask"][picked]
+            logits = model(**kwargs).logits
+            row, pos = (torch.tensor(x, device=ids.device) for x in zip(*targets))
+            logp = logits[row, pos - 1].float().log_softmax(-1).gather(1, ids[picked][row, pos][:, None])[:, 0]
+            p = logp.exp().clamp(max=1 - 1e-6)
+            term = -torch.log1p(-p).mean()
+            self.unlikelihood_log.append({"step": self.state.global_step, "unlikelihood": round(term.item(), 5),
+                                          "tokens": len(targets), "p_mean": round(p.mean().item(), 5)})
+            if return_outputs:
+                return result[0] + weight * term, result[1]
+            return result + weight * term
+
+    return Unlikelihood
 
 
 def student_engine(s: PreferSettings, out: Path):
@@ -294,7 +360,20 @@ def prefer(s: PreferSettings) -> dict:
                        save_strategy="no", report_to="none", logging_steps=1, seed=s.seed, data_seed=s.seed,
                        dataloader_num_workers=0, remove_unused_columns=True, gradient_checkpointing=False)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
-    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer_class, broke = DPOTrainer, {}
+    if s.unlikelihood:
+        from taille.characters.cards import load_half
+        from taille.characters.detect import breaks_character
+
+        personas = load_half(s.personas, "train") if s.personas is not None else {}
+        for r in records:
+            reply = r["rejected"][0]["content"]
+            said = breaks_character(reply, personas.get(r.get("persona")))
+            if said is not None:
+                broke[normalise(reply)] = said
+        trainer_class = unlikelihood_trainer(DPOTrainer, s.unlikelihood, broke)
+    trainer = trainer_class(model=model, ref_model=reference, args=config, train_dataset=data,
+                            processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -317,6 +396,14 @@ def prefer(s: PreferSettings) -> dict:
     record = {"settings": asdict(s), "pairs": pair_meta, "pairs_trained": len(records), "steps": trainer.state.global_step, "precision": precision,
               "seconds": round(seconds, 1), "final_loss": mean("loss"),
               "final_reward_accuracy": mean("rewards/accuracies"), "final_reward_margin": mean("rewards/margins")}
+    if s.unlikelihood:  # how likely the breaking words stayed: the first and the last tenth of the steps
+        steps = trainer.unlikelihood_log
+        tenth = max(1, len(steps) // 10)
+        record["unlikelihood"] = {"rejected_with_words": len(broke), "steps_with_words": len(steps),
+                                  "words_not_found": trainer.unlikelihood_missed,
+                                  **{f"{k}_p_mean": round(sum(x["p_mean"] for x in part) / len(part), 4) if part else None
+                                     for k, part in (("first", steps[:tenth]), ("final", steps[-tenth:]))}}
+        (out / "unlikelihood.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
     source = Path(s.student) / "taille.json"
     history = json.loads(source.read_text()) if source.is_file() else {}
     # pruned_from carried over: a later distillation from this folder keeps the pruning record

@@ -124,6 +124,68 @@ def test_the_pairs_are_the_students_failing_draws_and_dpo_prefers_the_chosen(cor
     assert json.loads((tmp_path / "out" / "taille.json").read_text())["prefer"]["pairs"]["pairs"] == 3
 
 
+def test_span_positions_cover_exactly_the_breaking_words(tmp_path):
+    import re
+
+    from taille.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(save_tiny(tmp_path / "tiny")))
+    reply = "Aye, I\u2019m  a Chatbot, friend, and the chatbot rows."
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    hits = prefer_module.span_positions(tokenizer, ids, "i'm a chatbot")  # as detect matches it, normalised
+    spelled = re.compile(r"i\u2019m\s+a chatbot", re.IGNORECASE)
+    assert hits == list(range(hits[0], hits[-1] + 1))  # one run of tokens
+    assert spelled.search(tokenizer.decode([ids[k] for k in hits]))  # that spells the words
+    for fewer in (hits[1:], hits[:-1]):  # with no token to spare
+        assert not spelled.search(tokenizer.decode([ids[k] for k in fewer]))
+    assert "chatbot" not in tokenizer.decode(ids[:hits[0]]).lower()  # where the reply first says them
+    assert prefer_module.span_positions(tokenizer, ids, "language model") == []
+
+
+def test_unlikelihood_lowers_the_breaking_words_beyond_dpo(corpus, tmp_path, monkeypatch):
+    """The same pairs, DPO alone against DPO + unlikelihood: the words the filters matched in the rejected
+    replies ("language model", "training data") end less likely with the term, by an independent
+    log-probability; a degenerate rejected reply has no such words."""
+    import torch
+
+    from taille.models.load import load_model
+
+    path, cards, _ = corpus
+    student = save_tiny(tmp_path / "student", seed=3)
+    monkeypatch.setattr(prefer_module, "student_engine", ScriptedStudent().engine)
+    runs = {}
+    for weight in (0.0, 2.0):
+        s = PreferSettings(student=str(student), data=str(path), personas=str(cards), out=str(tmp_path / f"ul{weight}"),
+                           samples=2, epochs=8, lr=2e-3, batch_size=2, beta=0.5, precision="fp32", sft_weight=0.0,
+                           max_length=4096, unlikelihood=weight)
+        runs[weight] = prefer(s)
+    ul = runs[2.0]["unlikelihood"]
+    assert ul["rejected_with_words"] == 2 and ul["words_not_found"] == 0 and ul["steps_with_words"] > 0
+    assert "unlikelihood" not in runs[0.0]
+    pairs = [json.loads(line) for line in (tmp_path / "ul2.0" / "pairs.jsonl").read_text().splitlines()]
+
+    def breaking_logp(folder):  # sum of log p of the matched words' tokens, in each rejected reply's context
+        model, tokenizer = load_model(str(folder), dtype="fp32", device="cpu")
+        total = 0.0
+        for p in pairs:
+            if p["rejected_by"] == "degenerate":
+                continue
+            prompt = tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
+            reply = p["rejected"][0]["content"]
+            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            ids = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+            words = "language model" if p["rejected_by"] == "never" else "training data"
+            hits = prefer_module.span_positions(tokenizer, ids[n_prompt:], words)
+            assert hits
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            total += sum(logp[n_prompt + k - 1, ids[n_prompt + k]].item() for k in hits)
+        return total
+
+    before, dpo, both = breaking_logp(student), breaking_logp(tmp_path / "ul0.0"), breaking_logp(tmp_path / "ul2.0")
+    assert both < dpo and both < before, (before, dpo, both)
+
+
 def test_pairs_are_reused_only_while_what_decides_them_is_unchanged(corpus, tmp_path, monkeypatch):
     path, cards, _ = corpus
     scripted = ScriptedStudent()
@@ -165,6 +227,7 @@ def test_no_failing_draw_is_one_line(corpus, tmp_path, monkeypatch, capsys):
     (["--data", "roleplay", "--engine", "vllm"], "use one of auto, torch, llama-server"),
     (["--data", "roleplay", "--samples", "0"], "--samples"),
     (["--data", "roleplay", "--beta", "0"], "--beta"),
+    (["--data", "roleplay", "--unlikelihood", "-1"], "--unlikelihood"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, args, message):
     _, err = run_cli(capsys, "prefer", "--student", tmp_path, "--out", tmp_path / "o", *args, code=2)
