@@ -51,6 +51,10 @@ benchmark's schedule, changing one thing:
                  the DPO rounds fit the 67 lines they saw and kept breaking on unseen ones; many wordings may generalise
   demo-mix-replies-then-sft-adv-composed-prefer-hostile   that student, then the DPO stage on PREFER_COMPOSED_PROMPTS
                  turns of its composed corpus (4 draws each)
+  demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul   the same pairs, DPO + PREFER_UNLIKELIHOOD x token-level
+                 unlikelihood of the words that broke each rejected reply (`--unlikelihood`): most held-out breaks
+                 echo the player's own word ("smartphone", "language model"), which DPO pushes down no more than
+                 any other token of the reply
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -77,6 +81,10 @@ benchmark's schedule, changing one thing:
   two-rounds     prune to ~112M, distil half the budget, prune that to 90M, distil the other half
   two-rounds-mix   the same two rounds on the default's data and mask (demo-mix-replies's), the second
                  round's importance calibrated on that mix
+  searched-mix-replies   the default's data and mask (demo-mix-replies's) on the shape `taille search` ranked
+                 best among those no larger than the target (results/search_smollm2: 21 layers x hidden 576 x MLP
+                 1184, 89.88M, 4th of 6 after 40 steps, ahead of the width shape): the embeddings and the residual
+                 width kept whole, layers and MLP cut; pruned from the same importance scores
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -112,8 +120,8 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix")
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "roleplay-general",
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -179,6 +187,7 @@ def main() -> None:
     work = (Path(args.work) if args.work else cache_dir("bench") / "recovery_general").expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     width, depth = pruned_students(work)
+    searched = work / "searched-90m"  # pruned when a row trains on it (searched_student)
     corpus = str(Path(args.corpus).expanduser().resolve()) if args.corpus else "chat"
     data = {"plays": "shakespeare", "demo-mix": "roleplay:0.45,chat:0.35,shakespeare:0.2", "general": corpus,
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
@@ -207,6 +216,7 @@ def main() -> None:
             **{name: (None, f"{data['demo-mix']} then {stage[0]}", []) for name, stage in sft_stages.items()},  # then_sft()
             **{name: (None, f"{data['demo-mix']} then {sft_stages[stage_of(name)][0]} then prefer"  # then_prefer()
                             + ("" if PREFER_TURNS[name][1] else f" on {prefer_corpus(work, name)} alone")
+                            + (" + unlikelihood" if "--unlikelihood" in PREFER_TURNS[name][2] else "")
                             + (" then prefer again" if name.endswith("-round2") else ""), [])
                for name in PREFER_ROWS},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
@@ -215,6 +225,7 @@ def main() -> None:
             "lr-2e-4": (width, "shakespeare", ["--lr", 2e-4, "--min-lr", 2e-5]),
             "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", []),
             "two-rounds-mix": (None, data["demo-mix"], ["--loss-on", "replies"]),
+            "searched-mix-replies": (searched, data["demo-mix"], ["--loss-on", "replies"]),
             "roleplay-general": (width, data["roleplay-general"], []),
             "roleplay-general-on-policy-reply": (width, data["roleplay-general"], ["--on-policy", 1.0, "--on-policy-tokens",
                                                                                    128, "--on-policy-from", "reply"]),
@@ -280,6 +291,8 @@ def main() -> None:
                             if name.removesuffix("-seed1") in PREFER_ROWS else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
+            if student == searched:
+                searched_student(work)
             if source is None:  # from a teacher cache, which holds the blocks
                 cache = extra[1]
                 if not (cache / "meta.json").exists():
@@ -362,6 +375,34 @@ def adopt_committed(work: Path, args) -> None:
             print(f"kept from {path}: {name}", flush=True)
 
 
+SEARCH = RESULTS / "search_smollm2" / "leaderboard.json"
+
+
+def searched_shape(leaderboard: dict) -> dict:
+    """The best-ranked shape of a `taille search` leaderboard no larger than the search's target (the search
+    keeps shapes within its tolerance above it too: its winner is 5% larger, so not like for like)."""
+    header = leaderboard["header"]
+    target = parse_count(leaderboard["settings"]["params"])
+    for row in sorted(leaderboard["rows"], key=lambda r: int(r[header.index("rank")])):
+        cell = dict(zip(header, row))
+        if parse_count(cell["params"]) <= target:
+            heads, kv = (int(x) for x in cell["heads / KV"].split("/"))
+            return {"layers": int(cell["layers"]), "hidden": int(cell["hidden"]), "ffn": int(cell["MLP"]),
+                    "heads": heads, "kv_heads": kv}
+    raise SystemExit(f"{SEARCH}: no shape at or under {leaderboard['settings']['params']}")
+
+
+def searched_student(work: Path) -> Path:
+    """The teacher pruned to the committed search's like-for-like shape, from the width student's importance
+    scores (made once, kept in `work`)."""
+    out = work / "searched-90m"
+    if not (out / "taille.json").exists():
+        shape = searched_shape(json.loads(SEARCH.read_text()))
+        taille("prune", "-m", TEACHER, "--scores", work / "importance",
+               *(x for key, value in shape.items() for x in (f"--{key.replace('_', '-')}", value)), "--out", out)
+    return out
+
+
 TWO_ROUNDS = ("two-rounds", "two-rounds-mix")
 
 
@@ -398,7 +439,8 @@ EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix
 PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-then-sft-adv-wide",
                "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "demo-mix-replies-then-sft-adv-wide",
                "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "demo-mix-replies-then-sft-adv-wide-prefer-hostile",
-               "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed"}
+               "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed",
+               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -412,15 +454,23 @@ character (the breaks are where the mixed row's student stayed above the plays-o
 PREFER_COMPOSED_PROMPTS = 600
 """Turns of the composed hostile corpus the -adv-composed-prefer-hostile row answers (4 draws each: about the
 draws of the other hostile row, over twice its lines)."""
+PREFER_UNLIKELIHOOD = 1.0
+"""--unlikelihood of the -ul row: the term starts near DPO's own loss (-log(1 - p) is 0.69 at p = 0.5)."""
 PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.jsonl", True, ["--max-prompts", PREFER_PROMPTS]),
                 "demo-mix-replies-then-sft-adv-wide-prefer-hostile": ("adversarial-wide.jsonl", False,
                                                                       ["--samples", PREFER_HOSTILE_SAMPLES]),
                 "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": ("adversarial-wide.jsonl", False,
                                                                              ["--samples", PREFER_HOSTILE_SAMPLES]),
                 "demo-mix-replies-then-sft-adv-composed-prefer-hostile": ("adversarial-composed.jsonl", False,
-                                                                          ["--max-prompts", PREFER_COMPOSED_PROMPTS])}
+                                                                          ["--max-prompts", PREFER_COMPOSED_PROMPTS]),
+                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": ("adversarial-composed.jsonl", False,
+                                                                             ["--max-prompts", PREFER_COMPOSED_PROMPTS,
+                                                                              "--unlikelihood", PREFER_UNLIKELIHOOD])}
 """Where each prefer row draws its turns: (its hostile corpus under --work, whether the shipped role-play corpus
-joins it, how many turns and draws)."""
+joins it, how many turns and draws and any other `taille prefer` option)."""
+SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile"}
+"""Prefer rows that differ from another only in the loss: they train on that row's pairs (copied when its draws
+are done; `taille prefer` reuses them only if their settings and the student's weights are the same)."""
 
 
 def prefer_corpus(work: Path, name: str) -> Path:
@@ -447,6 +497,11 @@ def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
     _, with_roleplay, count = PREFER_TURNS[name.removesuffix("-seed1")]
     hostile = prefer_corpus(work, name)
     turns = ["--data", f"{hostile},roleplay" if with_roleplay else hostile, *count]
+    twin = work / "runs" / SAME_PAIRS.get(name.removesuffix("-seed1"), name)
+    if twin != out and not extra and not (out / "pairs.meta.json").exists() and (twin / "pairs.meta.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for file in ("pairs.jsonl", "pairs.meta.json"):
+            (out / file).write_bytes((twin / file).read_bytes())
     if not (out / "taille.json").exists():
         taille("prefer", "--student", student, *turns, "--personas", work / "cards", *extra, "--out", out)
     return out

@@ -297,3 +297,28 @@ def test_the_composed_prefer_row_writes_the_composed_corpus_trains_on_it_and_dra
     assert prefer[prefer.index("--max-prompts") + 1] == str(recovery.PREFER_COMPOSED_PROMPTS)
     results = json.loads((recovery.RESULTS / "recovery_general.json").read_text())
     assert "adversarial-composed.jsonl alone" in results["trained"][row]["data"]
+
+
+def test_the_searched_row_prunes_the_best_ranked_shape_not_over_the_target(recovery, tmp_path, monkeypatch):
+    header = ["rank", "layers", "hidden", "MLP", "heads / KV", "params", "held-out loss"]
+    leaderboard = {"header": header, "settings": {"params": "90M"},  # ranks out of order: the rank column decides
+                   "rows": [["3", "30", "480", "1152", "6 / 3", "89.98M", "4.44"],
+                            ["1", "23", "576", "1152", "9 / 3", "94.47M", "4.24"],  # the winner, 5% over the target
+                            ["2", "21", "576", "1184", "9 / 3", "89.88M", "4.36"]]}
+    search = tmp_path / "leaderboard.json"
+    search.write_text(json.dumps(leaderboard))
+    monkeypatch.setattr(recovery, "SEARCH", search)
+    commands = []
+    monkeypatch.setattr(recovery, "taille", lambda *a: commands.append([str(x) for x in a]))
+
+    out = recovery.searched_student(tmp_path / "work")
+
+    (command,) = commands
+    assert command[0] == "prune" and command[command.index("--out") + 1] == str(out)
+    shape = {flag: command[command.index(flag) + 1] for flag in ("--layers", "--hidden", "--ffn", "--heads", "--kv-heads")}
+    assert shape == {"--layers": "21", "--hidden": "576", "--ffn": "1184", "--heads": "9", "--kv-heads": "3"}
+
+    leaderboard["rows"] = [r for r in leaderboard["rows"] if r[0] == "1"]
+    search.write_text(json.dumps(leaderboard))
+    with pytest.raises(SystemExit, match="no shape at or under 90M"):
+        recovery.searched_student(tmp_path / "other")
