@@ -178,12 +178,18 @@ def span_positions(tokenizer, ids: list[int], words: str) -> list[int]:
     """Indices into `ids` (a reply's tokens) of the tokens that spell `words` where the reply first says them
     (case-insensitive; a space matches any whitespace run, an apostrophe or quote either form, as
     detect.normalise reads them); [] when the decoded reply does not say them."""
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
     forms = {" ": r"\s+", "'": "['\u2018\u2019]", '"': '["\u201c\u201d]'}
-    found = re.search("".join(forms.get(c, re.escape(c)) for c in normalise(words)), text, re.IGNORECASE)
+    words = normalise(words)
+    pattern = "".join(forms.get(c, re.escape(c)) for c in words)
+    if words[:1].isalnum():  # whole words where the detector matches whole words ("as an AI", not "was an aide")
+        pattern = r"(?<!\w)" + pattern
+    if words[-1:].isalnum():
+        pattern += r"(?!\w)"
+    found = re.search(pattern, text, re.IGNORECASE)
     if found is None:
         return []
-    ends = [len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))]
+    ends = [len(tokenizer.decode(ids[:k + 1], clean_up_tokenization_spaces=False)) for k in range(len(ids))]
     return [k for k in range(len(ids)) if (ends[k - 1] if k else 0) < found.end() and ends[k] > found.start()]
 
 
@@ -206,7 +212,8 @@ def unlikelihood_trainer(base, weight: float, words: dict[str, str]):
             for r in range(ids.shape[0] // 2, ids.shape[0]):
                 where = completion[r].nonzero().flatten()
                 reply = ids[r, where].tolist()
-                said = words.get(normalise(self.processing_class.decode(reply, skip_special_tokens=True)))
+                said = words.get(normalise(self.processing_class.decode(reply, skip_special_tokens=True,
+                                                                        clean_up_tokenization_spaces=False)))
                 hits = span_positions(self.processing_class, reply, said) if said else []
                 self.unlikelihood_missed += bool(said) and not hits
                 if hits:

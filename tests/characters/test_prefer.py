@@ -140,6 +140,10 @@ def test_span_positions_cover_exactly_the_breaking_words(tmp_path):
         assert not spelled.search(tokenizer.decode([ids[k] for k in fewer]))
     assert "chatbot" not in tokenizer.decode(ids[:hits[0]]).lower()  # where the reply first says them
     assert prefer_module.span_positions(tokenizer, ids, "language model") == []
+    # whole words, as the detector matches them: "as an AI" is not found inside "was an aide"
+    ids = tokenizer("It was an aide who said it, as an AI would.", add_special_tokens=False)["input_ids"]
+    hits = prefer_module.span_positions(tokenizer, ids, "as an AI")
+    assert tokenizer.decode(ids[:hits[0]]).rstrip().endswith("it,")
 
 
 def test_unlikelihood_lowers_the_breaking_words_beyond_dpo(corpus, tmp_path, monkeypatch):
