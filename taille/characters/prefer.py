@@ -12,7 +12,8 @@ small student keeps some of the teacher's habits the corpus filters cut (saying 
    ({"prompt": [...], "chosen": [...], "rejected": [...]}) with OUT/pairs.meta.json (draws, failures by kind).
 2. DPO (Rafailov et al., NeurIPS 2023) with TRL's DPOTrainer, the student itself (frozen) as the reference,
    plus --sft-weight x the chosen replies' cross-entropy (RPO, Pang et al. 2024), which keeps the chosen
-   replies' likelihood from falling with the rejected ones'. Writes an ordinary Hugging Face folder to OUT
+   replies' likelihood from falling with the rejected ones', and with --unlikelihood W token-level unlikelihood
+   of the words that broke each rejected reply (unlikelihood_trainer). Writes an ordinary Hugging Face folder to OUT
    (safetensors) with taille.json and metrics.jsonl (TRL's log: loss, reward accuracy and margin).
 
 A stopped run keeps its pairs (a run with the same pair settings reuses them); the DPO stage, minutes at
