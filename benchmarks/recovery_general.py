@@ -187,7 +187,7 @@ def main() -> None:
     work = (Path(args.work) if args.work else cache_dir("bench") / "recovery_general").expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     width, depth = pruned_students(work)
-    searched = work / "searched-90m"  # pruned when a row trains on it (searched_student)
+    searched = work / SEARCHED  # pruned when a row trains on it (searched_student)
     corpus = str(Path(args.corpus).expanduser().resolve()) if args.corpus else "chat"
     data = {"plays": "shakespeare", "demo-mix": "roleplay:0.45,chat:0.35,shakespeare:0.2", "general": corpus,
             "roleplay-general": f"roleplay:0.5,{corpus}:0.5",
@@ -376,6 +376,8 @@ def adopt_committed(work: Path, args) -> None:
 
 
 SEARCH = RESULTS / "search_smollm2" / "leaderboard.json"
+SEARCHED = "searched-90m"
+"""The folder under --work of the teacher pruned to the search's shape."""
 
 
 def searched_shape(leaderboard: dict) -> dict:
@@ -395,7 +397,7 @@ def searched_shape(leaderboard: dict) -> dict:
 def searched_student(work: Path) -> Path:
     """The teacher pruned to the committed search's like-for-like shape, from the width student's importance
     scores (made once, kept in `work`)."""
-    out = work / "searched-90m"
+    out = work / SEARCHED
     if not (out / "taille.json").exists():
         shape = searched_shape(json.loads(SEARCH.read_text()))
         taille("prune", "-m", TEACHER, "--scores", work / "importance",
