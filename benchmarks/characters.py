@@ -24,6 +24,8 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
   demo-mix-replies-jsd   the same data and mask, generalised JSD (beta 0.5) instead of forward KL
   searched-mix-replies   the demo-mix-replies data and mask on the shape `taille search` ranked best at or
                  under 90M (21 layers x hidden 576 x MLP 1184: depth and MLP cut, not width)
+  calib-mix-replies / searched-calib-mix-replies   the same data and mask, each shape pruned from importance
+                 calibrated on that mix (as the recipe prunes), not on the plays
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
 
@@ -53,7 +55,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "two-rounds-mix", "searched-mix-replies", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "free": "distilled on the teacher's free text (`generate --prompts free`, no chat)",
@@ -79,8 +81,11 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "demo-mix-replies-then-sft-adv-composed": "the adv row with hostile lines composed from parts: 24K reply tokens answering ~1,300 composed wordings (0.75 of the lines) and the 67 hand-written ones (0.25), the same 0.4",
           "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "that student, then the DPO stage on 600 turns of its composed hostile corpus (4 draws each)",
           "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "the same pairs, DPO + token-level unlikelihood (weight 1) of the words that broke each rejected reply (`--unlikelihood 1`)",
+          "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "the same pairs, DPO + unlikelihood of the breaking words and of the repeated n-grams of each looping rejected reply (`--unlikelihood 1 --repeat-unlikelihood 1`)",
           "two-rounds-mix": "the default's data and mask in two rounds: pruned to 112M, 256K tokens, pruned to 90M, 256K tokens",
           "searched-mix-replies": "the default's data and mask (role-play + general + plays, `--loss-on replies`) on the search's shape: 21 layers x hidden 576 x MLP 1184 (89.88M), not 30 x 480 x 1152",
+          "calib-mix-replies": "the default's data and mask on the width student pruned from importance calibrated on that mix (as the recipe prunes), not on the plays",
+          "searched-calib-mix-replies": "the same, on the search's shape (21 x 576 x 1184) pruned from those scores",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 

@@ -55,6 +55,10 @@ benchmark's schedule, changing one thing:
                  unlikelihood of the words that broke each rejected reply (`--unlikelihood`): most held-out breaks
                  echo the player's own word ("smartphone", "language model"), which DPO pushes down no more than
                  any other token of the reply
+  demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops   the same pairs and terms, + PREFER_UNLIKELIHOOD x
+                 unlikelihood of the repeated n-grams of each looping rejected reply (`--repeat-unlikelihood`): the
+                 -ul row's student loops more than the general-only one (10.0% of replies against 3.8%), and 67 of
+                 the 212 rejected replies are loops DPO stops pushing once the pair is ranked
   roleplay-general   the shipped role-play corpus and the general corpus, half and half (no plays)
   roleplay-general-on-policy-reply   the same, the student writing from the first reply in each block's
                  last 128 tokens (its role-play students open a new turn where a reply should start)
@@ -85,6 +89,11 @@ benchmark's schedule, changing one thing:
                  best among those no larger than the target (results/search_smollm2: 21 layers x hidden 576 x MLP
                  1184, 89.88M, 4th of 6 after 40 steps, ahead of the width shape): the embeddings and the residual
                  width kept whole, layers and MLP cut; pruned from the same importance scores
+  calib-mix-replies   the default's data and mask on a width student pruned from importance calibrated on that
+                 mix (128 blocks of 512 tokens, as the recipe's `importance` reads its data), not on the plays as
+                 every row above: what the default recipe and `taille demo` prune from (pruned WikiText-2 833 against
+                 1324, plays 620 against 641)
+  searched-calib-mix-replies   the same, on the search's shape (searched-mix-replies's) pruned from those scores
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -120,8 +129,8 @@ from distill_recovery import (RESULTS, TEACHER, add_train_options, pruned_studen
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambada_openai")
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
-ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies")
+ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -217,6 +226,7 @@ def main() -> None:
             **{name: (None, f"{data['demo-mix']} then {sft_stages[stage_of(name)][0]} then prefer"  # then_prefer()
                             + ("" if PREFER_TURNS[name][1] else f" on {prefer_corpus(work, name)} alone")
                             + (" + unlikelihood" if "--unlikelihood" in PREFER_TURNS[name][2] else "")
+                            + (" + repeat unlikelihood" if "--repeat-unlikelihood" in PREFER_TURNS[name][2] else "")
                             + (" then prefer again" if name.endswith("-round2") else ""), [])
                for name in PREFER_ROWS},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
@@ -226,6 +236,8 @@ def main() -> None:
             "depth": (depth, "shakespeare", []), "two-rounds": (None, "shakespeare", []),
             "two-rounds-mix": (None, data["demo-mix"], ["--loss-on", "replies"]),
             "searched-mix-replies": (searched, data["demo-mix"], ["--loss-on", "replies"]),
+            **{f"{student.removesuffix('-90m')}-mix-replies": (work / student, data["demo-mix"], ["--loss-on", "replies"])
+               for student in CALIBRATED},
             "roleplay-general": (width, data["roleplay-general"], []),
             "roleplay-general-on-policy-reply": (width, data["roleplay-general"], ["--on-policy", 1.0, "--on-policy-tokens",
                                                                                    128, "--on-policy-from", "reply"]),
@@ -293,6 +305,8 @@ def main() -> None:
         if not (out / "taille.json").exists():
             if student == searched:
                 searched_student(work)
+            elif student is not None and student.name in CALIBRATED:
+                calibrated_student(work, data["demo-mix"], student.name)
             if source is None:  # from a teacher cache, which holds the blocks
                 cache = extra[1]
                 if not (cache / "meta.json").exists():
@@ -378,6 +392,8 @@ def adopt_committed(work: Path, args) -> None:
 SEARCH = RESULTS / "search_smollm2" / "leaderboard.json"
 SEARCHED = "searched-90m"
 """The folder under --work of the teacher pruned to the search's shape."""
+CALIBRATED = {"calib-90m": "width", "searched-calib-90m": "searched"}
+"""The folders under --work of the teacher pruned from importance calibrated on the default's mix, and their shape."""
 
 
 def searched_shape(leaderboard: dict) -> dict:
@@ -394,14 +410,28 @@ def searched_shape(leaderboard: dict) -> dict:
     raise SystemExit(f"{SEARCH}: no shape at or under {leaderboard['settings']['params']}")
 
 
-def searched_student(work: Path) -> Path:
-    """The teacher pruned to the committed search's like-for-like shape, from the width student's importance
-    scores (made once, kept in `work`)."""
-    out = work / SEARCHED
+def searched_student(work: Path, scores: str = "importance", out: str = SEARCHED) -> Path:
+    """The teacher pruned to the committed search's like-for-like shape, from `scores` under `work` (default: the
+    width student's importance; made once, kept in `work`)."""
+    out = work / out
     if not (out / "taille.json").exists():
         shape = searched_shape(json.loads(SEARCH.read_text()))
-        taille("prune", "-m", TEACHER, "--scores", work / "importance",
+        taille("prune", "-m", TEACHER, "--scores", work / scores,
                *(x for key, value in shape.items() for x in (f"--{key.replace('_', '-')}", value)), "--out", out)
+    return out
+
+
+def calibrated_student(work: Path, mix: str, name: str) -> Path:
+    """The teacher pruned (CALIBRATED[name]'s shape) from importance scores calibrated on `mix`, 128 blocks of 512
+    tokens as the plays' scores were (made once, kept in `work`)."""
+    scores = work / "importance-mix"
+    if not (scores / "importance.json").exists():
+        taille("importance", "-m", TEACHER, "--data", mix, "--samples", 128, "--seq-len", 512, "--out", scores)
+    if CALIBRATED[name] == "searched":
+        return searched_student(work, scores.name, name)
+    out = work / name
+    if not (out / "taille.json").exists():
+        taille("prune", "-m", TEACHER, "--scores", scores, "--params", "90M", "--axes", "mlp,hidden,heads", "--out", out)
     return out
 
 
@@ -442,7 +472,8 @@ PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-th
                "demo-mix-replies-then-sft-adv-wide-prefer-hostile": "demo-mix-replies-then-sft-adv-wide",
                "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "demo-mix-replies-then-sft-adv-wide-prefer-hostile",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed",
-               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed"}
+               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed",
+               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -467,10 +498,14 @@ PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.
                                                                           ["--max-prompts", PREFER_COMPOSED_PROMPTS]),
                 "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": ("adversarial-composed.jsonl", False,
                                                                              ["--max-prompts", PREFER_COMPOSED_PROMPTS,
-                                                                              "--unlikelihood", PREFER_UNLIKELIHOOD])}
+                                                                              "--unlikelihood", PREFER_UNLIKELIHOOD]),
+                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": ("adversarial-composed.jsonl", False,
+                               ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
+                                "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])}
 """Where each prefer row draws its turns: (its hostile corpus under --work, whether the shipped role-play corpus
 joins it, how many turns and draws and any other `taille prefer` option)."""
-SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile"}
+SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
+              "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed-prefer-hostile"}
 """Prefer rows that differ from another only in the loss: they train on that row's pairs (copied when its draws
 are done; `taille prefer` reuses them only if their settings and the student's weights are the same)."""
 

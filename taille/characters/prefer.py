@@ -12,8 +12,9 @@ small student keeps some of the teacher's habits the corpus filters cut (saying 
    ({"prompt": [...], "chosen": [...], "rejected": [...]}) with OUT/pairs.meta.json (draws, failures by kind).
 2. DPO (Rafailov et al., NeurIPS 2023) with TRL's DPOTrainer, the student itself (frozen) as the reference,
    plus --sft-weight x the chosen replies' cross-entropy (RPO, Pang et al. 2024), which keeps the chosen
-   replies' likelihood from falling with the rejected ones', and with --unlikelihood W token-level unlikelihood
-   of the words that broke each rejected reply (unlikelihood_trainer). Writes an ordinary Hugging Face folder to OUT
+   replies' likelihood from falling with the rejected ones', with --unlikelihood W token-level unlikelihood
+   of the words that broke each rejected reply, and with --repeat-unlikelihood W unlikelihood of the tokens
+   that repeat an earlier n-gram of a looping rejected reply (unlikelihood_trainer). Writes an ordinary Hugging Face folder to OUT
    (safetensors) with taille.json and metrics.jsonl (TRL's log: loss, reward accuracy and margin).
 
 A stopped run keeps its pairs (a run with the same pair settings reuses them); the DPO stage, minutes at
@@ -45,6 +46,8 @@ PAIR_FIELDS = ("student", "data", "personas", "samples", "max_prompts", "max_new
 """The settings that decide the pairs: a run that changes none of them (nor the student's weights) reuses
 OUT/pairs.jsonl."""
 ENGINES = ("auto", "torch", "llama-server")
+REPEAT_N = 4
+"""Tokens per n-gram whose second saying is a repeat (--repeat-unlikelihood; Welleck et al.'s sequence-level n)."""
 
 
 @dataclass
@@ -82,7 +85,12 @@ class PreferSettings:
     rejected reply: the `never` phrase or out-of-character marker the filters matched ("smartphone", "language
     model", "I'm a chatbot"), -log(1 - p(token)) at each of its tokens. DPO pushes every token of a rejected
     reply down alike, and stops pushing once the pair is ranked; this stays on the few tokens that broke it.
-    0: off. A degenerate rejected reply has no such words and adds nothing."""
+    0: off. A degenerate rejected reply has no such words and adds nothing (see repeat_unlikelihood)."""
+    repeat_unlikelihood: float = 0.0
+    """Weight of unlikelihood on the repeats of each degenerate rejected reply (a loop, or a sentence said
+    again): every token of a 4-token n-gram (REPEAT_N) the reply already said, -log(1 - p(token)) (Welleck et al.'s
+    repetition candidates, here on the student's own looping draws). DPO stops pushing a looping reply down once
+    the pair is ranked; this stays on the repeated tokens. 0: off."""
     lr: float = 1e-5
     """Peak learning rate (AdamW, 10% warm-up, cosine)."""
     epochs: float = 2.0
@@ -104,8 +112,10 @@ class PreferSettings:
             raise TailleError("--max-prompts must be at least 1")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise TailleError("--top-p must be in (0, 1] and --temperature positive")
-        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.sft_weight < 0 or self.unlikelihood < 0:
-            raise TailleError("--beta, --lr and --epochs must be positive, --sft-weight and --unlikelihood 0 or more")
+        if (self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.sft_weight < 0 or self.unlikelihood < 0
+                or self.repeat_unlikelihood < 0):
+            raise TailleError("--beta, --lr and --epochs must be positive, --sft-weight, --unlikelihood and "
+                              "--repeat-unlikelihood 0 or more")
         check_precision(self.precision)
         import importlib.util
 
@@ -194,10 +204,25 @@ def span_positions(tokenizer, ids: list[int], words: str) -> list[int]:
     return [k for k in range(len(ids)) if (ends[k - 1] if k else 0) < found.end() and ends[k] > found.start()]
 
 
-def unlikelihood_trainer(base, weight: float, words: dict[str, str]):
+def repeat_positions(ids: list[int], n: int = REPEAT_N) -> list[int]:
+    """Indices into `ids` (a reply's tokens) of every token of an n-gram that an earlier position already
+    spelled: the second and later sayings of a loop (the first is left alone)."""
+    seen, hits = set(), set()
+    for start in range(len(ids) - n + 1):
+        gram = tuple(ids[start:start + n])
+        if gram in seen:
+            hits.update(range(start, start + n))
+        seen.add(gram)
+    return sorted(hits)
+
+
+def unlikelihood_trainer(base, weight: float, words: dict[str, str], repeat_weight: float = 0.0,
+                         loops: frozenset[str] = frozenset()):
     """`base` (TRL's DPOTrainer) with `weight` x the unlikelihood of the words that broke each rejected reply of
-    a batch. `words`: a rejected reply (normalised) -> what the filters matched in it. TRL batches a step's chosen
-    conversations and then their rejected ones; a rejected reply is found again by its decoded text."""
+    a batch, and `repeat_weight` x that of the repeated n-grams of each looping one. `words`: a rejected reply
+    (normalised) -> what the filters matched in it; `loops`: the degenerate rejected replies (normalised). TRL
+    batches a step's chosen conversations and then their rejected ones; a rejected reply is found again by its
+    decoded text."""
     import torch
 
     class Unlikelihood(base):
@@ -209,33 +234,43 @@ def unlikelihood_trainer(base, weight: float, words: dict[str, str]):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             ids, completion = inputs["input_ids"], inputs["completion_mask"]
-            rows, targets = [], []  # (row, position of a breaking token)
+            rows, targets = [], {"words": [], "repeats": []}  # (row, position of a token to push down)
             for r in range(ids.shape[0] // 2, ids.shape[0]):
                 where = completion[r].nonzero().flatten()
                 reply = ids[r, where].tolist()
-                said = words.get(normalise(self.processing_class.decode(reply, skip_special_tokens=True,
-                                                                        clean_up_tokenization_spaces=False)))
-                hits = span_positions(self.processing_class, reply, said) if said else []
-                self.unlikelihood_missed += bool(said) and not hits
-                if hits:
+                text = normalise(self.processing_class.decode(reply, skip_special_tokens=True,
+                                                              clean_up_tokenization_spaces=False))
+                said = words.get(text) if weight else None
+                hits = {"words": span_positions(self.processing_class, reply, said) if said else [],
+                        "repeats": repeat_positions(reply) if repeat_weight and text in loops else []}
+                self.unlikelihood_missed += bool(said) and not hits["words"]
+                if hits["words"] or hits["repeats"]:
                     rows.append(r)
-                    targets += [(len(rows) - 1, int(where[k])) for k in hits if int(where[k]) > 0]
-            if not targets:
+                    for kind, found in hits.items():
+                        targets[kind] += [(len(rows) - 1, int(where[k])) for k in found if int(where[k]) > 0]
+            if not rows:
                 return result
             picked = torch.tensor(rows, device=ids.device)
             kwargs = {"input_ids": ids[picked]}
             if "attention_mask" in inputs:
                 kwargs["attention_mask"] = inputs["attention_mask"][picked]
             logits = model(**kwargs).logits
-            row, pos = (torch.tensor(x, device=ids.device) for x in zip(*targets))
-            logp = logits[row, pos - 1].float().log_softmax(-1).gather(1, ids[picked][row, pos][:, None])[:, 0]
-            p = logp.exp().clamp(max=1 - 1e-6)
-            term = -torch.log1p(-p).mean()
-            self.unlikelihood_log.append({"step": self.state.global_step, "unlikelihood": round(term.item(), 5),
-                                          "tokens": len(targets), "p_mean": round(p.mean().item(), 5)})
+            total, entry = 0.0, {"step": self.state.global_step}
+            for kind, w in (("words", weight), ("repeats", repeat_weight)):
+                if not targets[kind]:
+                    continue
+                row, pos = (torch.tensor(x, device=ids.device) for x in zip(*targets[kind]))
+                logp = logits[row, pos - 1].float().log_softmax(-1).gather(1, ids[picked][row, pos][:, None])[:, 0]
+                p = logp.exp().clamp(max=1 - 1e-6)
+                term = -torch.log1p(-p).mean()
+                total = total + w * term
+                prefix = "" if kind == "words" else "repeat_"  # the words' keys as the first version wrote them
+                entry |= {f"{prefix}unlikelihood": round(term.item(), 5), f"{prefix}tokens": len(targets[kind]),
+                          f"{prefix}p_mean": round(p.mean().item(), 5)}
+            self.unlikelihood_log.append(entry)
             if return_outputs:
-                return result[0] + weight * term, result[1]
-            return result + weight * term
+                return result[0] + total, result[1]
+            return result + total
 
     return Unlikelihood
 
@@ -368,8 +403,8 @@ def prefer(s: PreferSettings) -> dict:
                        save_strategy="no", report_to="none", logging_steps=1, seed=s.seed, data_seed=s.seed,
                        dataloader_num_workers=0, remove_unused_columns=True, gradient_checkpointing=False)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
-    trainer_class, broke = DPOTrainer, {}
-    if s.unlikelihood:
+    trainer_class, broke, loops = DPOTrainer, {}, frozenset()
+    if s.unlikelihood or s.repeat_unlikelihood:
         from taille.characters.cards import load_half
         from taille.characters.detect import breaks_character
 
@@ -377,9 +412,11 @@ def prefer(s: PreferSettings) -> dict:
         for r in records:
             reply = r["rejected"][0]["content"]
             said = breaks_character(reply, personas.get(r.get("persona")))
-            if said is not None:
+            if said is not None and s.unlikelihood:
                 broke[normalise(reply)] = said
-        trainer_class = unlikelihood_trainer(DPOTrainer, s.unlikelihood, broke)
+        if s.repeat_unlikelihood:
+            loops = frozenset(normalise(r["rejected"][0]["content"]) for r in records if r["rejected_by"] == "degenerate")
+        trainer_class = unlikelihood_trainer(DPOTrainer, s.unlikelihood, broke, s.repeat_unlikelihood, loops)
     trainer = trainer_class(model=model, ref_model=reference, args=config, train_dataset=data,
                             processing_class=tokenizer)
     start = time.perf_counter()
@@ -404,14 +441,19 @@ def prefer(s: PreferSettings) -> dict:
     record = {"settings": asdict(s), "pairs": pair_meta, "pairs_trained": len(records), "steps": trainer.state.global_step, "precision": precision,
               "seconds": round(seconds, 1), "final_loss": mean("loss"),
               "final_reward_accuracy": mean("rewards/accuracies"), "final_reward_margin": mean("rewards/margins")}
-    if s.unlikelihood:  # how likely the breaking words stayed: the first and the last tenth of the steps
-        steps = trainer.unlikelihood_log
-        tenth = max(1, len(steps) // 10)
-        record["unlikelihood"] = {"rejected_with_words": len(broke), "steps_with_words": len(steps),
-                                  "words_not_found": trainer.unlikelihood_missed,
-                                  **{f"{k}_p_mean": round(sum(x["p_mean"] for x in part) / len(part), 4) if part else None
-                                     for k, part in (("first", steps[:tenth]), ("final", steps[-tenth:]))}}
-        (out / "unlikelihood.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
+    # how likely the pushed-down tokens stayed: the first and the last tenth of the steps that had some
+    terms = (("unlikelihood", "words", "", s.unlikelihood,
+              {"rejected_with_words": len(broke), "words_not_found": getattr(trainer, "unlikelihood_missed", 0)}),
+             ("repeat_unlikelihood", "repeats", "repeat_", s.repeat_unlikelihood, {"rejected_loops": len(loops)}))
+    for key, on, prefix, weight, found in terms:
+        if weight:
+            steps = [x for x in trainer.unlikelihood_log if f"{prefix}p_mean" in x]
+            tenth = max(1, len(steps) // 10)
+            record[key] = {**found, f"steps_with_{on}": len(steps),
+                           **{f"{k}_p_mean": round(sum(x[f"{prefix}p_mean"] for x in part) / len(part), 4) if part
+                              else None for k, part in (("first", steps[:tenth]), ("final", steps[-tenth:]))}}
+    if s.unlikelihood or s.repeat_unlikelihood:
+        (out / "unlikelihood.jsonl").write_text("".join(json.dumps(x) + "\n" for x in trainer.unlikelihood_log))
     source = Path(s.student) / "taille.json"
     history = json.loads(source.read_text()) if source.is_file() else {}
     # pruned_from carried over: a later distillation from this folder keeps the pruning record

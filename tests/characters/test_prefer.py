@@ -146,48 +146,65 @@ def test_span_positions_cover_exactly_the_breaking_words(tmp_path):
     assert tokenizer.decode(ids[:hits[0]]).rstrip().endswith("it,")
 
 
-def test_unlikelihood_lowers_the_breaking_words_beyond_dpo(corpus, tmp_path, monkeypatch):
+def test_repeat_positions_are_the_second_and_later_sayings():
+    ids = [5, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 9]
+    assert prefer_module.repeat_positions(ids) == [5, 6, 7, 8, 9, 10]  # 1 2 3 4 said again, then 2 3 4 1 and 3 4 1 2
+    assert prefer_module.repeat_positions([1, 2, 3, 4, 5, 6, 7, 8]) == []
+    assert prefer_module.repeat_positions([7, 7, 7, 7, 7]) == [1, 2, 3, 4]  # the first saying left alone
+
+
+def test_unlikelihood_lowers_the_pushed_tokens_beyond_dpo(corpus, tmp_path, monkeypatch):
     """The same pairs, DPO alone against DPO + unlikelihood: the words the filters matched in the rejected
-    replies ("language model", "training data") end less likely with the term, by an independent
-    log-probability; a degenerate rejected reply has no such words."""
+    replies ("language model", "training data") end less likely with --unlikelihood, and the repeated n-grams
+    of the looping one with --repeat-unlikelihood, each by an independent log-probability."""
     import torch
 
     from taille.models.load import load_model
 
     path, cards, _ = corpus
     student = save_tiny(tmp_path / "student", seed=3)
-    monkeypatch.setattr(prefer_module, "student_engine", ScriptedStudent().engine)
     runs = {}
-    for weight in (0.0, 2.0):
-        s = PreferSettings(student=str(student), data=str(path), personas=str(cards), out=str(tmp_path / f"ul{weight}"),
+    for name, weights in {"dpo": (0.0, 0.0), "words": (2.0, 0.0), "repeats": (0.0, 2.0)}.items():
+        s = PreferSettings(student=str(student), data=str(path), personas=str(cards), out=str(tmp_path / name),
                            samples=2, epochs=8, lr=2e-3, batch_size=2, beta=0.5, precision="fp32", sft_weight=0.0,
-                           max_length=4096, unlikelihood=weight)
-        runs[weight] = prefer(s)
-    ul = runs[2.0]["unlikelihood"]
+                           max_length=4096, unlikelihood=weights[0], repeat_unlikelihood=weights[1])
+        monkeypatch.setattr(prefer_module, "student_engine", ScriptedStudent().engine)  # the same draws: the same pairs
+        runs[name] = prefer(s)
+    ul = runs["words"]["unlikelihood"]
     assert ul["rejected_with_words"] == 2 and ul["words_not_found"] == 0 and ul["steps_with_words"] > 0
-    assert "unlikelihood" not in runs[0.0]
-    pairs = [json.loads(line) for line in (tmp_path / "ul2.0" / "pairs.jsonl").read_text().splitlines()]
+    loops = runs["repeats"]["repeat_unlikelihood"]
+    assert loops["rejected_loops"] == 1 and loops["steps_with_repeats"] > 0
+    assert "unlikelihood" not in runs["dpo"] and "repeat_unlikelihood" not in runs["words"]
+    assert "unlikelihood" not in runs["repeats"]
+    pairs = [json.loads(line) for line in (tmp_path / "words" / "pairs.jsonl").read_text().splitlines()]
 
-    def breaking_logp(folder):  # sum of log p of the matched words' tokens, in each rejected reply's context
+    def pushed_logp(folder, kind):  # sum of log p of the pushed tokens, in each rejected reply's context
         model, tokenizer = load_model(str(folder), dtype="fp32", device="cpu")
         total = 0.0
         for p in pairs:
-            if p["rejected_by"] == "degenerate":
+            if (p["rejected_by"] == "degenerate") != (kind == "repeats"):
                 continue
             prompt = tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
             reply = p["rejected"][0]["content"]
             n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             ids = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
-            words = "language model" if p["rejected_by"] == "never" else "training data"
-            hits = prefer_module.span_positions(tokenizer, ids[n_prompt:], words)
+            if kind == "repeats":  # the loop's tokens from its second "the river of the" on, found here by hand
+                assert reply == LOOP
+                tail = tokenizer(LOOP[LOOP.index(" the river", 1):], add_special_tokens=False)["input_ids"]
+                hits = range(len(ids) - n_prompt - len(tail) + 1, len(ids) - n_prompt)
+            else:
+                words = "language model" if p["rejected_by"] == "never" else "training data"
+                hits = prefer_module.span_positions(tokenizer, ids[n_prompt:], words)
             assert hits
             with torch.no_grad():
                 logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
             total += sum(logp[n_prompt + k - 1, ids[n_prompt + k]].item() for k in hits)
         return total
 
-    before, dpo, both = breaking_logp(student), breaking_logp(tmp_path / "ul0.0"), breaking_logp(tmp_path / "ul2.0")
-    assert both < dpo and both < before, (before, dpo, both)
+    for kind in ("words", "repeats"):
+        before, dpo, both = (pushed_logp(student, kind), pushed_logp(tmp_path / "dpo", kind),
+                             pushed_logp(tmp_path / kind, kind))
+        assert both < dpo and both < before, (kind, before, dpo, both)
 
 
 def test_pairs_are_reused_only_while_what_decides_them_is_unchanged(corpus, tmp_path, monkeypatch):
@@ -232,6 +249,7 @@ def test_no_failing_draw_is_one_line(corpus, tmp_path, monkeypatch, capsys):
     (["--data", "roleplay", "--samples", "0"], "--samples"),
     (["--data", "roleplay", "--beta", "0"], "--beta"),
     (["--data", "roleplay", "--unlikelihood", "-1"], "--unlikelihood"),
+    (["--data", "roleplay", "--repeat-unlikelihood", "-0.5"], "--repeat-unlikelihood"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, args, message):
     _, err = run_cli(capsys, "prefer", "--student", tmp_path, "--out", tmp_path / "o", *args, code=2)
