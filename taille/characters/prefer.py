@@ -90,7 +90,8 @@ class PreferSettings:
     """Weight of unlikelihood on the repeats of each degenerate rejected reply (a loop, or a sentence said
     again): every token of a 4-token n-gram (REPEAT_N) the reply already said, -log(1 - p(token)) (Welleck et al.'s
     repetition candidates, here on the student's own looping draws). DPO stops pushing a looping reply down once
-    the pair is ranked; this stays on the repeated tokens. 0: off."""
+    the pair is ranked; this stays on the repeated tokens. A degenerate reply with no repeated 4-token n-gram (no
+    sentence, or a short loop such as "go home go home go home" at its start) adds nothing, and is counted. 0: off."""
     lr: float = 1e-5
     """Peak learning rate (AdamW, 10% warm-up, cosine)."""
     epochs: float = 2.0
@@ -230,6 +231,7 @@ def unlikelihood_trainer(base, weight: float, words: dict[str, str], repeat_weig
             super().__init__(*args, **kwargs)
             self.unlikelihood_log: list[dict] = []
             self.unlikelihood_missed = 0
+            self.repeats_missed = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -244,6 +246,7 @@ def unlikelihood_trainer(base, weight: float, words: dict[str, str], repeat_weig
                 hits = {"words": span_positions(self.processing_class, reply, said) if said else [],
                         "repeats": repeat_positions(reply) if repeat_weight and text in loops else []}
                 self.unlikelihood_missed += bool(said) and not hits["words"]
+                self.repeats_missed += bool(repeat_weight) and text in loops and not hits["repeats"]
                 if hits["words"] or hits["repeats"]:
                     rows.append(r)
                     for kind, found in hits.items():
@@ -444,7 +447,8 @@ def prefer(s: PreferSettings) -> dict:
     # how likely the pushed-down tokens stayed: the first and the last tenth of the steps that had some
     terms = (("unlikelihood", "words", "", s.unlikelihood,
               {"rejected_with_words": len(broke), "words_not_found": getattr(trainer, "unlikelihood_missed", 0)}),
-             ("repeat_unlikelihood", "repeats", "repeat_", s.repeat_unlikelihood, {"rejected_loops": len(loops)}))
+             ("repeat_unlikelihood", "repeats", "repeat_", s.repeat_unlikelihood,
+              {"rejected_degenerate": len(loops), "degenerate_without_repeats": getattr(trainer, "repeats_missed", 0)}))
     for key, on, prefix, weight, found in terms:
         if weight:
             steps = [x for x in trainer.unlikelihood_log if f"{prefix}p_mean" in x]

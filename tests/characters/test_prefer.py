@@ -173,7 +173,8 @@ def test_unlikelihood_lowers_the_pushed_tokens_beyond_dpo(corpus, tmp_path, monk
     ul = runs["words"]["unlikelihood"]
     assert ul["rejected_with_words"] == 2 and ul["words_not_found"] == 0 and ul["steps_with_words"] > 0
     loops = runs["repeats"]["repeat_unlikelihood"]
-    assert loops["rejected_loops"] == 1 and loops["steps_with_repeats"] > 0
+    assert loops["rejected_degenerate"] == 1 and loops["degenerate_without_repeats"] == 0
+    assert loops["steps_with_repeats"] > 0
     assert "unlikelihood" not in runs["dpo"] and "repeat_unlikelihood" not in runs["words"]
     assert "unlikelihood" not in runs["repeats"]
     pairs = [json.loads(line) for line in (tmp_path / "words" / "pairs.jsonl").read_text().splitlines()]
@@ -188,7 +189,8 @@ def test_unlikelihood_lowers_the_pushed_tokens_beyond_dpo(corpus, tmp_path, monk
             reply = p["rejected"][0]["content"]
             n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             ids = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
-            if kind == "repeats":  # the loop's tokens from its second "the river of the" on, found here by hand
+            if kind == "repeats":  # the loop's tokens after its second " the" (which, unlike the reply's first
+                # word "the", carries a space: the first repeated 4 tokens are " river of the river"), by hand
                 assert reply == LOOP
                 tail = tokenizer(LOOP[LOOP.index(" the river", 1):], add_special_tokens=False)["input_ids"]
                 hits = range(len(ids) - n_prompt - len(tail) + 1, len(ids) - n_prompt)
