@@ -242,7 +242,7 @@ def unlikelihood_trainer(base, weight: float, words: dict[str, str], repeat_weig
                 reply = ids[r, where].tolist()
                 text = normalise(self.processing_class.decode(reply, skip_special_tokens=True,
                                                               clean_up_tokenization_spaces=False))
-                said = words.get(text) if weight else None
+                said = words.get(text)
                 hits = {"words": span_positions(self.processing_class, reply, said) if said else [],
                         "repeats": repeat_positions(reply) if repeat_weight and text in loops else []}
                 self.unlikelihood_missed += bool(said) and not hits["words"]
@@ -407,7 +407,7 @@ def prefer(s: PreferSettings) -> dict:
                        dataloader_num_workers=0, remove_unused_columns=True, gradient_checkpointing=False)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
     trainer_class, broke, loops = DPOTrainer, {}, frozenset()
-    if s.unlikelihood or s.repeat_unlikelihood:
+    if s.unlikelihood:  # what the filters matched in each rejected reply
         from taille.characters.cards import load_half
         from taille.characters.detect import breaks_character
 
@@ -415,10 +415,11 @@ def prefer(s: PreferSettings) -> dict:
         for r in records:
             reply = r["rejected"][0]["content"]
             said = breaks_character(reply, personas.get(r.get("persona")))
-            if said is not None and s.unlikelihood:
+            if said is not None:
                 broke[normalise(reply)] = said
-        if s.repeat_unlikelihood:
-            loops = frozenset(normalise(r["rejected"][0]["content"]) for r in records if r["rejected_by"] == "degenerate")
+    if s.repeat_unlikelihood:
+        loops = frozenset(normalise(r["rejected"][0]["content"]) for r in records if r["rejected_by"] == "degenerate")
+    if s.unlikelihood or s.repeat_unlikelihood:
         trainer_class = unlikelihood_trainer(DPOTrainer, s.unlikelihood, broke, s.repeat_unlikelihood, loops)
     trainer = trainer_class(model=model, ref_model=reference, args=config, train_dataset=data,
                             processing_class=tokenizer)
