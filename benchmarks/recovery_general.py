@@ -94,6 +94,11 @@ benchmark's schedule, changing one thing:
                  every row above: what the default recipe and `taille demo` prune from (pruned WikiText-2 833 against
                  1324, plays 620 against 641)
   searched-calib-mix-replies   the same, on the search's shape (searched-mix-replies's) pruned from those scores
+  searched-calib-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops)   the character chain of the
+                 demo-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops) rows on that student: 448K tokens
+                 of the default's KD, 64K of CE on role-play and the composed hostile answers, then DPO with both
+                 unlikelihood terms on its own pairs: whether one student can hold both ends (general ability and
+                 characters)
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -130,7 +135,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -210,7 +215,8 @@ def main() -> None:
                   "demo-mix-replies-then-sft-adv": (hostile, ["--kd-weight", 0]),
                   "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1]),
                   "demo-mix-replies-then-sft-adv-wide": (wide, ["--kd-weight", 0]),
-                  "demo-mix-replies-then-sft-adv-composed": (composed, ["--kd-weight", 0])}
+                  "demo-mix-replies-then-sft-adv-composed": (composed, ["--kd-weight", 0]),
+                  "searched-calib-mix-replies-then-sft-adv-composed": (composed, ["--kd-weight", 0])}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -464,7 +470,19 @@ def two_rounds(work: Path, args, name: str, source: str, extra: list) -> Path:
 SFT_TOKENS = "64K"
 KD_STAGE = ("then-sft", "kd")
 """The first stage the then-sft rows share, under --work."""
-EARLIER_STAGE = {**{name: KD_STAGE for name in ROWS if name.startswith("demo-mix-replies-then-sft")},
+SFT_STUDENT = {"searched-calib-mix-replies-then-sft-adv-composed": "searched-calib-90m"}
+"""Then-sft rows on another student than the width one (a CALIBRATED folder): the character chain on the shape and
+scores that recover the most general ability, to see whether one recipe can serve both ends."""
+
+
+def first_stage(name: str) -> tuple:
+    """Where a then-sft row's (or its repeat's) first stage lies under --work: the width student's is shared by
+    those rows, a row on another student (SFT_STUDENT) has its own."""
+    student = SFT_STUDENT.get(name.removesuffix("-seed1"))
+    return KD_STAGE if student is None else (KD_STAGE[0], f"kd-{student.removesuffix('-90m')}")
+
+
+EARLIER_STAGE = {**{name: first_stage(name) for name in ROWS if "-then-sft" in name},
                  **{name: (name, "kd-112m") for name in TWO_ROUNDS}}
 
 
@@ -473,7 +491,8 @@ PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-th
                "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2": "demo-mix-replies-then-sft-adv-wide-prefer-hostile",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed",
-               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed"}
+               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed",
+               "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "searched-calib-mix-replies-then-sft-adv-composed"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -500,6 +519,9 @@ PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.
                                                                              ["--max-prompts", PREFER_COMPOSED_PROMPTS,
                                                                               "--unlikelihood", PREFER_UNLIKELIHOOD]),
                 "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": ("adversarial-composed.jsonl", False,
+                               ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
+                                "--repeat-unlikelihood", PREFER_UNLIKELIHOOD]),
+                "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": ("adversarial-composed.jsonl", False,
                                ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
                                 "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])}
 """Where each prefer row draws its turns: (its hostile corpus under --work, whether the shipped role-play corpus
@@ -588,11 +610,12 @@ def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str, 
     """The default's recipe (forward KL, `--loss-on replies`) for all but the last SFT_TOKENS, then SFT_TOKENS of
     cross-entropy on `sft_data`'s replies (role-play the corpus filter kept in character) with `other` as the
     loss's other term (--kd-weight 0: none): the same tokens as one row. Rows that differ in their SFT stage share
-    the first stage."""
-    first = work.joinpath(*KD_STAGE)
+    the first stage (on `width`, or on the row's SFT_STUDENT)."""
+    first = work.joinpath(*first_stage(name))
     if not (first / "taille.json").exists():
         rest = str(int(parse_count(args.tokens) - parse_count(SFT_TOKENS)))
-        taille("distill", "--student", width, "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
+        student = SFT_STUDENT.get(name.removesuffix("-seed1"))
+        taille("distill", "--student", width if student is None else calibrated_student(work, mix, student), "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
                "--tokens", rest, "--out", first, "--resume")
     out = work / "runs" / name
     if not (out / "taille.json").exists():
