@@ -1,8 +1,8 @@
 """Which lever wins back general ability per token: one row per lever, the same 90M student, the same budget.
 
 The student is benchmarks/distill_recovery.py's: SmolLM2-135M-Instruct width-pruned to 90M (hidden 480, MLP
-1152, 6/3 heads). Every row distils it from the live teacher for --tokens (512K) with the recovery
-benchmark's schedule, changing one thing:
+1152, 6/3 heads), unless its row names another shape (depth, searched-*, calib-*). Every row distils it from
+the live teacher for --tokens (512K) with the recovery benchmark's schedule, changing one thing:
   plays          the Shakespeare training plays (today's `taille run` default data): the reference row
   demo-mix       the demo's data: shipped role-play and chat corpora and the plays (roleplay:0.45,chat:0.35,
                  shakespeare:0.2)
@@ -469,7 +469,7 @@ def two_rounds(work: Path, args, name: str, source: str, extra: list) -> Path:
 
 SFT_TOKENS = "64K"
 KD_STAGE = ("then-sft", "kd")
-"""The first stage the then-sft rows share, under --work."""
+"""The first stage the then-sft rows on the width student share, under --work."""
 SFT_STUDENT = {"searched-calib-mix-replies-then-sft-adv-composed": "searched-calib-90m"}
 """Then-sft rows on another student than the width one (a CALIBRATED folder): the character chain on the shape and
 scores that recover the most general ability, to see whether one recipe can serve both ends."""
@@ -482,7 +482,7 @@ def first_stage(name: str) -> tuple:
     return KD_STAGE if student is None else (KD_STAGE[0], f"kd-{student.removesuffix('-90m')}")
 
 
-EARLIER_STAGE = {**{name: first_stage(name) for name in ROWS if "-then-sft" in name},
+EARLIER_STAGE = {**{name: first_stage(name) for name in ROWS if "-then-sft" in name and "-prefer" not in name},
                  **{name: (name, "kd-112m") for name in TWO_ROUNDS}}
 
 
@@ -518,12 +518,11 @@ PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.
                 "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": ("adversarial-composed.jsonl", False,
                                                                              ["--max-prompts", PREFER_COMPOSED_PROMPTS,
                                                                               "--unlikelihood", PREFER_UNLIKELIHOOD]),
-                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": ("adversarial-composed.jsonl", False,
-                               ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
-                                "--repeat-unlikelihood", PREFER_UNLIKELIHOOD]),
-                "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": ("adversarial-composed.jsonl", False,
-                               ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
-                                "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])}
+                **dict.fromkeys(("demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops",
+                                 "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops"),
+                                ("adversarial-composed.jsonl", False,
+                                 ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
+                                  "--repeat-unlikelihood", PREFER_UNLIKELIHOOD]))}
 """Where each prefer row draws its turns: (its hostile corpus under --work, whether the shipped role-play corpus
 joins it, how many turns and draws and any other `taille prefer` option)."""
 SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
