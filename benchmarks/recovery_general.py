@@ -475,10 +475,15 @@ SFT_STUDENT = {"searched-calib-mix-replies-then-sft-adv-composed": "searched-cal
 scores that recover the most general ability, to see whether one recipe can serve both ends."""
 
 
+def sft_student(name: str) -> str | None:
+    """The student folder (under --work) a then-sft row or its repeat starts from; None: the width student."""
+    return SFT_STUDENT.get(name.removesuffix("-seed1"))
+
+
 def first_stage(name: str) -> tuple:
     """Where a then-sft row's (or its repeat's) first stage lies under --work: the width student's is shared by
     those rows, a row on another student (SFT_STUDENT) has its own."""
-    student = SFT_STUDENT.get(name.removesuffix("-seed1"))
+    student = sft_student(name)
     return KD_STAGE if student is None else (KD_STAGE[0], f"kd-{student.removesuffix('-90m')}")
 
 
@@ -613,8 +618,9 @@ def then_sft(work: Path, args, width: Path, mix: str, name: str, sft_data: str, 
     first = work.joinpath(*first_stage(name))
     if not (first / "taille.json").exists():
         rest = str(int(parse_count(args.tokens) - parse_count(SFT_TOKENS)))
-        student = SFT_STUDENT.get(name.removesuffix("-seed1"))
-        taille("distill", "--student", width if student is None else calibrated_student(work, mix, student), "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
+        student = sft_student(name)
+        start = width if student is None else calibrated_student(work, mix, student)
+        taille("distill", "--student", start, "--teacher", TEACHER, *train_args(args, mix), "--loss-on", "replies",
                "--tokens", rest, "--out", first, "--resume")
     out = work / "runs" / name
     if not (out / "taille.json").exists():
