@@ -253,6 +253,23 @@ def test_the_free_mix_row_writes_the_free_corpus_first_and_mixes_it_in(recovery,
     assert distill[distill.index("--loss-on") + 1] == "replies"
 
 
+def test_the_general_mix_row_trains_the_searched_calibrated_student_on_free_text_chat_and_plays(recovery, tmp_path,
+                                                                                                 monkeypatch):
+    """The row changes the data alone: the same student as searched-calib-mix-replies (scores calibrated on the
+    default's mix, the search's shape), distilled on no role-play and on the free corpus, written first."""
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "searched-calib-general-mix-replies")
+    assert [c[0] for c in calls] == ["generate", "importance", "prune", "distill"]
+    generate, importance, prune, distill = calls
+    assert importance[importance.index("--data") + 1] == "roleplay:0.45,chat:0.35,shakespeare:0.2"
+    assert prune[prune.index("--layers") + 1] != "30"
+    assert distill[distill.index("--student") + 1] == prune[prune.index("--out") + 1] == str(work / "searched-calib-90m")
+    free = generate[generate.index("--out") + 1]
+    mix = dict(part.rsplit(":", 1) for part in distill[distill.index("--data") + 1].split(","))
+    assert set(mix) == {free, "chat", "shakespeare"} and float(mix["shakespeare"]) > 0.2
+    assert distill[distill.index("--loss-on") + 1] == "replies"
+
+
 def test_two_rounds_on_the_mix_prunes_twice_on_its_data_and_a_measured_row_stays_in_the_tables(recovery, tmp_path,
                                                                                                monkeypatch):
     work = tmp_path / "work"
