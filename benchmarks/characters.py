@@ -26,6 +26,9 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
                  under 90M (21 layers x hidden 576 x MLP 1184: depth and MLP cut, not width)
   calib-mix-replies / searched-calib-mix-replies   the same data and mask, each shape pruned from importance
                  calibrated on that mix (as the recipe prunes), not on the plays
+  deep-calib-mix-replies   the same, on the searched shape's family with 6 layers cut, not 9 (24 x 576 x 960)
+  searched-calib-general-mix-replies   the searched, mix-calibrated student on a general recipe's data (free
+                 text, chat answers, plays; no role-play)
   searched-calib-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops)   the width student's character chain
                  (448K of the default's KD, 64K CE on role-play + hostile answers, then DPO + both unlikelihood
                  terms) on the searched, mix-calibrated student: can one recipe serve characters and general ability
@@ -58,7 +61,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "free": "distilled on the teacher's free text (`generate --prompts free`, no chat)",
@@ -89,6 +92,8 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "searched-mix-replies": "the default's data and mask (role-play + general + plays, `--loss-on replies`) on the search's shape: 21 layers x hidden 576 x MLP 1184 (89.88M), not 30 x 480 x 1152",
           "calib-mix-replies": "the default's data and mask on the width student pruned from importance calibrated on that mix (as the recipe prunes), not on the plays",
           "searched-calib-mix-replies": "the same, on the search's shape (21 x 576 x 1184) pruned from those scores",
+          "deep-calib-mix-replies": "the same, on the searched shape's family with fewer layers cut (24 x 576 x 960) pruned from those scores",
+          "searched-calib-general-mix-replies": "the searched, mix-calibrated student on a general recipe's data: the teacher's free text 0.4, chat answers 0.2, plays 0.4, no role-play",
           "searched-calib-mix-replies-then-sft-adv-composed": "the character chain on the searched, mix-calibrated student: the default's recipe for 448K tokens, then 64K of cross-entropy on role-play and the composed hostile answers",
           "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "that student, then the DPO stage with both unlikelihood terms (its own pairs, drawn as the width row's)",
           "demo": "the demo's student (`make demo`)"}

@@ -94,6 +94,9 @@ the live teacher for --tokens (512K) with the recovery benchmark's schedule, cha
                  every row above: what the default recipe and `taille demo` prune from (pruned WikiText-2 833 against
                  1324, plays 620 against 641)
   searched-calib-mix-replies   the same, on the search's shape (searched-mix-replies's) pruned from those scores
+  deep-calib-mix-replies   the same data and mask on the searched shape's family with fewer layers cut (24 x 576 x
+                 MLP 960, 89.39M; DEEP), pruned from those scores: the 21-layer shape reads a card's facts less
+                 well than the width one and its zero-shot stops rising after 64K; is depth what the pruning loses?
   searched-calib-general-mix-replies   that student on a general recipe's data, no role-play: the teacher's free
                  text (the `free` row's corpus) 0.4, its chat answers 0.2, the plays 0.4 (`--loss-on replies`): the
                  role-play share traded for pre-training-like text (WikiText-2) and more of the plays (held-out plays)
@@ -138,7 +141,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -403,8 +406,11 @@ def adopt_committed(work: Path, args) -> None:
 SEARCH = RESULTS / "search_smollm2" / "leaderboard.json"
 SEARCHED = "searched-90m"
 """The folder under --work of the teacher pruned to the search's shape."""
-CALIBRATED = {"calib-90m": "width", "searched-calib-90m": "searched"}
+CALIBRATED = {"calib-90m": "width", "searched-calib-90m": "searched", "deep-calib-90m": "deep"}
 """The folders under --work of the teacher pruned from importance calibrated on the default's mix, and their shape."""
+DEEP = {"layers": 24, "ffn": 960}
+"""The searched shape's family (the hidden width and the 9/3 heads whole) with 6 of 30 layers cut, not 9, and the
+MLP cut further to stay under 90M: 89.39M."""
 
 
 def searched_shape(leaderboard: dict) -> dict:
@@ -442,7 +448,9 @@ def calibrated_student(work: Path, mix: str, name: str) -> Path:
         return searched_student(work, scores.name, name)
     out = work / name
     if not (out / "taille.json").exists():
-        taille("prune", "-m", TEACHER, "--scores", scores, "--params", "90M", "--axes", "mlp,hidden,heads", "--out", out)
+        shape = ([x for key, value in DEEP.items() for x in (f"--{key}", value)] if CALIBRATED[name] == "deep" else
+                 ["--params", "90M", "--axes", "mlp,hidden,heads"])
+        taille("prune", "-m", TEACHER, "--scores", scores, *shape, "--out", out)
     return out
 
 

@@ -270,6 +270,24 @@ def test_the_general_mix_row_trains_the_searched_calibrated_student_on_free_text
     assert distill[distill.index("--loss-on") + 1] == "replies"
 
 
+def test_the_deep_row_prunes_fewer_layers_from_the_mix_scores_and_stays_under_the_target(recovery, tmp_path,
+                                                                                         monkeypatch):
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "deep-calib-mix-replies")
+    assert [c[0] for c in calls] == ["importance", "prune", "distill"]
+    importance, prune, distill = calls
+    assert prune[prune.index("--scores") + 1] == importance[importance.index("--out") + 1]
+    layers, ffn = recovery.DEEP["layers"], recovery.DEEP["ffn"]
+    assert (prune[prune.index("--layers") + 1], prune[prune.index("--ffn") + 1]) == (str(layers), str(ffn))
+    assert 21 < layers < 30  # fewer layers cut than the searched shape's 9
+    assert "--hidden" not in prune and "--params" not in prune  # the residual width and the heads whole
+    assert distill[distill.index("--student") + 1] == prune[prune.index("--out") + 1]
+    assert distill[distill.index("--data") + 1] == "roleplay:0.45,chat:0.35,shakespeare:0.2"
+    hidden, vocab = 576, 49152  # SmolLM2-135M: 9 heads of 64, 3 KV heads, tied embeddings
+    params = vocab * hidden + layers * (2 * hidden * hidden + 2 * hidden * 192 + 3 * hidden * ffn + 2 * hidden) + hidden
+    assert 89e6 < params <= 90e6
+
+
 def test_two_rounds_on_the_mix_prunes_twice_on_its_data_and_a_measured_row_stays_in_the_tables(recovery, tmp_path,
                                                                                                monkeypatch):
     work = tmp_path / "work"
