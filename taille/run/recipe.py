@@ -115,7 +115,7 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         personas=_check_keys("personas", values.get("personas"), _keys(CardSettings, "out")),
         roleplay=_check_keys("roleplay", values.get("roleplay"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
         correct=_check_keys("correct", values.get("correct"), _keys(CorrectConfig, "teacher", "data", "out", "resume")),
-        importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "data", "out")),
+        importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "out")),
         search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
         prune=_check_keys("prune", values.get("prune"), _keys(Target) + PRUNE_OWN),
         distill=distill, prefer=_check_keys("prefer", values.get("prefer"), _keys(PreferSettings, *PREFER_FIXED)),
@@ -179,16 +179,18 @@ def load_recipe(path: str | Path) -> Recipe:
 # --- each stage's settings: the section's values, and what the run decides (paths, the teacher) -------
 
 
-def data_spec(recipe: Recipe, run: Path | None = None) -> str:
-    """The recipe's `data`, with `roleplay` naming the run's own role-play file when it writes one."""
+def data_spec(recipe: Recipe, run: Path | None = None, spec: str | None = None) -> str:
+    """The recipe's `data` (or `spec`, a stage's own), with `roleplay` naming the run's own role-play file when
+    it writes one."""
+    spec = recipe.data if spec is None else str(spec)
     if run is None or recipe.roleplay is None:
-        return recipe.data
+        return spec
     from taille.data.mixture import parse_mixture
 
     own = str(run / "roleplay" / "roleplay.jsonl")
-    parts = parse_mixture(recipe.data)
+    parts = parse_mixture(spec)
     if parts is None:
-        return own if recipe.data.strip() == "roleplay" else recipe.data
+        return own if spec.strip() == "roleplay" else spec
     return ",".join(f"{own if src.strip() == 'roleplay' else src}:{w:g}" for src, w in parts)
 
 
@@ -221,9 +223,13 @@ def final_student(recipe: Recipe, run: Path) -> Path:
 
 
 def importance_config(recipe: Recipe, teacher: str, out: str, run: Path | None = None):
+    """The importance stage's settings: its calibration blocks from the section's own `data` if it names one,
+    else from the recipe's (what distillation reads)."""
     from taille.prune.config import ImportanceConfig
 
-    return ImportanceConfig(model=teacher, data=data_spec(recipe, run), out=out, **recipe.importance)
+    section = dict(recipe.importance)
+    data = data_spec(recipe, run, section.pop("data", None))
+    return ImportanceConfig(model=teacher, data=data, out=out, **section)
 
 
 def prune_config(recipe: Recipe, teacher: str, out: str, scores: str, shape: dict | None = None):

@@ -186,3 +186,18 @@ def test_missing_and_unknown_sources(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(TailleError, match="folder has no"):
         parse_source(str(tmp_path / "none"))
+
+
+def test_the_shipped_free_corpus_is_plain_text_and_the_chat_corpora_are_turns():
+    """`free` (the teacher's free text) is read record by record as plain text, no chat template; the chat
+    corpora need one."""
+    import gzip
+
+    free = parse_source("free")
+    docs = list(sources_mod.documents(free))
+    with gzip.open(free.paths[0], "rt") as f:
+        records = [json.loads(line) for line in f]
+    assert [text for text, _ in docs] == [r["text"] for r in records] and all(end for _, end in docs)
+    assert len(records) > 1000
+    with pytest.raises(TailleError, match="chat template"):
+        list(sources_mod.documents(parse_source("chat"), make_tokenizer(chat_template=None)))

@@ -100,6 +100,27 @@ def tiny_recipe(tmp_path, **extra) -> Path:
     return path
 
 
+def test_an_importance_section_calibrates_on_its_own_data_and_distillation_reads_the_recipes(tmp_path, capsys):
+    from taille.run.recipe import distill_config
+
+    path = tiny_recipe(tmp_path)
+    values = yaml.safe_load(path.read_text())
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat " * 300)
+    values["importance"]["data"] = str(calib)
+    path.write_text(yaml.safe_dump(values))
+    run_cli(capsys, "run", path, "--until", "importance")
+    record = json.loads((tmp_path / "run" / "importance" / "importance.json").read_text())
+    assert record["calibration"]["data"] == str(calib)
+    assert distill_config(load_recipe(path), "STUDENT", "OUT").data == values["data"] != str(calib)
+    del values["importance"]["data"]  # without one: the recipe's data, as before
+    values["out"] = str(tmp_path / "run2")
+    path.write_text(yaml.safe_dump(values))
+    run_cli(capsys, "run", path, "--until", "importance")
+    record = json.loads((tmp_path / "run2" / "importance" / "importance.json").read_text())
+    assert record["calibration"]["data"] == values["data"]
+
+
 def test_run_goes_through_every_stage_and_reports(tmp_path, capsys):
     out, _ = run_cli(capsys, "run", tiny_recipe(tmp_path))
     run = tmp_path / "run"
