@@ -427,14 +427,18 @@ def searched_shape(leaderboard: dict) -> dict:
     raise SystemExit(f"{SEARCH}: no shape at or under {leaderboard['settings']['params']}")
 
 
+def shape_flags(shape: dict) -> list:
+    """`taille prune` flags of an explicit shape ({"layers": 21, "kv_heads": 3} -> --layers 21 --kv-heads 3)."""
+    return [x for key, value in shape.items() for x in (f"--{key.replace('_', '-')}", value)]
+
+
 def searched_student(work: Path, scores: str = "importance", out: str = SEARCHED) -> Path:
     """The teacher pruned to the committed search's like-for-like shape, from `scores` under `work` (default: the
     width student's importance; made once, kept in `work`)."""
     out = work / out
     if not (out / "taille.json").exists():
         shape = searched_shape(json.loads(SEARCH.read_text()))
-        taille("prune", "-m", TEACHER, "--scores", work / scores,
-               *(x for key, value in shape.items() for x in (f"--{key.replace('_', '-')}", value)), "--out", out)
+        taille("prune", "-m", TEACHER, "--scores", work / scores, *shape_flags(shape), "--out", out)
     return out
 
 
@@ -448,8 +452,7 @@ def calibrated_student(work: Path, mix: str, name: str) -> Path:
         return searched_student(work, scores.name, name)
     out = work / name
     if not (out / "taille.json").exists():
-        shape = ([x for key, value in DEEP.items() for x in (f"--{key}", value)] if CALIBRATED[name] == "deep" else
-                 ["--params", "90M", "--axes", "mlp,hidden,heads"])
+        shape = shape_flags(DEEP) if CALIBRATED[name] == "deep" else ["--params", "90M", "--axes", "mlp,hidden,heads"]
         taille("prune", "-m", TEACHER, "--scores", scores, *shape, "--out", out)
     return out
 

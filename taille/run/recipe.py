@@ -5,7 +5,7 @@ name: smollm2-90m
 teacher: smollm2-135m-instruct      # Hub id, folder, .gguf or embedded name
 data: shakespeare                   # distillation and calibration text (any --data form)
 correct: {tokens: 200K, lr: 2e-5}   # optional teacher correction
-importance: {samples: 128, seq_len: 512}
+importance: {samples: 128, seq_len: 512}   # optional `data:` of its own: calibration text other than `data`
 search: {params: 90M, candidates: 6, steps: 40}   # optional: pick the shape by short distillations
 prune: {params: 90M, axes: [mlp, hidden, heads]}  # or an explicit shape {hidden: 480, ffn: 1152, ...}
 distill: {tokens: 512K, seq_len: 256, batch_size: 8, lr: 5e-4, loss: {kind: fkl}}
@@ -50,6 +50,7 @@ class Recipe:
     file (else the shipped corpus)."""
     correct: dict | None = None
     importance: dict = field(default_factory=dict)
+    """`taille importance`'s flags; its `data` (else the recipe's) is the calibration text."""
     search: dict | None = None
     prune: dict | None = None
     distill: dict = field(default_factory=dict)
@@ -108,6 +109,10 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     from taille.characters.settings import CardSettings
     from taille.generate.generate import GenerateSettings
 
+    importance = values.get("importance")
+    if isinstance(importance, dict) and "data" in importance and not str(importance["data"] or "").strip():
+        raise TailleError(f"{source or 'recipe'}: section 'importance': 'data' is a --data spec (calibration text), "
+                          "not empty")
     if values.get("roleplay") is not None and values.get("personas") is None:
         raise TailleError(f"{source or 'recipe'}: a 'roleplay' section needs a 'personas' section (the cards it plays)")
     recipe = Recipe(

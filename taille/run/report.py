@@ -17,7 +17,9 @@ def _json(path: Path):
 def blocks(recipe, run: Path, teacher: str) -> list[tuple]:
     """("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", relative path, caption)."""
     out: list[tuple] = [("h1", f"taille run: {recipe.name}"),
-                        ("p", f"Teacher {teacher}, data {recipe.data}, recipe {recipe.source or '-'}.")]
+                        ("p", f"Teacher {teacher}, data {recipe.data}"
+                              + (f", calibration {recipe.importance['data']}" if recipe.importance.get("data") else "")
+                              + f", recipe {recipe.source or '-'}.")]
     pruned = _json(run / "pruned" / "taille.json")
     if pruned:
         before, after = pruned["shape_before"], pruned["shape_after"]

@@ -262,7 +262,8 @@ def test_the_general_mix_row_trains_the_searched_calibrated_student_on_free_text
     assert [c[0] for c in calls] == ["generate", "importance", "prune", "distill"]
     generate, importance, prune, distill = calls
     assert importance[importance.index("--data") + 1] == "roleplay:0.45,chat:0.35,shakespeare:0.2"
-    assert prune[prune.index("--layers") + 1] != "30"
+    searched = recovery.searched_shape(json.loads(recovery.SEARCH.read_text()))
+    assert prune[prune.index("--layers") + 1] == str(searched["layers"]) != "30" and "--params" not in prune
     assert distill[distill.index("--student") + 1] == prune[prune.index("--out") + 1] == str(work / "searched-calib-90m")
     free = generate[generate.index("--out") + 1]
     mix = dict(part.rsplit(":", 1) for part in distill[distill.index("--data") + 1].split(","))
@@ -283,8 +284,12 @@ def test_the_deep_row_prunes_fewer_layers_from_the_mix_scores_and_stays_under_th
     assert "--hidden" not in prune and "--params" not in prune  # the residual width and the heads whole
     assert distill[distill.index("--student") + 1] == prune[prune.index("--out") + 1]
     assert distill[distill.index("--data") + 1] == "roleplay:0.45,chat:0.35,shakespeare:0.2"
-    hidden, vocab = 576, 49152  # SmolLM2-135M: 9 heads of 64, 3 KV heads, tied embeddings
-    params = vocab * hidden + layers * (2 * hidden * hidden + 2 * hidden * 192 + 3 * hidden * ffn + 2 * hidden) + hidden
+    from dataclasses import replace
+
+    from taille.prune.shape import count_params, shape_of
+    from tests.run.test_recipes import SMOLLM2
+
+    params = count_params(SMOLLM2, replace(shape_of(SMOLLM2), layers=layers, ffn=ffn))
     assert 89e6 < params <= 90e6
 
 

@@ -75,6 +75,7 @@ def test_a_shipped_recipe_is_found_by_name():
     ({"personas": {}, "roleplay": {"turns": 0}}, "--turns"),
     ({"personas": {}, "roleplay": {"prompts": "seed"}}, "section 'roleplay': unknown key(s) prompts"),
     ({"eval": {"persona": {"cards": 0}}}, "--persona-cards"),
+    ({"importance": {"data": ""}}, "'importance': 'data' is a --data spec"),
 ])
 def test_bad_recipes_say_what_is_wrong(change, message):
     values = {"name": "x", "teacher": "t", "data": "d", "prune": {"params": "90M"}, **change}
