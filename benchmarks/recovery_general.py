@@ -105,6 +105,8 @@ the live teacher for --tokens (512K) with the recovery benchmark's schedule, cha
                  of the default's KD, 64K of CE on role-play and the composed hostile answers, then DPO with both
                  unlikelihood terms on its own pairs: whether one student can hold both ends (general ability and
                  characters)
+  deep-calib-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops)   the same chain on the deep student
+                 (deep-calib-mix-replies's: 24 layers, which kept the card-reading the 21-layer shape lost)
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -141,7 +143,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -223,7 +225,7 @@ def main() -> None:
                   "demo-mix-replies-then-sft-adv-anchor": (hostile, ["--teacher", kd_stage, "--kd-weight", 1]),
                   "demo-mix-replies-then-sft-adv-wide": (wide, ["--kd-weight", 0]),
                   "demo-mix-replies-then-sft-adv-composed": (composed, ["--kd-weight", 0]),
-                  "searched-calib-mix-replies-then-sft-adv-composed": (composed, ["--kd-weight", 0])}
+                  **dict.fromkeys(SFT_STUDENT, (composed, ["--kd-weight", 0]))}
     rows = {"plays": (width, data["plays"], []), "demo-mix": (width, data["demo-mix"], []),
             "demo-mix-on-policy": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 64]),
             "demo-mix-on-policy-reply": (width, data["demo-mix"], ["--on-policy", 1.0, "--on-policy-tokens", 128,
@@ -486,8 +488,9 @@ def two_rounds(work: Path, args, name: str, source: str, extra: list) -> Path:
 SFT_TOKENS = "64K"
 KD_STAGE = ("then-sft", "kd")
 """The first stage the then-sft rows on the width student share, under --work."""
-SFT_STUDENT = {"searched-calib-mix-replies-then-sft-adv-composed": "searched-calib-90m"}
-"""Then-sft rows on another student than the width one (a CALIBRATED folder): the character chain on the shape and
+SFT_STUDENT = {f"{student.removesuffix('-90m')}-mix-replies-then-sft-adv-composed": student
+               for student in ("searched-calib-90m", "deep-calib-90m")}
+"""Then-sft rows on another student than the width one (a CALIBRATED folder): the character chain on the shapes and
 scores that recover the most general ability, to see whether one recipe can serve both ends."""
 
 
@@ -513,7 +516,7 @@ PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-th
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed",
-               "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "searched-calib-mix-replies-then-sft-adv-composed"}
+               **{f"{row}-prefer-hostile-ul-loops": row for row in SFT_STUDENT}}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -540,7 +543,7 @@ PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.
                                                                              ["--max-prompts", PREFER_COMPOSED_PROMPTS,
                                                                               "--unlikelihood", PREFER_UNLIKELIHOOD]),
                 **dict.fromkeys(("demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops",
-                                 "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops"),
+                                 *(f"{row}-prefer-hostile-ul-loops" for row in SFT_STUDENT)),
                                 ("adversarial-composed.jsonl", False,
                                  ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
                                   "--repeat-unlikelihood", PREFER_UNLIKELIHOOD]))}

@@ -364,16 +364,17 @@ def test_the_searched_row_prunes_the_best_ranked_shape_not_over_the_target(recov
         recovery.searched_student(tmp_path / "other")
 
 
-def test_the_character_chain_on_the_searched_calibrated_student_has_its_own_stages_and_pairs(recovery, tmp_path,
-                                                                                            monkeypatch):
+@pytest.mark.parametrize("student, layers", [("searched-calib", None), ("deep-calib", "24")])
+def test_the_character_chain_on_a_calibrated_student_has_its_own_stages_and_pairs(recovery, tmp_path, monkeypatch,
+                                                                                  student, layers):
     """The width chain's KD stage (then-sft/kd) and DPO pairs are not reused: the chain starts from the searched
-    shape pruned from mix-calibrated scores, trains its own first stage, and draws its own pairs."""
+    (or the deep) shape pruned from mix-calibrated scores, trains its own first stage, and draws its own pairs."""
     work = tmp_path / "work"
     width_pairs = work / "runs" / "demo-mix-replies-then-sft-adv-composed-prefer-hostile"
     width_pairs.mkdir(parents=True)
     for file in ("pairs.jsonl", "pairs.meta.json"):
         (width_pairs / file).write_text("{}\n")
-    row = "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops"
+    row = f"{student}-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops"
     calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", row)
 
     assert [c[0] for c in calls] == ["personas", "generate", "importance", "prune", "distill", "distill", "prefer"]
@@ -382,14 +383,15 @@ def test_the_character_chain_on_the_searched_calibrated_student_has_its_own_stag
     assert importance[importance.index("--data") + 1] == mix
     assert prune[prune.index("--scores") + 1] == importance[importance.index("--out") + 1]
     assert prune[prune.index("--layers") + 1] != "30"  # the search's shape, not the width student's 30 layers
-    start, first = work / "searched-calib-90m", work / "then-sft" / "kd-searched-calib"
+    assert layers is None or prune[prune.index("--layers") + 1] == layers
+    start, first = work / f"{student}-90m", work / "then-sft" / f"kd-{student}"
     assert prune[prune.index("--out") + 1] == str(start)
     assert kd[kd.index("--student") + 1] == str(start) and kd[kd.index("--out") + 1] == str(first)
     assert kd[kd.index("--data") + 1] == mix and kd[kd.index("--loss-on") + 1] == "replies"
     assert parse_count(kd[len(kd) - 1 - kd[::-1].index("--tokens") + 1]) == 448_000  # the last --tokens wins
     assert sft[sft.index("--student") + 1] == str(first)
     assert f"{work / 'adversarial-composed.jsonl'}:0.4" in sft[sft.index("--data") + 1]
-    assert prefer[prefer.index("--student") + 1] == str(work / "runs" / "searched-calib-mix-replies-then-sft-adv-composed")
+    assert prefer[prefer.index("--student") + 1] == str(work / "runs" / f"{student}-mix-replies-then-sft-adv-composed")
     assert "--unlikelihood" in prefer and "--repeat-unlikelihood" in prefer
     assert not (work / "runs" / row / "pairs.jsonl").exists()  # another student's pairs are not its own
     trained = json.loads((recovery.RESULTS / "recovery_general.json").read_text())["trained"][row]
