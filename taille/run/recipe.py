@@ -109,10 +109,6 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     from taille.characters.settings import CardSettings
     from taille.generate.generate import GenerateSettings
 
-    importance = values.get("importance")
-    if isinstance(importance, dict) and "data" in importance and not str(importance["data"] or "").strip():
-        raise TailleError(f"{source or 'recipe'}: section 'importance': 'data' is a --data spec (calibration text), "
-                          "not empty")
     if values.get("roleplay") is not None and values.get("personas") is None:
         raise TailleError(f"{source or 'recipe'}: a 'roleplay' section needs a 'personas' section (the cards it plays)")
     recipe = Recipe(
@@ -233,6 +229,9 @@ def importance_config(recipe: Recipe, teacher: str, out: str, run: Path | None =
     from taille.prune.config import ImportanceConfig
 
     section = dict(recipe.importance)
+    if "data" in section and not str(section["data"] or "").strip():
+        raise TailleError(f"{recipe.source or 'recipe'}: section 'importance': 'data' is a --data spec (calibration "
+                          "text), not empty")
     data = data_spec(recipe, run, section.pop("data", None))
     return ImportanceConfig(model=teacher, data=data, out=out, **section)
 
