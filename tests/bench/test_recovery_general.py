@@ -271,6 +271,23 @@ def test_the_general_mix_row_trains_the_searched_calibrated_student_on_free_text
     assert distill[distill.index("--loss-on") + 1] == "replies"
 
 
+def test_the_free_plays_row_trains_the_same_student_on_the_shipped_free_text_and_more_plays(recovery, tmp_path,
+                                                                                             monkeypatch):
+    """The general mix's student and mask with the chat share given to the plays: the shipped `free` corpus (the
+    bench's bytes) is read as it is, so nothing is generated first."""
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "searched-calib-free-plays-replies")
+    assert [c[0] for c in calls] == ["importance", "prune", "distill"]
+    importance, prune, distill = calls
+    assert importance[importance.index("--data") + 1] == "roleplay:0.45,chat:0.35,shakespeare:0.2"
+    assert distill[distill.index("--student") + 1] == prune[prune.index("--out") + 1] == str(work / "searched-calib-90m")
+    mix = {name: float(share) for name, share in
+           (part.rsplit(":", 1) for part in distill[distill.index("--data") + 1].split(","))}
+    assert set(mix) == {"free", "shakespeare"} and mix["shakespeare"] > 0.4 and sum(mix.values()) == 1.0
+    assert distill[distill.index("--loss-on") + 1] == "replies"
+    assert not (work / "free.jsonl").exists()
+
+
 def test_the_deep_row_prunes_fewer_layers_from_the_mix_scores_and_stays_under_the_target(recovery, tmp_path,
                                                                                          monkeypatch):
     work = tmp_path / "work"
