@@ -315,6 +315,12 @@ def main() -> None:
             return then_prefer(work, prefer_student(base), base, [])
         return then_sft(work, args, width, data["demo-mix"], base, *sft_stages[base])
 
+    def pruned(student: Path | None) -> None:  # a student pruned on demand is pruned before its first run
+        if student == searched:
+            searched_student(work)
+        elif student is not None and student.name in CALIBRATED:
+            calibrated_student(work, data["demo-mix"], student.name)
+
     outs = {}
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
@@ -324,10 +330,7 @@ def main() -> None:
                             if name.removesuffix("-seed1") in PREFER_ROWS else
                             work / "runs" / name)
         if not (out / "taille.json").exists():
-            if student == searched:
-                searched_student(work)
-            elif student is not None and student.name in CALIBRATED:
-                calibrated_student(work, data["demo-mix"], student.name)
+            pruned(student)
             if source is None:  # from a teacher cache, which holds the blocks
                 cache = extra[1]
                 if not (cache / "meta.json").exists():
@@ -375,6 +378,7 @@ def main() -> None:
         write_tables(measured, trained, args, kept_curves)
     curves = {name: dict(points) for name, points in kept_curves.items()}  # measured before: they stay
     for name in filter(None, args.curves.split(",")):
+        pruned(rows[name][0])
         for budget, point in curve_points(work, name, rows[name], args, measured_once):
             curves.setdefault(name, {})[budget] = point
             write_tables(measured, trained, args, curves)  # after every point: a curve is hours here

@@ -113,6 +113,19 @@ def test_main_on_a_new_machine_trains_only_the_missing_curve_points(recovery, tm
     assert "| demo-mix-replies | 1M | 3.0 " in (recovery.RESULTS / "recovery_general.md").read_text()
 
 
+def test_a_curve_of_a_calibrated_row_prunes_its_student_before_the_first_point(recovery, tmp_path, monkeypatch):
+    """`--curves deep-calib-mix-replies` on a machine where the row never ran: the mix's scores and the deep
+    student are made first, and every point distils that student (not a folder nothing wrote)."""
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", "none", "--curves", "deep-calib-mix-replies")
+    assert [c[0] for c in calls] == ["importance", "prune", *["distill"] * len(recovery.CURVE_TOKENS)]
+    student = calls[1][calls[1].index("--out") + 1]
+    assert student == str(work / "deep-calib-90m")
+    assert {c[c.index("--student") + 1] for c in calls[2:]} == {student}
+    budgets = [c[max(i for i, x in enumerate(c) if x == "--tokens") + 1] for c in calls[2:]]  # the last one counts
+    assert budgets == list(recovery.CURVE_TOKENS)
+
+
 def test_two_stage_rows_refuse_seed_repeats_and_curves(recovery, tmp_path, monkeypatch):
     monkeypatch.setattr(recovery, "pruned_students", lambda work: (work / "width-90m", work / "depth-90m"))
     monkeypatch.setattr(recovery, "taille", lambda *a: pytest.fail("nothing may train"))
