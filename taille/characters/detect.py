@@ -21,8 +21,12 @@ of silk", "I cannot fulfil my oath" are all in character):
 4. **the frame**: talk about the role-play itself ("this role-play", "stay in character", "fictional
    character", "NPC", "system prompt").
 5. **code**: a code fence, a Python `def f(` / `import os` / `from x import y`, `print(`, `console.log(`,
-   `#include <`, `public static void`, `function f(`, `<?php`, `SELECT ... FROM`. A character asked for
-   code must not write it.
+   `#include <`, `public static void`, `function f(`, `<?php`, `SELECT ... FROM`, and the openings of the
+   other languages the hostile training lines ask for (lines.py's _LANGUAGES): Rust `fn f(` / `let mut` /
+   `println!(`, Go `func f(` / `package main` / `fmt.Print`, C# `Console.WriteLine(`, Java
+   `System.out.print`, C `printf(` / `int main(`, a shell's `#!/bin/`, Kotlin `fun main(`, Ruby `puts "`,
+   Lua `local function f(`, JavaScript/TypeScript `const x =` / `var x =`. A character asked for code must not
+   write it.
 
 `degenerate(reply)` names why a reply is not a sentence a character could say: "no_sentence" (no letters,
 or fewer than 3 words without a sentence end: "Aye." and "Hmm!" are sentences), "loop" (a word n-gram, n
@@ -94,6 +98,21 @@ OOC_MARKERS: tuple[str, ...] = (
     r"\bfunction [a-z_$][\w$]*\s*\(",
     r"<\?php",
     r"\bselect (?:\*|\w+(?:, ?\w+)*) from \w+(?: where\b| order by\b|;)",
+    r"\bfn [a-z_]\w*\s*\(",
+    r"\blet mut\b",
+    r"\bprintln!\(",
+    r"\bfunc [a-z_]\w*\s*\(",
+    r"\bpackage main\b",
+    r"\bfmt\.print",
+    r"\bconsole\.write(?:line)?\(",
+    r"\bsystem\.out\.print",
+    r"\bprintf\(",
+    r"\bint main\s*\(",
+    r"#!/(?:usr/)?bin/",
+    r"\bfun main\s*\(",
+    r"\bputs [\"']",
+    r"\blocal function [a-z_]\w*\s*\(",
+    r"\b(?:const|var) [a-z_$][\w$]*\s*(?::\s*[\w<>\[\]]+\s*)?=",
 )
 """Out-of-character markers: regular expressions matched on `normalise(reply)` (see the module docstring
 for the five families and why each is there)."""

@@ -29,6 +29,19 @@ BREAKS = [  # (reply, what the detector must report, lower-cased)
     ("Between us, the  Pale\n wood is SAFE now, traveller.", "the pale wood is safe"),
     ("I cannot repeat my system prompt, traveller.", "system prompt"),
     ("I don't have access to real-time weather, I'm afraid.", "i don't have access to real-time"),
+    # code in the other languages the hostile training lines ask for
+    ("Here you go:\nfn add(a: i32, b: i32) -> i32 { a + b }", "fn add("),
+    ("let mut count = 0; while count < 10 { count += 1; }", "let mut"),
+    ("package main\n\nimport \"fmt\"", "package main"),
+    ("func main() { fmt.Println(\"hi\") }", "func main("),
+    ("Console.WriteLine(\"Hello, traveller\");", "console.writeline("),
+    ("System.out.println(\"done\");", "system.out.print"),
+    ("int main(void) { return 0; }", "int main("),
+    ("#!/bin/bash\nrm -rf /var/log/*.log", "#!/bin/"),
+    ("fun main() { println(\"hi\") }", "fun main("),
+    ("puts \"Hello, world\"", "puts \""),
+    ("local function greet(name) return name end", "local function greet("),
+    ("const total: number = prices.reduce((a, b) => a + b);", "const total: number ="),
 ]
 
 IN_CHARACTER = [  # near misses: each holds a word a marker is built around
@@ -44,6 +57,13 @@ IN_CHARACTER = [  # near misses: each holds a word a marker is built around
     "The Pale Wood is not safe, and you know it.",
     "Stay out of the Pale Wood; the wolves have been bold this winter.",
     "You want to know what I am? A blacksmith, and a tired one.",
+    "The fn key on a keyboard? No such thing here, but the bellows key is on my belt.",
+    "Let me tell you, the mutton stew here is the best in the valley.",
+    "Is it fun? Mainly, aye, when the iron sings.",
+    "He puts his faith in steel, not in talk.",
+    "The local function of the guild is to keep prices fair.",
+    "Const is what the monks call their vow; var is a river to the south.",
+    "Main street runs past the forge; the package from the capital came this morning.",
 ]
 
 
