@@ -5,11 +5,13 @@ checkpoint exactly.
 
 RUN/recipe.yaml        the recipe as given (a run folder refuses a different one)
 RUN/corrected/         the corrected teacher (when the recipe has `correct`)
+RUN/personas/, RUN/roleplay/, RUN/hostile/   cards and the teacher's role-play / answers to hostile lines
 RUN/importance/        scores + figures
 RUN/search/            leaderboard.{md,json,png}, one folder per candidate
 RUN/pruned/            the pruned student (standard HF folder)
 RUN/distilled/         the distilled student, checkpoints, metrics, curves
-RUN/preferred/         the distilled student after DPO on its own broken replies (when the recipe has `prefer`)
+RUN/sft/               the distilled student after a second training stage (when the recipe has `sft`)
+RUN/preferred/         the trained student after DPO on its own broken replies (when the recipe has `prefer`)
 RUN/eval/              teacher vs pruned vs distilled
 RUN/export/            GGUF files of the distilled student, verified in llama.cpp (when the recipe has `export`)
 RUN/report.md, RUN/report.html
@@ -27,13 +29,15 @@ from taille.run import recipe as R
 
 log = logging.getLogger(__name__)
 
-STAGES = ("personas", "roleplay", "correct", "importance", "search", "prune", "distill", "prefer", "eval", "export",
-          "report")
-DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/done.json", "correct": "corrected/taille.json", "importance": "importance/importance.json",
+STAGES = ("personas", "roleplay", "hostile", "correct", "importance", "search", "prune", "distill", "sft", "prefer", "eval",
+          "export", "report")
+DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/done.json", "hostile": "hostile/done.json",
+        "correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
-        "prefer": "preferred/taille.json", "eval": "eval/eval.json", "export": "export/export.json", "report": "report.md"}
-OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "correct": "correct", "search": "search", "prefer": "prefer",
-            "export": "export"}
+        "sft": "sft/taille.json", "prefer": "preferred/taille.json", "eval": "eval/eval.json", "export": "export/export.json",
+        "report": "report.md"}
+OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "hostile": "hostile", "correct": "correct", "search": "search",
+            "sft": "sft", "prefer": "prefer", "export": "export"}
 """Stages that run only when the recipe has their section."""
 
 
@@ -90,11 +94,15 @@ def stage_personas(recipe, run: Path, teacher: str) -> None:
     (run / "personas" / "cards.json").write_text(json.dumps({"count": cfg.count, "seed": cfg.seed, **counts}) + "\n")
 
 
-def stage_roleplay(recipe, run: Path, teacher: str) -> None:
+def stage_roleplay(recipe, run: Path, teacher: str, section: str = "roleplay") -> None:
     from taille.characters.roleplay import generate_roleplay
 
-    meta = generate_roleplay(R.roleplay_settings(recipe, recipe.teacher, run))
-    (run / "roleplay" / "done.json").write_text(json.dumps(meta, indent=1) + "\n")
+    meta = generate_roleplay(R.run_file_settings(recipe, section, recipe.teacher, run))
+    (run / DONE[section]).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def stage_hostile(recipe, run: Path, teacher: str) -> None:
+    stage_roleplay(recipe, run, teacher, "hostile")
 
 
 def stage_correct(recipe, run: Path, teacher: str) -> None:
@@ -130,16 +138,23 @@ def stage_distill(recipe, run: Path, teacher: str) -> None:
     distill(R.distill_config(recipe, str(run / "pruned"), str(run / "distilled"), teacher=teacher, run=run))
 
 
+def stage_sft(recipe, run: Path, teacher: str) -> None:
+    from taille.distill.train import distill
+
+    distill(R.sft_config(recipe, str(run / "distilled"), str(run / "sft"), teacher=teacher, run=run))
+
+
 def stage_prefer(recipe, run: Path, teacher: str) -> None:
     from taille.characters.prefer import prefer
 
-    prefer(R.prefer_settings(recipe, str(run / "distilled"), str(run / "preferred"), run))
+    prefer(R.prefer_settings(recipe, str(R.trained_student(recipe, run)), str(run / "preferred"), run))
 
 
 def stage_eval(recipe, run: Path, teacher: str) -> None:
     from taille.eval.run import evaluate, write_report
 
-    stages = ["pruned", "distilled"] + (["preferred"] if recipe.prefer is not None else [])
+    stages = ["pruned", "distilled"] + (["sft"] if recipe.sft is not None else []) + \
+        (["preferred"] if recipe.prefer is not None else [])
     models = [teacher, *(str(run / stage) for stage in stages)]
     report = evaluate(models, R.eval_settings(recipe, run, teacher), out=run / "eval")
     report["labels"] = {teacher: "teacher", **{str(run / stage): stage for stage in stages}}
@@ -170,6 +185,7 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
     write_run_report(recipe, run, teacher)
 
 
-STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "correct": stage_correct, "importance": stage_importance, "search": stage_search,
-                   "prune": stage_prune, "distill": stage_distill, "prefer": stage_prefer, "eval": stage_eval, "export": stage_export,
-                   "report": stage_report}
+STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "hostile": stage_hostile,
+                   "correct": stage_correct, "importance": stage_importance, "search": stage_search, "prune": stage_prune,
+                   "distill": stage_distill, "sft": stage_sft, "prefer": stage_prefer, "eval": stage_eval,
+                   "export": stage_export, "report": stage_report}

@@ -9,6 +9,7 @@ importance: {samples: 128, seq_len: 512}   # optional `data:` of its own: calibr
 search: {params: 90M, candidates: 6, steps: 40}   # optional: pick the shape by short distillations
 prune: {params: 90M, axes: [mlp, hidden, heads]}  # or an explicit shape {hidden: 480, ffn: 1152, ...}
 distill: {tokens: 512K, seq_len: 256, batch_size: 8, lr: 5e-4, loss: {kind: fkl}}
+sft: {data: "roleplay:0.6,hostile:0.4", tokens: 64K, lr: 1e-4, loss: {ce_weight: 1, kd_weight: 0}}  # optional
 eval: {ppl: [shakespeare], max_tokens: 32768, tasks: [arc_easy]}
 ```
 
@@ -24,10 +25,15 @@ from pathlib import Path
 
 from taille.errors import TailleError
 
-SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "correct", "importance", "search", "prune",
-            "distill", "prefer", "eval", "export")
+SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "hostile", "correct", "importance", "search",
+            "prune", "distill", "sft", "prefer", "eval", "export")
 ROLEPLAY_FIXED = ("teacher", "out", "personas", "prompts")
-"""What the run decides for the role-play stage: the teacher, the file, the cards (the personas stage's)."""
+"""What the run decides for the role-play and hostile stages: the teacher, the file, the cards (the personas
+stage's)."""
+RUN_FILES = {"roleplay": "roleplay/roleplay.jsonl", "hostile": "hostile/hostile.jsonl"}
+"""The names a stage's `data` may give to the files the run writes (with a section of the same name)."""
+DISTILL_FIXED = ("student", "out", "teacher", "teacher_cache", "resume", "progress")
+"""What the run decides for a training stage: the student, the folder, the teacher."""
 PREFER_FIXED = ("student", "out")
 """What the run decides for the prefer stage: the distilled student, the folder."""
 EXPORT_KEYS = ("quants", "verify", "verify_data", "verify_blocks", "verify_len", "pre_tokenizer")
@@ -48,12 +54,20 @@ class Recipe:
     """Role-play data the run has the teacher write from its cards ({tokens, conversations, turns, ...}:
     `taille generate --personas`) into RUN/roleplay/roleplay.jsonl; `roleplay` in `data` then names that
     file (else the shipped corpus)."""
+    hostile: dict | None = None
+    """The teacher's in-character answers to hostile player lines (`taille generate --personas --kinds ...`: say
+    `kinds: adversarial:0.25,hostile:0.75`, `retries: 3`) from the train cards into RUN/hostile/hostile.jsonl;
+    `hostile` in a stage's `data` names that file."""
     correct: dict | None = None
     importance: dict = field(default_factory=dict)
     """`taille importance`'s flags; its `data` (else the recipe's) is the calibration text."""
     search: dict | None = None
     prune: dict | None = None
     distill: dict = field(default_factory=dict)
+    sft: dict | None = None
+    """A second training stage from RUN/distilled into RUN/sft: `taille distill`'s settings with a `data` of its own
+    (else the recipe's); the teacher only when its `loss` sets a kd_weight above 0, so `loss: {ce_weight: 1,
+    kd_weight: 0}` is cross-entropy on the data's kept replies alone (sequence-level KD). `prefer` starts from it."""
     prefer: dict | None = None
     """DPO on the distilled student's own broken replies (`taille prefer`: {samples, max_prompts, beta, ...}) into
     RUN/preferred, which the evaluation scores beside the distilled student and the export writes. Its `data`
@@ -101,32 +115,36 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     from taille.prune.config import ImportanceConfig, Target
     from taille.search.search import SearchSettings
 
-    distill = _check_keys("distill", values.get("distill") or {},
-                          _keys(DistillConfig, "student", "data", "out", "teacher", "teacher_cache", "resume", "progress"))
-    if "loss" in distill:
-        _check_keys("distill.loss", distill["loss"], _keys(LossConfig))
+    distill = _check_keys("distill", values.get("distill") or {}, _keys(DistillConfig, "data", *DISTILL_FIXED))
+    sft = _check_keys("sft", values.get("sft"), _keys(DistillConfig, *DISTILL_FIXED))
+    for name, section in (("distill", distill), ("sft", sft)):
+        if section and "loss" in section:
+            _check_keys(f"{name}.loss", section["loss"], _keys(LossConfig))
     from taille.characters.prefer import PreferSettings
     from taille.characters.settings import CardSettings
     from taille.generate.generate import GenerateSettings
 
-    if values.get("roleplay") is not None and values.get("personas") is None:
-        raise TailleError(f"{source or 'recipe'}: a 'roleplay' section needs a 'personas' section (the cards it plays)")
+    for section in ("roleplay", "hostile"):
+        if values.get(section) is not None and values.get("personas") is None:
+            raise TailleError(f"{source or 'recipe'}: a '{section}' section needs a 'personas' section (the cards it plays)")
     recipe = Recipe(
         name=str(values["name"]), teacher=str(values["teacher"]), data=str(values["data"]), out=values.get("out"),
         personas=_check_keys("personas", values.get("personas"), _keys(CardSettings, "out")),
         roleplay=_check_keys("roleplay", values.get("roleplay"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
+        hostile=_check_keys("hostile", values.get("hostile"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
         correct=_check_keys("correct", values.get("correct"), _keys(CorrectConfig, "teacher", "data", "out", "resume")),
         importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "out")),
         search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
         prune=_check_keys("prune", values.get("prune"), _keys(Target) + PRUNE_OWN),
-        distill=distill, prefer=_check_keys("prefer", values.get("prefer"), _keys(PreferSettings, *PREFER_FIXED)),
+        distill=distill, sft=sft, prefer=_check_keys("prefer", values.get("prefer"), _keys(PreferSettings, *PREFER_FIXED)),
         eval=_check_keys("eval", values.get("eval") or {}, _keys(EvalSettings)),
         export=_check_keys("export", values.get("export"), EXPORT_KEYS), source=source)
     # build every stage's settings now: a bad value fails before hours of work, not at that stage
     if recipe.personas is not None:
         CardSettings(out="OUT", **recipe.personas)
-    if recipe.roleplay is not None:
-        roleplay_settings(recipe, recipe.teacher, Path("RUN"))
+    for section in RUN_FILES:
+        if getattr(recipe, section) is not None:
+            run_file_settings(recipe, section, recipe.teacher, Path("RUN"))
     if recipe.correct is not None:
         correct_config(recipe, "OUT")
     importance_config(recipe, recipe.teacher, "OUT")
@@ -134,6 +152,8 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         SearchSettings(**recipe.search)
     prune_config(recipe, recipe.teacher, "OUT", "SCORES", shape={"hidden": 1} if recipe.search else None)
     distill_config(recipe, "STUDENT", "OUT")
+    if recipe.sft is not None:
+        sft_config(recipe, "STUDENT", "OUT")
     if recipe.prefer is not None:
         prefer_settings(recipe, "STUDENT", "OUT", check_files=False)
     if recipe.eval:
@@ -181,25 +201,31 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def data_spec(recipe: Recipe, run: Path | None = None, spec: str | None = None) -> str:
-    """The recipe's `data` (or `spec`, a stage's own), with `roleplay` naming the run's own role-play file when
-    it writes one."""
-    spec = recipe.data if spec is None else str(spec)
-    if run is None or recipe.roleplay is None:
-        return spec
+    """The recipe's `data` (or `spec`, a stage's own), with `roleplay` and `hostile` naming the files the run writes
+    (RUN_FILES) when it has their sections (`roleplay` is otherwise the shipped corpus; `hostile` has none: refused)."""
     from taille.data.mixture import parse_mixture
 
-    own = str(run / "roleplay" / "roleplay.jsonl")
+    spec = recipe.data if spec is None else str(spec)
     parts = parse_mixture(spec)
+    sources = [src.strip() for src, _ in parts] if parts is not None else [spec.strip()]
+    if "hostile" in sources and recipe.hostile is None:
+        raise TailleError(f"{recipe.source or 'recipe'}: data {spec} names 'hostile', the run's answers to hostile "
+                          "lines: add a 'hostile' section (with 'personas') that writes them")
+    if run is None:
+        return spec
+    own = {name: str(run / path) for name, path in RUN_FILES.items() if getattr(recipe, name) is not None}
     if parts is None:
-        return own if spec.strip() == "roleplay" else spec
-    return ",".join(f"{own if src.strip() == 'roleplay' else src}:{w:g}" for src, w in parts)
+        return own.get(spec.strip(), spec)
+    return ",".join(f"{own.get(src.strip(), src)}:{w:g}" for src, w in parts)
 
 
-def roleplay_settings(recipe: Recipe, teacher: str, run: Path):
+def run_file_settings(recipe: Recipe, section: str, teacher: str, run: Path):
+    """The settings of a stage that has the teacher write one of RUN_FILES (`roleplay`, `hostile`) from the run's
+    train cards."""
     from taille.generate.generate import GenerateSettings
 
-    return GenerateSettings(teacher=teacher, out=str(run / "roleplay" / "roleplay.jsonl"),
-                            personas=str(run / "personas" / "train"), **recipe.roleplay)
+    return GenerateSettings(teacher=teacher, out=str(run / RUN_FILES[section]), personas=str(run / "personas" / "train"),
+                            **getattr(recipe, section))
 
 
 def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = None, check_files: bool = True):
@@ -209,18 +235,23 @@ def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = N
     from taille.characters.prefer import PreferSettings
 
     values = dict(recipe.prefer or {})
-    if "data" not in values:
-        values["data"] = str((run or Path("RUN")) / "roleplay" / "roleplay.jsonl") if recipe.roleplay else "roleplay"
+    spec = str(values.get("data", "roleplay"))
+    values["data"] = data_spec(recipe, run or Path("RUN"), spec)  # `roleplay`, `hostile`: the run's files
+    if not check_files and values["data"] != spec:
+        values["data"] = "roleplay"  # the settings' own checks, without the file the run will write
     if "personas" not in values and recipe.personas is not None:
         values["personas"] = str((run or Path("RUN")) / "personas")
-    if not check_files and "data" not in (recipe.prefer or {}):
-        values["data"] = "roleplay"  # the settings' own checks, without the file the run will write
     return PreferSettings(student=student, out=out, **values)
 
 
+def trained_student(recipe: Recipe, run: Path) -> Path:
+    """The student the training stages end with: RUN/sft when the recipe has `sft`, else RUN/distilled."""
+    return run / ("sft" if recipe.sft is not None else "distilled")
+
+
 def final_student(recipe: Recipe, run: Path) -> Path:
-    """The student the run ends with: RUN/preferred when the recipe has `prefer`, else RUN/distilled."""
-    return run / ("preferred" if recipe.prefer is not None else "distilled")
+    """The student the run ends with: RUN/preferred when the recipe has `prefer`, else trained_student's."""
+    return run / "preferred" if recipe.prefer is not None else trained_student(recipe, run)
 
 
 def importance_config(recipe: Recipe, teacher: str, out: str, run: Path | None = None):
@@ -254,6 +285,17 @@ def distill_config(recipe: Recipe, student: str, out: str, teacher: str | None =
 
     return DistillConfig(student=student, data=data_spec(recipe, run), out=out, teacher=teacher or recipe.teacher, resume=True,
                          **recipe.distill)
+
+
+def sft_config(recipe: Recipe, student: str, out: str, teacher: str | None = None, run: Path | None = None):
+    """The sft stage's settings: its own `data` (else the recipe's), the teacher only for a loss with a KD term."""
+    from taille.distill.config import DistillConfig
+
+    section = dict(recipe.sft)
+    data = data_spec(recipe, run, section.pop("data", None))
+    kd = (section.get("loss") or {}).get("kd_weight")
+    return DistillConfig(student=student, data=data, out=out, teacher=(teacher or recipe.teacher) if kd else None,
+                         resume=True, **section)
 
 
 def correct_config(recipe: Recipe, out: str, run: Path | None = None):

@@ -50,15 +50,18 @@ def blocks(recipe, run: Path, teacher: str) -> list[tuple]:
         if recovered is not None:
             out.append(("p", f"Distillation won back {recovered:.0%} of the log-perplexity pruning lost "
                              f"(on {next(iter(evaluation['rows'][0]['ppl']))})."))
-    distilled = _json(run / "distilled" / "taille.json")
-    if distilled:
-        d = distilled["distill"]
-        out += [("h2", "Distillation"),
-                ("p", f"{d['tokens']:,} tokens in {d['steps']} steps ({d['precision']}, {d['processes']} process(es), "
-                      f"global batch {d['global_batch']}); final loss {d['final_loss']:.4f}; {d['seconds'] / 60:.1f} min "
-                      "of training.")]
-        if (run / "distilled" / "curves.png").is_file():
-            out.append(("img", "distilled/curves.png", "training loss, held-out perplexity and KL to the teacher"))
+    for folder, title in (("distilled", "Distillation"), ("sft", "Second training stage (sft)")):
+        trained = _json(run / folder / "taille.json")
+        if not trained:
+            continue
+        d = trained["distill"]
+        data = f" on {d['config']['data']}" if folder == "sft" else ""
+        out += [("h2", title),
+                ("p", f"{d['tokens']:,} tokens{data} in {d['steps']} steps ({d['precision']}, {d['processes']} "
+                      f"process(es), global batch {d['global_batch']}); final loss {d['final_loss']:.4f}; "
+                      f"{d['seconds'] / 60:.1f} min of training.")]
+        if (run / folder / "curves.png").is_file():
+            out.append(("img", f"{folder}/curves.png", "training loss, held-out perplexity and KL to the teacher"))
     preferred = _json(run / "preferred" / "taille.json")
     if preferred:
         r, pairs = preferred["prefer"], preferred["prefer"]["pairs"]

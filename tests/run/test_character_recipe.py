@@ -160,3 +160,83 @@ def test_a_bad_prefer_section_fails_when_the_recipe_is_read(tmp_path):
         path.write_text(yaml.safe_dump(values))
         with pytest.raises(TailleError, match=message):
             load_recipe(path)
+
+
+def test_hostile_answers_and_an_sft_stage_run_between_distillation_and_prefer(tmp_path, capsys, monkeypatch):
+    """The character chain as sections: the teacher answers hostile lines on the train cards (RUN/hostile), a CE
+    stage on the run's role-play and those answers follows distillation with no teacher (RUN/sft), DPO starts from
+    it on the hostile answers, and the evaluation, the export and the report follow it."""
+    from taille.characters.lines import ADVERSARIAL_TRAIN
+    from taille.generate.generate import Engine
+    from taille.run import pipeline
+    from taille.run.recipe import final_student
+
+    path = character_recipe(tmp_path)
+    values = yaml.safe_load(path.read_text())
+    values["hostile"] = {"tokens": 100, "conversations": 1, "turns": 1, "max_new_tokens": 16, "batch_size": 8,
+                         "kinds": "adversarial:1", "retries": 1}
+    values["sft"] = {"data": "roleplay:0.6,hostile:0.4", "tokens": 512, "seq_len": 32, "batch_size": 4, "lr": 1e-3,
+                     "warmup": 1, "save_every": 8, "loss_on": "replies", "precision": "fp32",
+                     "loss": {"ce_weight": 1, "kd_weight": 0}}
+    values["prefer"] = {"data": "hostile", "samples": 2, "epochs": 1, "batch_size": 2, "max_length": 8192,
+                        "precision": "fp32"}
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
+    students = []
+
+    def broken_student(s, out):
+        students.append(s.student)
+        return Engine("scripted", True, render=lambda p: p, render_text=lambda t: t, count=lambda t: len(t.split()),
+                      sample=lambda rendered, n, seed: [("I am only a language model.", 6)] * len(rendered),
+                      render_messages=lambda messages: messages[-1]["content"])
+
+    monkeypatch.setattr("taille.characters.prefer.student_engine", broken_student)
+    run_cli(capsys, "run", path, "--until", "prefer")
+    run = tmp_path / "run"
+    hostile, roleplay = run / "hostile" / "hostile.jsonl", run / "roleplay" / "roleplay.jsonl"
+
+    records = [json.loads(line) for line in hostile.read_text().splitlines()]
+    done = json.loads((run / "hostile" / "done.json").read_text())
+    assert done["finished"] and done["settings"]["kinds"] == "adversarial:1"
+    assert records and {r["messages"][1]["content"] for r in records} <= set(ADVERSARIAL_TRAIN)
+    assert {r["persona"] for r in records} <= set(load_half(run / "personas", "train"))
+
+    sft = json.loads((run / "sft" / "taille.json").read_text())["distill"]
+    assert sft["config"]["student"] == str(run / "distilled") and sft["config"]["teacher"] is None
+    assert {part["source"]: part["weight"] for part in sft["data"]} == {str(roleplay): 0.6, str(hostile): 0.4}
+    assert sft["tokens"] >= 512 and sft["config"]["loss"]["ce_weight"] == 1
+
+    prefer = json.loads((run / "preferred" / "taille.json").read_text())["prefer"]
+    assert students == [str(run / "sft")] and prefer["settings"]["data"] == str(hostile)
+    assert prefer["pairs"]["turns"] == len(records)
+    recipe = load_recipe(path)
+    assert final_student(recipe, run) == run / "preferred"
+
+    seen = {}
+    monkeypatch.setattr("taille.eval.run.evaluate", lambda models, s, out: seen.setdefault("models", models) and {})
+    monkeypatch.setattr("taille.eval.run.write_report", lambda report, out: seen.setdefault("labels", report["labels"]))
+    pipeline.stage_eval(recipe, run, recipe.teacher)
+    assert seen["models"][-3:] == [str(run / "distilled"), str(run / "sft"), str(run / "preferred")]
+    pipeline.stage_report(recipe, run, recipe.teacher)
+    report = (run / "report.md").read_text()
+    assert "Second training stage (sft)" in report and f"on {roleplay}:0.6,{hostile}:0.4" in report
+
+
+def test_hostile_data_without_its_section_is_refused_when_the_recipe_is_read(tmp_path):
+    import pytest
+
+    from taille.errors import TailleError
+
+    path = character_recipe(tmp_path)
+    base = yaml.safe_load(path.read_text())
+    for change, message in (({"sft": {"data": "roleplay:0.6,hostile:0.4"}}, "add a 'hostile' section"),
+                            ({"prefer": {"data": "hostile"}}, "add a 'hostile' section"),
+                            ({"sft": {"tokens": "64K", "student": "x"}}, r"section 'sft': unknown key\(s\) student"),
+                            ({"sft": {"loss": {"ce": 1}}}, r"section 'sft.loss': unknown key\(s\) ce"),
+                            ({"hostile": {"kinds": "adversarial:1"}, "personas": None}, "needs a 'personas' section")):
+        values = {**base, **change}
+        if "personas" in change:  # no cards: no role-play either
+            values.pop("roleplay")
+        path.write_text(yaml.safe_dump(values))
+        with pytest.raises(TailleError, match=message):
+            load_recipe(path)
