@@ -100,9 +100,10 @@ the live teacher for --tokens (512K) with the recovery benchmark's schedule, cha
   searched-calib-general-mix-replies   that student on a general recipe's data, no role-play: the teacher's free
                  text (the `free` row's corpus) 0.4, its chat answers 0.2, the plays 0.4 (`--loss-on replies`): the
                  role-play share traded for pre-training-like text (WikiText-2) and more of the plays (held-out plays)
-  searched-calib-free-plays-replies   the same student on the free text 0.45 (the shipped `free` corpus, the
-                 `free` row's bytes) and the plays 0.55, no chat answers: the general mix missed held-out plays
-                 at 1.33x by 0.03x; does the chat share buy anything the plays would not?
+  searched-calib-free-plays   the same student on the free text 0.45 (the shipped `free` corpus, the `free`
+                 row's bytes) and the plays 0.55, no chat answers (so no reply mask: plain text, every token
+                 counts, as in the general mix's other 0.8): the general mix missed held-out plays at 1.33x by
+                 0.03x; does the chat share buy anything the plays would not?
   searched-calib-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops)   the character chain of the
                  demo-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops) rows on that student: 448K tokens
                  of the default's KD, 64K of CE on role-play and the composed hostile answers, then DPO with both
@@ -146,7 +147,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -258,7 +259,7 @@ def main() -> None:
             **{f"{student.removesuffix('-90m')}-mix-replies": (work / student, data["demo-mix"], ["--loss-on", "replies"])
                for student in CALIBRATED},
             "searched-calib-general-mix-replies": (work / "searched-calib-90m", data["general-mix"], ["--loss-on", "replies"]),
-            "searched-calib-free-plays-replies": (work / "searched-calib-90m", data["free-plays"], ["--loss-on", "replies"]),
+            "searched-calib-free-plays": (work / "searched-calib-90m", data["free-plays"], []),  # plain text: every token counts
             "roleplay-general": (width, data["roleplay-general"], []),
             "roleplay-general-on-policy-reply": (width, data["roleplay-general"], ["--on-policy", 1.0, "--on-policy-tokens",
                                                                                    128, "--on-policy-from", "reply"]),
