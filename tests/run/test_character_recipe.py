@@ -38,6 +38,25 @@ class Teachers:
         return teacher.engine()
 
 
+def run_until_prefer(path: Path, capsys, monkeypatch) -> list[str]:
+    """`taille run PATH --until prefer` with scripted teachers and a student whose every draw says what no character
+    may (each turn gives a pair); returns the students the prefer stage drew from."""
+    from taille.generate.generate import Engine
+
+    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
+    students = []
+
+    def broken_student(s, out):
+        students.append(s.student)
+        return Engine("scripted", True, render=lambda p: p, render_text=lambda t: t, count=lambda t: len(t.split()),
+                      sample=lambda rendered, n, seed: [("I am only a language model.", 6)] * len(rendered),
+                      render_messages=lambda messages: messages[-1]["content"])
+
+    monkeypatch.setattr("taille.characters.prefer.student_engine", broken_student)
+    run_cli(capsys, "run", path, "--until", "prefer")
+    return students
+
+
 def refuse(s):
     raise AssertionError("the role-play stage asked for a teacher again")
 
@@ -97,7 +116,6 @@ def test_characters_are_scored_on_the_runs_cards_against_the_teacher(tmp_path):
 
 def test_a_prefer_section_tunes_the_distilled_student_on_the_runs_role_play_and_the_rest_follow_it(tmp_path, capsys,
                                                                                                   monkeypatch):
-    from taille.generate.generate import Engine
     from taille.run import pipeline
     from taille.run.recipe import final_student
 
@@ -106,17 +124,7 @@ def test_a_prefer_section_tunes_the_distilled_student_on_the_runs_role_play_and_
     values["prefer"] = {"samples": 2, "epochs": 1, "batch_size": 2, "max_length": 8192, "precision": "fp32"}
     values["export"] = {"quants": ["f16"], "verify": False}
     path.write_text(yaml.safe_dump(values))
-    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
-    students = []
-
-    def broken_student(s, out):  # every draw says what no character may: each turn gives a pair
-        students.append(s.student)
-        return Engine("scripted", True, render=lambda p: p, render_text=lambda t: t, count=lambda t: len(t.split()),
-                      sample=lambda rendered, n, seed: [("I am only a language model.", 6)] * len(rendered),
-                      render_messages=lambda messages: messages[-1]["content"])
-
-    monkeypatch.setattr("taille.characters.prefer.student_engine", broken_student)
-    run_cli(capsys, "run", path, "--until", "prefer")
+    students = run_until_prefer(path, capsys, monkeypatch)
     run = tmp_path / "run"
     record = json.loads((run / "preferred" / "taille.json").read_text())["prefer"]
     assert students == [str(run / "distilled")]
@@ -167,7 +175,6 @@ def test_hostile_answers_and_an_sft_stage_run_between_distillation_and_prefer(tm
     stage on the run's role-play and those answers follows distillation with no teacher (RUN/sft), DPO starts from
     it on the hostile answers, and the evaluation, the export and the report follow it."""
     from taille.characters.lines import ADVERSARIAL_TRAIN
-    from taille.generate.generate import Engine
     from taille.run import pipeline
     from taille.run.recipe import final_student
 
@@ -181,17 +188,7 @@ def test_hostile_answers_and_an_sft_stage_run_between_distillation_and_prefer(tm
     values["prefer"] = {"data": "hostile", "samples": 2, "epochs": 1, "batch_size": 2, "max_length": 8192,
                         "precision": "fp32"}
     path.write_text(yaml.safe_dump(values))
-    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
-    students = []
-
-    def broken_student(s, out):
-        students.append(s.student)
-        return Engine("scripted", True, render=lambda p: p, render_text=lambda t: t, count=lambda t: len(t.split()),
-                      sample=lambda rendered, n, seed: [("I am only a language model.", 6)] * len(rendered),
-                      render_messages=lambda messages: messages[-1]["content"])
-
-    monkeypatch.setattr("taille.characters.prefer.student_engine", broken_student)
-    run_cli(capsys, "run", path, "--until", "prefer")
+    students = run_until_prefer(path, capsys, monkeypatch)
     run = tmp_path / "run"
     hostile, roleplay = run / "hostile" / "hostile.jsonl", run / "roleplay" / "roleplay.jsonl"
 
