@@ -57,6 +57,17 @@ def run_until_prefer(path: Path, capsys, monkeypatch) -> list[str]:
     return students
 
 
+def evaluated(recipe, run: Path, monkeypatch) -> dict:
+    """The eval stage of `run`, its evaluation replaced by a record of the models and labels it was given."""
+    from taille.run import pipeline
+
+    seen = {}
+    monkeypatch.setattr("taille.eval.run.evaluate", lambda models, s, out: seen.setdefault("models", models) and {})
+    monkeypatch.setattr("taille.eval.run.write_report", lambda report, out: seen.setdefault("labels", report["labels"]))
+    pipeline.stage_eval(recipe, run, recipe.teacher)
+    return seen
+
+
 def refuse(s):
     raise AssertionError("the role-play stage asked for a teacher again")
 
@@ -137,10 +148,7 @@ def test_a_prefer_section_tunes_the_distilled_student_on_the_runs_role_play_and_
     assert final_student(recipe, run) == run / "preferred"
 
     # the evaluation scores the preferred student beside the distilled one
-    seen = {}
-    monkeypatch.setattr("taille.eval.run.evaluate", lambda models, s, out: seen.setdefault("models", models) and {})
-    monkeypatch.setattr("taille.eval.run.write_report", lambda report, out: seen.setdefault("labels", report["labels"]))
-    pipeline.stage_eval(recipe, run, recipe.teacher)
+    seen = evaluated(recipe, run, monkeypatch)
     assert seen["models"][-2:] == [str(run / "distilled"), str(run / "preferred")]
     assert seen["labels"][str(run / "preferred")] == "preferred"
     # the export writes the preferred student
@@ -209,10 +217,7 @@ def test_hostile_answers_and_an_sft_stage_run_between_distillation_and_prefer(tm
     recipe = load_recipe(path)
     assert final_student(recipe, run) == run / "preferred"
 
-    seen = {}
-    monkeypatch.setattr("taille.eval.run.evaluate", lambda models, s, out: seen.setdefault("models", models) and {})
-    monkeypatch.setattr("taille.eval.run.write_report", lambda report, out: seen.setdefault("labels", report["labels"]))
-    pipeline.stage_eval(recipe, run, recipe.teacher)
+    seen = evaluated(recipe, run, monkeypatch)
     assert seen["models"][-3:] == [str(run / "distilled"), str(run / "sft"), str(run / "preferred")]
     pipeline.stage_report(recipe, run, recipe.teacher)
     report = (run / "report.md").read_text()
