@@ -69,8 +69,8 @@ class Recipe:
     (else the recipe's); the teacher only when its `loss` sets a kd_weight above 0, so `loss: {ce_weight: 1,
     kd_weight: 0}` is cross-entropy on the data's kept replies alone (sequence-level KD). `prefer` starts from it."""
     prefer: dict | None = None
-    """DPO on the distilled student's own broken replies (`taille prefer`: {samples, max_prompts, beta, ...}) into
-    RUN/preferred, which the evaluation scores beside the distilled student and the export writes. Its `data`
+    """DPO on the trained student's own broken replies (RUN/sft, else RUN/distilled; `taille prefer`: {samples,
+    max_prompts, beta, ...}) into RUN/preferred, which the evaluation scores beside it and the export writes. Its `data`
     defaults to the run's role-play file (else the shipped corpus), its `personas` to the run's cards."""
     eval: dict = field(default_factory=dict)
     export: dict | None = None
@@ -127,6 +127,9 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     for section in ("roleplay", "hostile"):
         if values.get(section) is not None and values.get("personas") is None:
             raise TailleError(f"{source or 'recipe'}: a '{section}' section needs a 'personas' section (the cards it plays)")
+    if values.get("hostile") is not None and not (values["hostile"] or {}).get("kinds"):
+        raise TailleError(f"{source or 'recipe'}: section 'hostile' needs 'kinds' (say adversarial:0.25,hostile:0.75): "
+                          "without it the teacher answers ordinary role-play lines")
     recipe = Recipe(
         name=str(values["name"]), teacher=str(values["teacher"]), data=str(values["data"]), out=values.get("out"),
         personas=_check_keys("personas", values.get("personas"), _keys(CardSettings, "out")),

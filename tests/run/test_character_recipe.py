@@ -235,7 +235,8 @@ def test_hostile_data_without_its_section_is_refused_when_the_recipe_is_read(tmp
                             ({"prefer": {"data": "hostile"}}, "add a 'hostile' section"),
                             ({"sft": {"tokens": "64K", "student": "x"}}, r"section 'sft': unknown key\(s\) student"),
                             ({"sft": {"loss": {"ce": 1}}}, r"section 'sft.loss': unknown key\(s\) ce"),
-                            ({"hostile": {"kinds": "adversarial:1"}, "personas": None}, "needs a 'personas' section")):
+                            ({"hostile": {"kinds": "adversarial:1"}, "personas": None}, "needs a 'personas' section"),
+                            ({"hostile": {"tokens": "24K"}}, "section 'hostile' needs 'kinds'")):
         values = {**base, **change}
         if "personas" in change:  # no cards: no role-play either
             values.pop("roleplay")
