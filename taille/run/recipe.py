@@ -124,7 +124,7 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
     from taille.characters.settings import CardSettings
     from taille.generate.generate import GenerateSettings
 
-    for section in ("roleplay", "hostile"):
+    for section in RUN_FILES:  # the stages that play the run's cards
         if values.get(section) is not None and values.get("personas") is None:
             raise TailleError(f"{source or 'recipe'}: a '{section}' section needs a 'personas' section (the cards it plays)")
     if values.get("hostile") is not None and not (values["hostile"] or {}).get("kinds"):
