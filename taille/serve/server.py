@@ -935,7 +935,10 @@ def serve(model: str, personas: dict[str, Persona] | str | Path, settings: Serve
     def stop(signum, frame):  # SIGTERM ends the server the way Ctrl-C does: engine and all
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # SIGINT too: a shell starts a background job (`taille serve ... &` in a script) with SIGINT ignored, and
+    # Python then installs no Ctrl-C handler, so `kill -INT` would leave the server and its engine running
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     host, port = server.server_address[:2]
     log.info("serving %s as %s on http://%s:%d/v1 (%s, %d at once)", path, ", ".join(server.catalog.models()),
              host, port, settings.engine, settings.parallel)
