@@ -571,9 +571,9 @@ def run_cmd(
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
 ) -> None:
-    """The main job on the embedded default: SmolLM2-135M-Instruct pruned to ~90M on Shakespeare, distilled
-    from the teacher, and evaluated against it (about 8 minutes on a 2-core CPU). The shipped recipe
-    `smollm2-135m-to-90m`; prints the table and the report's path."""
+    """The main job on the embedded default: the shipped recipe `smollm2-135m-to-90m` (SmolLM2-135M-Instruct
+    pruned to ~90M, distilled from the teacher on its role-play, chat and the plays, evaluated against it as a
+    model and as a character, exported to GGUF); prints the table and the report's path."""
     _run_and_show("smollm2-135m-to-90m", out, None)
 
 

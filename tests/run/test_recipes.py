@@ -26,7 +26,7 @@ EXPECTED = {
     "mistral-nemo-12b-to-8b": (8.4e9, {"hidden": 4096, "ffn": 11520, "heads": 32, "kv_heads": 8, "layers": 40}),
     "llama-3.1-8b-to-4b-width": (4.5e9, {"hidden": 3072, "ffn": 9216, "heads": 32, "kv_heads": 8, "layers": 32}),
     "llama-3.1-8b-to-4b-depth": (4.5e9, {"hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "layers": 16}),
-    "smollm2-135m-to-90m": (90e6, {"hidden": 480, "ffn": 1152, "heads": 6, "kv_heads": 3, "layers": 30}),
+    "smollm2-135m-to-90m": (89.39e6, {"hidden": 576, "ffn": 960, "heads": 9, "kv_heads": 3, "layers": 24}),
     "smollm2-135m-npc": (89.39e6, {"hidden": 576, "ffn": 960, "heads": 9, "kv_heads": 3, "layers": 24}),
     "smollm2-135m-to-90m-general": (89.88e6, {"hidden": 576, "ffn": 1184, "heads": 9, "kv_heads": 3, "layers": 21}),
 }
