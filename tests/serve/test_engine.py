@@ -268,14 +268,20 @@ def alive(pid: int) -> bool:
     return status != "Z"
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_no_engine_outlives_taille_serve(smollm2, how):
+def ignore_sigint():  # what a shell does to a job it starts in the background (`taille serve ... &` in a script)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("how, background", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True),
+                                             (signal.SIGKILL, False)], ids=["term", "int", "int-background", "kill"])
+def test_no_engine_outlives_taille_serve(smollm2, how, background):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "taille", "serve", smollm2, "--port", str(port), "--parallel", "1",
                              "--ctx", "256", "--max-tokens", "32", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint if background else None)
     deadline, engine = time.time() + 120, []
     while time.time() < deadline and not engine:
         try:
