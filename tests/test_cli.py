@@ -80,7 +80,9 @@ def test_sigint_during_a_distillation_exits_130(tmp_path):
                              str(teacher), "--data", str(tmp_path / "d.txt"), "--out", str(out), "--tokens", "100M",
                              "--seq-len", "32", "--batch-size", "2", "--log-every", "1", "--precision", "fp32"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TAILLE_LOG": "WARNING"})
+                            env={**os.environ, "TAILLE_LOG": "WARNING"},
+                            # Ctrl-C at a terminal, also when pytest itself runs as a background job (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size):
         time.sleep(0.1)
