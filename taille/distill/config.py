@@ -291,6 +291,10 @@ class CorrectConfig:
     """Blocks per process per micro-step."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
+    loss_on: str = "all"
+    """Which tokens the cross-entropy counts: all, or replies (the assistant's turns of chat data, as `taille
+    distill --loss-on replies`): correct the teacher on the tokens the student will be distilled on, not on the
+    cards and player lines it only reads."""
     precision: str = "auto"
     """auto, bf16-mixed or fp32 (see `taille distill -h`)."""
     seed: int = 1234

@@ -225,3 +225,33 @@ def test_a_cache_of_one_chat_source_is_masked_and_a_mixtures_is_refused(tmp_path
     _, err = run_cli(capsys, "distill", "--student", student, "--teacher-cache", tmp_path / "mixed", "--out",
                      tmp_path / "o", "--seq-len", 64, "--batch-size", 4, "--loss-on", "replies", code=2)
     assert "--loss-on replies with a teacher cache of a mixture" in err and "Traceback" not in err
+
+
+def test_teacher_correction_on_replies_is_the_cross_entropy_of_the_reply_tokens(tmp_path, capsys):
+    """`taille correct --loss-on replies`: a step's loss is the teacher's mean cross-entropy at the reply targets
+    alone (computed here from its logits), not over the cards and player lines; the option reaches the CLI."""
+    import torch.nn.functional as F
+
+    import taille.distill.train as train
+    from taille.data.mixture import run_order
+    from taille.distill.config import CorrectConfig
+
+    teacher, _, _, _ = make_setup(tmp_path, tied=False)
+    cfg = CorrectConfig(teacher=str(teacher), data=str(chat_file(tmp_path)), out=str(tmp_path / "o"), tokens=1024,
+                        seq_len=64, batch_size=4, precision="fp32", loss_on="replies").distill_config()
+    cfg.progress = False
+    run = train.setup(cfg)
+    rows = run_order(run.blocks, cfg.seed, 0, run.global_batch)
+    ids = torch.from_numpy(np.asarray(run.blocks[rows]).astype(np.int64))
+    with torch.no_grad():
+        logp = F.log_softmax(run.student(ids).logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    where = torch.from_numpy(run.replies(rows)[:, 1:])
+    assert 0 < where.float().mean() < 0.6
+    expected = nll[where].mean()
+    assert not torch.isclose(expected, nll.mean(), rtol=1e-3)
+    torch.testing.assert_close(train.train_step(run, 0)["loss"], expected, rtol=1e-4, atol=1e-6)
+    run_cli(capsys, "correct", "--teacher", teacher, "--data", chat_file(tmp_path), "--out", tmp_path / "cli",
+            "--tokens", 512, "--seq-len", 64, "--batch-size", 4, "--loss-on", "replies", "--precision", "fp32")
+    record = json.loads((tmp_path / "cli" / "taille.json").read_text())["distill"]
+    assert record["config"]["loss_on"] == "replies" and record["config"]["loss"]["kd_weight"] == 0
