@@ -97,6 +97,11 @@ the live teacher for --tokens (512K) with the recovery benchmark's schedule, cha
   deep-calib-mix-replies   the same data and mask on the searched shape's family with fewer layers cut (24 x 576 x
                  MLP 960, 89.39M; DEEP), pruned from those scores: the 21-layer shape reads a card's facts less
                  well than the width one and its zero-shot stops rising after 64K; is depth what the pruning loses?
+  corrected-deep-calib-mix-replies   Minitron's teacher correction first: the teacher fine-tuned on the same mix
+                 (`taille correct --loss-on replies`, CORRECTION_TOKENS at CORRECTION_LR), its importance calibrated
+                 on the mix, pruned to the deep shape and distilled from the corrected teacher as
+                 deep-calib-mix-replies is from the original; the correction's tokens are the teacher's, not
+                 the student's budget: the student reads 512K as every row
   searched-calib-general-mix-replies   that student on a general recipe's data, no role-play: the teacher's free
                  text (the `free` row's corpus) 0.4, its chat answers 0.2, the plays 0.4 (`--loss-on replies`): the
                  role-play share traded for pre-training-like text (WikiText-2) and more of the plays (held-out plays)
@@ -147,7 +152,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "corrected-deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -258,6 +263,7 @@ def main() -> None:
             "searched-mix-replies": (searched, data["demo-mix"], ["--loss-on", "replies"]),
             **{f"{student.removesuffix('-90m')}-mix-replies": (work / student, data["demo-mix"], ["--loss-on", "replies"])
                for student in CALIBRATED},
+            CORRECTED: (None, data["demo-mix"], ["--loss-on", "replies"]),  # corrected()
             "searched-calib-general-mix-replies": (work / "searched-calib-90m", data["general-mix"], ["--loss-on", "replies"]),
             "searched-calib-free-plays": (work / "searched-calib-90m", data["free-plays"], []),  # plain text: every token counts
             "roleplay-general": (width, data["roleplay-general"], []),
@@ -326,6 +332,7 @@ def main() -> None:
     for name in chosen:  # every chosen run trains first: the measurements come after, from the same folders
         student, source, extra = rows[name]
         outs[name] = out = (two_rounds(work, args, name, source, extra) if name in TWO_ROUNDS else
+                            corrected(work, args, name, source, extra) if name == CORRECTED else
                             then_sft(work, args, width, data["demo-mix"], name, *sft_stages[name]) if name in sft_stages else
                             then_prefer(work, prefer_student(name), name, extra)
                             if name.removesuffix("-seed1") in PREFER_ROWS else
@@ -491,6 +498,33 @@ def two_rounds(work: Path, args, name: str, source: str, extra: list) -> Path:
     out = work / "runs" / name
     if not (out / "taille.json").exists():
         taille("distill", "--student", second, "--teacher", TEACHER, *train_args(args, source), *extra, "--tokens", half,
+               "--out", out, "--resume")
+    return out
+
+
+CORRECTED = "corrected-deep-calib-mix-replies"
+CORRECTION_TOKENS = "128K"
+CORRECTION_LR = 1e-4
+"""The corrected row's teacher fine-tuning: 128K tokens of the mix (a quarter of the student's budget; Minitron
+corrects on ~100B), at a fifth of this benchmark's distillation peak (5e-4), cosine to a tenth: `taille correct`'s
+own 2e-5 is Minitron's fifth of its teachers' pre-training peak, for a correction of billions of tokens, not 62 steps."""
+
+
+def corrected(work: Path, args, name: str, source: str, extra: list) -> Path:
+    """Teacher correction first (Minitron): the teacher fine-tuned on `source`'s replies and plays, then the
+    deep shape pruned from that teacher's importance on `source` and distilled from it with `extra`."""
+    teacher, scores, student = work / "corrected-teacher", work / "importance-corrected", work / "deep-corrected-90m"
+    if not (teacher / "taille.json").exists():
+        taille("correct", "--teacher", TEACHER, "--data", source, "--loss-on", "replies", "--tokens", CORRECTION_TOKENS,
+               "--lr", CORRECTION_LR, "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--out", teacher,
+               "--resume")
+    if not (scores / "importance.json").exists():
+        taille("importance", "-m", teacher, "--data", source, "--samples", 128, "--seq-len", 512, "--out", scores)
+    if not (student / "taille.json").exists():
+        taille("prune", "-m", teacher, "--scores", scores, *shape_flags(DEEP), "--out", student)
+    out = work / "runs" / name
+    if not (out / "taille.json").exists():
+        taille("distill", "--student", student, "--teacher", teacher, *train_args(args, source), *extra,
                "--out", out, "--resume")
     return out
 
