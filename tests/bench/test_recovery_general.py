@@ -323,6 +323,32 @@ def test_the_deep_row_prunes_fewer_layers_from_the_mix_scores_and_stays_under_th
     assert 89e6 < params <= 90e6
 
 
+def test_the_corrected_row_corrects_the_teacher_first_and_prunes_and_distils_from_it(recovery, tmp_path, monkeypatch):
+    """Teacher correction (Minitron): the teacher fine-tuned on the mix's replies, then the importance, the deep
+    shape's prune and the distillation all read the corrected teacher, not the original; a repeat is refused."""
+    work = tmp_path / "work"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", recovery.CORRECTED)
+    assert [c[0] for c in calls] == ["correct", "importance", "prune", "distill"]
+    correct, importance, prune, distill = calls
+    teacher = correct[correct.index("--out") + 1]
+    mix = "roleplay:0.45,chat:0.35,shakespeare:0.2"
+    assert correct[correct.index("--teacher") + 1] == recovery.TEACHER and teacher != recovery.TEACHER
+    assert correct[correct.index("--data") + 1] == mix and correct[correct.index("--loss-on") + 1] == "replies"
+    assert parse_count(correct[correct.index("--tokens") + 1]) == parse_count(recovery.CORRECTION_TOKENS)
+    assert importance[importance.index("-m") + 1] == teacher and prune[prune.index("-m") + 1] == teacher
+    assert prune[prune.index("--scores") + 1] == importance[importance.index("--out") + 1]
+    assert (prune[prune.index("--layers") + 1], prune[prune.index("--ffn") + 1]) == \
+        (str(recovery.DEEP["layers"]), str(recovery.DEEP["ffn"]))
+    assert distill[distill.index("--teacher") + 1] == teacher
+    assert distill[distill.index("--student") + 1] == prune[prune.index("--out") + 1]
+    assert distill[distill.index("--data") + 1] == mix and distill[distill.index("--loss-on") + 1] == "replies"
+    assert parse_count(distill[distill.index("--tokens") + 1]) == 512_000  # the student's budget, as every row's
+    monkeypatch.setattr(sys, "argv", ["recovery_general.py", "--wikitext2", "w", "--task-data", "e", "--only", "none",
+                                      "--seeds", recovery.CORRECTED, "--work", str(work)])
+    with pytest.raises(SystemExit, match="two stages"):
+        recovery.main()
+
+
 def test_two_rounds_on_the_mix_prunes_twice_on_its_data_and_a_measured_row_stays_in_the_tables(recovery, tmp_path,
                                                                                                monkeypatch):
     work = tmp_path / "work"
