@@ -46,32 +46,46 @@ def main() -> None:
     taille("eval", out / "distilled", "--ppl", "shakespeare:heldout", "--ppl", f"wikitext2:{args.wikitext2}",
            "--max-tokens", EVAL_TOKENS, "--out", out / f"eval-{EVAL_TOKENS}")
 
+    result = collect(out, args.recipe, wall)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    table(result)
+
+
+def collect(out: Path, recipe: str, wall: float) -> dict:
+    """What a finished run under `out` measured: its stage timings, its report's perplexities (each source of the
+    recipe's eval), KL and in-character sample per model, and the 64K-token perplexities of its student."""
     report = json.loads((out / "eval" / "eval.json").read_text())
     labels = report["labels"]
     rows = {labels.get(r["model"], r["model"]): r for r in report["rows"]}
-    (plays,) = report["settings"]["ppl"]
     measured = json.loads((out / f"eval-{EVAL_TOKENS}" / "eval.json").read_text())["rows"][0]["ppl"]
     characters = {labels.get(r["model"], r["model"]): {k: r[k] for k in ("knowledge_acc", "knowledge_n", "break_rate",
                                                                          "in_character", "degenerate_rate", "replies")}
                   for r in report.get("characters", {}).get("rows", [])}
-    result = {
-        "what": f"`taille run {args.recipe} --out {out}` then `taille eval {out}/distilled --ppl shakespeare:heldout "
+    return {
+        "what": f"`taille run {recipe} --out {out}` then `taille eval {out}/distilled --ppl shakespeare:heldout "
                 f"--ppl wikitext2:wiki.test.raw --max-tokens {EVAL_TOKENS}` (benchmarks/recipe_run.py)",
         "wall_seconds": round(wall, 1),
         "stage_seconds": json.loads((out / "timings.json").read_text()),
-        "report_ppl": {label: round(next(iter(r["ppl"].values()))["ppl"], 2) for label, r in rows.items()},
-        "report_ppl_data": plays,
+        "report_ppl": {label: {src: round(v["ppl"], 2) for src, v in r["ppl"].items()} for label, r in rows.items()},
         "report_kl": {label: round(r["kl_to_reference"], 4) for label, r in rows.items() if label != "teacher"},
-        f"ppl_{EVAL_TOKENS // 1024}k": {name: round(v["ppl"], 3) for name, v in measured.items()},
+        "ppl_64k": {src: round(v["ppl"], 3) for src, v in measured.items()},
         "characters": characters,
     }
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| {args.recipe} | seconds | plays ppl (report) | KL | " + " | ".join(f"{n} ppl ({EVAL_TOKENS // 1024}K)"
-                                                                                  for n in measured) + " |")
-    print("|---|---|---|---|" + "---|" * len(measured))
-    print(f"| distilled | {wall:.0f} | {result['report_ppl'].get('distilled')} | {result['report_kl'].get('distilled')} | "
-          + " | ".join(str(v) for v in result[f"ppl_{EVAL_TOKENS // 1024}k"].values()) + " |")
 
+
+def table(result: dict) -> None:
+    """The run as a markdown table: one row per model of its report, the student's 64K perplexities beside."""
+    sources = sorted({src for ppl in result["report_ppl"].values() for src in ppl})
+    wide = list(result["ppl_64k"])
+    print("| model | " + " | ".join(f"{s} ppl (report)" for s in sources) + " | KL | "
+          + " | ".join(f"{s} ppl (64K)" for s in wide) + " |")
+    print("|---|" + "---|" * (len(sources) + 1 + len(wide)))
+    for label, ppl in result["report_ppl"].items():
+        cells = [str(ppl.get(s, "-")) for s in sources] + [str(result["report_kl"].get(label, "-"))]
+        cells += [str(result["ppl_64k"][s]) if label == "distilled" else "-" for s in wide]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nwall {result['wall_seconds']:.0f} s; stages: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in result["stage_seconds"].items()))
 
 if __name__ == "__main__":
     main()
