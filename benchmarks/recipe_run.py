@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from distill_recovery import RESULTS, taille
+
 EVAL_TOKENS = 65536
-
-
-def taille(*args) -> None:
-    subprocess.run([sys.executable, "-m", "taille", *map(str, args)], check=True)
 
 
 def main() -> None:
