@@ -97,7 +97,8 @@ class GenerateSettings:
     """With --personas: most player turns in a conversation (each has 1 to N)."""
     kinds: str | None = None
     """With --personas: the shares of the first player line's kind, KIND:SHARE,... over knowledge, small_talk,
-    goal, adversarial, hostile (lines composed from parts, ~1,300; share 0 unless named) (with --turns 1,
+    goal, adversarial, hostile (lines composed from parts, ~1,300; share 0 unless named), bait (lines asking the
+    character to say its own `never` phrases; share 0 unless named) (with --turns 1,
     adversarial:1 writes answers to hostile lines only: later turns are knowledge or small talk); none: knowledge
     0.35, small talk 0.2, goal 0.15, adversarial 0.3."""
     retries: int = 0

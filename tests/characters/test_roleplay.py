@@ -3,7 +3,9 @@ reply of every kind the filters must catch, the records are clean chat with the 
 metadata counts exactly what was planted, a resumed run adds new conversations only, and the adversarial
 lines trained on are never the evaluation's. One slow test runs SmolLM2 behind llama-server."""
 
+import dataclasses
 import json
+import random
 import re
 import shutil
 from collections import Counter
@@ -367,8 +369,33 @@ def test_the_hostile_kind_asks_composed_lines(tmp_path, monkeypatch, cards):
     assert len(set(hostile)) > 0.8 * len(hostile)  # many lines, most asked once
 
 
+def test_the_bait_kind_asks_each_card_for_its_own_never_phrases(tmp_path, monkeypatch, cards):
+    teacher = ScriptedTeacher(cards, script=("good",))
+    use(monkeypatch, teacher)
+    meta = generate_roleplay(settings(tmp_path, kinds="bait:1", turns=1, tokens=400))
+    records = read(tmp_path / "rp.jsonl")
+    assert records and meta["first_line_kinds_this_run"] == {"bait": len(records)}
+    asked = Counter()
+    for r in records:
+        card, line = cards[r["persona"]], r["messages"][1]["content"]
+        phrase = [p for p in card.never if line in {t.format(p=p) for t in lines.NEVER_BAITS}]
+        assert len(phrase) == 1 and phrase[0] in line, (line, card.never)
+        asked[phrase[0]] += 1
+        for held in lines.ADVERSARIAL:  # the composed lines' guard, computed here
+            a, b = shingles(line, 2), shingles(held, 2)
+            wa, wb = ({w.strip(".,?!'\"").lower() for w in t.split()} for t in (line, held))
+            assert len(a & b) / len(a | b) < 0.3 and len(wa & wb) / len(wa | wb) < 0.5, (line, held)
+    assert len(asked) > 3  # the cards' settings bait different phrases
+    # a card whose settings bait nothing is asked the composed hostile lines instead
+    from taille.characters.roleplay import player_lines
+
+    bare = dataclasses.replace(next(iter(cards.values())), never=())
+    assert lines.never_baits(bare) == []
+    assert player_lines(bare, random.Random(0))["bait"] == lines.compose_hostile()
+
+
 @pytest.mark.parametrize("extra, message", [
-    (dict(kinds="insults:1"), "KIND one of knowledge, small_talk, goal, adversarial, hostile"),
+    (dict(kinds="insults:1"), "KIND one of knowledge, small_talk, goal, adversarial, hostile, bait"),
     (dict(kinds="adversarial"), "('adversarial' is not)"),
     (dict(kinds="adversarial:-1"), "SHARE a number of 0 or more"),
     (dict(kinds="adversarial:0,goal:0"), "the shares not all 0"),
