@@ -116,6 +116,11 @@ the live teacher for --tokens (512K) with the recovery benchmark's schedule, cha
                  characters)
   deep-calib-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops)   the same chain on the deep student
                  (deep-calib-mix-replies's: 24 layers, which kept the card-reading the 21-layer shape lost)
+  deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops   that chain's DPO stage with its turns drawn
+                 from the composed hostile corpus and BAIT_TOKENS of the teacher's answers to lines that ask each
+                 training card to say its own `never` phrases (never-baits.jsonl, `--kinds bait:1`): most of the
+                 chain's held-out breaks are a `never` phrase of the card echoed from the player's line
+                 ("smartphone"), a phrase its training turns seldom asked for
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -152,7 +157,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "corrected-deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "corrected-deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -164,8 +169,11 @@ COMPOSED_ADVERSARIAL_TOKENS = "24K"
 """Reply tokens of demo-mix-replies-then-sft-adv-composed's hostile corpus: ~700 one-line conversations, a quarter
 of them on the 67 hand-written training lines, three quarters on lines composed from parts (`--kinds
 adversarial:0.25,hostile:0.75`; lines.compose_hostile, ~1,300 wordings): most lines are asked once."""
+BAIT_TOKENS = "12K"
+"""Reply tokens of the never-baits corpus (the -prefer-baits row's DPO turns beside the composed corpus): ~300
+one-line conversations, about two baits of each training card's 40-50 (4-5 `never` phrases x 10 wordings)."""
 HOSTILE_KINDS = {"adversarial.jsonl": "adversarial:1", "adversarial-wide.jsonl": "adversarial:1",
-                 "adversarial-composed.jsonl": "adversarial:0.25,hostile:0.75"}
+                 "adversarial-composed.jsonl": "adversarial:0.25,hostile:0.75", "never-baits.jsonl": "bait:1"}
 """The first-line kinds of each hostile corpus (`taille generate --kinds`)."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
@@ -227,8 +235,10 @@ def main() -> None:
             "free-plays": "free:0.45,shakespeare:0.55"}
     hostile_corpora = {work / "adversarial.jsonl": ADVERSARIAL_TOKENS,  # written first by a row that trains on it
                        work / "adversarial-wide.jsonl": WIDE_ADVERSARIAL_TOKENS,
-                       work / "adversarial-composed.jsonl": COMPOSED_ADVERSARIAL_TOKENS}
-    hostile, wide, composed = (f"roleplay:0.6,{corpus}:0.4" for corpus in hostile_corpora)
+                       work / "adversarial-composed.jsonl": COMPOSED_ADVERSARIAL_TOKENS,
+                       work / "never-baits.jsonl": BAIT_TOKENS}  # the DPO stage's turns only (PREFER_TURNS)
+    hostile, wide, composed = (f"roleplay:0.6,{work / corpus}:0.4"
+                               for corpus in ("adversarial.jsonl", "adversarial-wide.jsonl", "adversarial-composed.jsonl"))
     kd_stage = work.joinpath(*KD_STAGE)
     sft_stages = {"demo-mix-replies-then-sft": ("roleplay", ["--kd-weight", 0]),  # (data, the loss's other term)
                   "demo-mix-replies-then-sft-adv": (hostile, ["--kd-weight", 0]),
@@ -314,7 +324,9 @@ def main() -> None:
     for path, budget in hostile_corpora.items():
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
                for n in [*chosen, *(stage_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
-               if n in sft_stages):
+               if n in sft_stages) or any(
+                str(path) in prefer_corpus(work, n).split(",") and not (work / "runs" / n / "taille.json").exists()
+                for n in chosen if n.removesuffix("-seed1") in PREFER_ROWS):  # a DPO stage's own turns
             hostile_lines(work, path, budget)
     def prefer_student(name: str) -> Path:  # the student a prefer row tunes, its earlier stages run first
         base = base_of(name)
@@ -560,7 +572,8 @@ PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-th
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile": "demo-mix-replies-then-sft-adv-composed",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed",
-               **{f"{row}-prefer-hostile-ul-loops": row for row in SFT_STUDENT}}
+               **{f"{row}-prefer-hostile-ul-loops": row for row in SFT_STUDENT},
+               "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops": "deep-calib-mix-replies-then-sft-adv-composed"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -590,8 +603,11 @@ PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.
                                  *(f"{row}-prefer-hostile-ul-loops" for row in SFT_STUDENT)),
                                 ("adversarial-composed.jsonl", False,
                                  ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
-                                  "--repeat-unlikelihood", PREFER_UNLIKELIHOOD]))}
-"""Where each prefer row draws its turns: (its hostile corpus under --work, whether the shipped role-play corpus
+                                  "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])),
+                "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops": ("adversarial-composed.jsonl,never-baits.jsonl", False,
+                    ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
+                     "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])}
+"""Where each prefer row draws its turns: (its hostile corpora under --work, comma-separated, whether the shipped role-play corpus
 joins it, how many turns and draws and any other `taille prefer` option)."""
 SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed-prefer-hostile"}
@@ -599,9 +615,9 @@ SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-
 are done; `taille prefer` reuses them only if their settings and the student's weights are the same)."""
 
 
-def prefer_corpus(work: Path, name: str) -> Path:
-    """The hostile corpus a prefer row (or its seed repeat) draws its turns from."""
-    return work / PREFER_TURNS[name.removesuffix("-seed1")][0]
+def prefer_corpus(work: Path, name: str) -> str:
+    """The hostile corpora a prefer row (or its seed repeat) draws its turns from (comma-separated paths)."""
+    return ",".join(str(work / corpus) for corpus in PREFER_TURNS[name.removesuffix("-seed1")][0].split(","))
 
 
 def base_of(name: str) -> str:

@@ -452,3 +452,27 @@ def test_the_character_chain_on_a_calibrated_student_has_its_own_stages_and_pair
     assert not (work / "runs" / row / "pairs.jsonl").exists()  # another student's pairs are not its own
     trained = json.loads((recovery.RESULTS / "recovery_general.json").read_text())["trained"][row]
     assert trained["tokens"] == 128_000  # its own two stages (64K each here), not the width chain's 448K first stage
+
+
+def test_the_baits_prefer_row_writes_the_baits_and_draws_its_dpo_turns_from_them_and_the_composed_corpus(
+        recovery, tmp_path, monkeypatch):
+    """The never-baits corpus is the DPO stage's alone: written with `--kinds bait:1` at its own budget, added to
+    the composed hostile corpus as the stage's turns, never to the CE stage's data, which stays the deep chain's."""
+    work = tmp_path / "work"
+    row = "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops"
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", row)
+
+    assert [c[0] for c in calls] == ["personas", "generate", "personas", "generate", "importance", "prune", "distill",
+                                     "distill", "prefer"]
+    composed, baits = str(work / "adversarial-composed.jsonl"), str(work / "never-baits.jsonl")
+    bait = calls[3]
+    assert bait[bait.index("--out") + 1] == baits and bait[bait.index("--kinds") + 1] == "bait:1"
+    assert bait[bait.index("--tokens") + 1] == recovery.BAIT_TOKENS
+    sft, prefer = calls[7:]
+    assert sft[sft.index("--data") + 1] == f"roleplay:0.6,{composed}:0.4"
+    assert prefer[prefer.index("--student") + 1] == str(work / "runs" / "deep-calib-mix-replies-then-sft-adv-composed")
+    assert prefer[prefer.index("--data") + 1] == f"{composed},{baits}"
+    assert "--unlikelihood" in prefer and "--repeat-unlikelihood" in prefer
+    trained = json.loads((recovery.RESULTS / "recovery_general.json").read_text())["trained"][row]
+    assert trained["data"].endswith("then prefer on WORK/adversarial-composed.jsonl,WORK/never-baits.jsonl alone"
+                                    " + unlikelihood + repeat unlikelihood")
