@@ -101,6 +101,8 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "that student, then the DPO stage with both unlikelihood terms (its own pairs, drawn as the width row's)",
           "deep-calib-mix-replies-then-sft-adv-composed": "the same character chain's first two stages on the deep, mix-calibrated student (24 x 576 x 960)",
           "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "that student, then the DPO stage with both unlikelihood terms (its own pairs)",
+          "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops":
+              "the same DPO stage, its turns also from never-phrase baits (`generate --kinds bait:1`)",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 
