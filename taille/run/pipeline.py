@@ -5,7 +5,8 @@ checkpoint exactly.
 
 RUN/recipe.yaml        the recipe as given (a run folder refuses a different one)
 RUN/corrected/         the corrected teacher (when the recipe has `correct`)
-RUN/personas/, RUN/roleplay/, RUN/hostile/   cards and the teacher's role-play / answers to hostile lines
+RUN/personas/, RUN/roleplay/, RUN/hostile/, RUN/baits/   cards and the teacher's role-play / answers to hostile
+                       lines / answers to lines that bait each card's `never` phrases
 RUN/importance/        scores + figures
 RUN/search/            leaderboard.{md,json,png}, one folder per candidate
 RUN/pruned/            the pruned student (standard HF folder)
@@ -29,14 +30,15 @@ from taille.run import recipe as R
 
 log = logging.getLogger(__name__)
 
-STAGES = ("personas", "roleplay", "hostile", "correct", "importance", "search", "prune", "distill", "sft", "prefer", "eval",
+STAGES = ("personas", "roleplay", "hostile", "baits", "correct", "importance", "search", "prune", "distill", "sft", "prefer", "eval",
           "export", "report")
 DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/done.json", "hostile": "hostile/done.json",
+        "baits": "baits/done.json",
         "correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
         "sft": "sft/taille.json", "prefer": "preferred/taille.json", "eval": "eval/eval.json", "export": "export/export.json",
         "report": "report.md"}
-OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "hostile": "hostile", "correct": "correct", "search": "search",
+OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "hostile": "hostile", "baits": "baits", "correct": "correct", "search": "search",
             "sft": "sft", "prefer": "prefer", "export": "export"}
 """Stages that run only when the recipe has their section."""
 
@@ -103,6 +105,10 @@ def stage_roleplay(recipe, run: Path, teacher: str, section: str = "roleplay") -
 
 def stage_hostile(recipe, run: Path, teacher: str) -> None:
     stage_roleplay(recipe, run, teacher, "hostile")
+
+
+def stage_baits(recipe, run: Path, teacher: str) -> None:
+    stage_roleplay(recipe, run, teacher, "baits")
 
 
 def stage_correct(recipe, run: Path, teacher: str) -> None:
@@ -185,7 +191,7 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
     write_run_report(recipe, run, teacher)
 
 
-STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "hostile": stage_hostile,
+STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "hostile": stage_hostile, "baits": stage_baits,
                    "correct": stage_correct, "importance": stage_importance, "search": stage_search, "prune": stage_prune,
                    "distill": stage_distill, "sft": stage_sft, "prefer": stage_prefer, "eval": stage_eval,
                    "export": stage_export, "report": stage_report}

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from taille.errors import TailleError
 
-SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "hostile", "correct", "importance", "search",
+SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "hostile", "baits", "correct", "importance", "search",
             "prune", "distill", "sft", "prefer", "eval", "export")
 ROLEPLAY_FIXED = ("teacher", "out", "personas", "prompts")
 """What the run decides for the role-play and hostile stages: the teacher, the file, the cards (the personas
 stage's)."""
-RUN_FILES = {"roleplay": "roleplay/roleplay.jsonl", "hostile": "hostile/hostile.jsonl"}
+RUN_FILES = {"roleplay": "roleplay/roleplay.jsonl", "hostile": "hostile/hostile.jsonl", "baits": "baits/baits.jsonl"}
 """The names a stage's `data` may give to the files the run writes (with a section of the same name)."""
 DISTILL_FIXED = ("student", "out", "teacher", "teacher_cache", "resume", "progress")
 """What the run decides for a training stage: the student, the folder, the teacher."""
@@ -58,6 +58,10 @@ class Recipe:
     """The teacher's in-character answers to hostile player lines (`taille generate --personas --kinds ...`: say
     `kinds: adversarial:0.25,hostile:0.75`, `retries: 3`) from the train cards into RUN/hostile/hostile.jsonl;
     `hostile` in a stage's `data` names that file."""
+    baits: dict | None = None
+    """The teacher's in-character answers to lines that ask each train card to say its own `never` phrases
+    (`taille generate --personas --kinds bait:1`; its other keys as `hostile`'s) into RUN/baits/baits.jsonl; `baits` in
+    a stage's `data` names that file (the npc recipe's prefer stage: `data: hostile,baits`)."""
     correct: dict | None = None
     importance: dict = field(default_factory=dict)
     """`taille importance`'s flags; its `data` (else the recipe's) is the calibration text."""
@@ -135,6 +139,7 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         personas=_check_keys("personas", values.get("personas"), _keys(CardSettings, "out")),
         roleplay=_check_keys("roleplay", values.get("roleplay"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
         hostile=_check_keys("hostile", values.get("hostile"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
+        baits=_check_keys("baits", values.get("baits"), _keys(GenerateSettings, *ROLEPLAY_FIXED, "kinds")),
         correct=_check_keys("correct", values.get("correct"), _keys(CorrectConfig, "teacher", "data", "out", "resume")),
         importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "out")),
         search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
@@ -210,15 +215,16 @@ def data_spec(recipe: Recipe, run: Path | None = None, spec: str | None = None) 
 
     spec = recipe.data if spec is None else str(spec)
     parts = parse_mixture(spec)
-    sources = [src.strip() for src, _ in parts] if parts is not None else [spec.strip()]
-    if "hostile" in sources and recipe.hostile is None:
-        raise TailleError(f"{recipe.source or 'recipe'}: data {spec} names 'hostile', the run's answers to hostile "
-                          "lines: add a 'hostile' section (with 'personas') that writes them")
+    sources = [src.strip() for src, _ in parts] if parts is not None else [src.strip() for src in spec.split(",")]
+    for name, what in (("hostile", "answers to hostile lines"), ("baits", "answers to its cards' never-phrase baits")):
+        if name in sources and getattr(recipe, name) is None:
+            raise TailleError(f"{recipe.source or 'recipe'}: data {spec} names '{name}', the run's {what}: add a "
+                              f"'{name}' section (with 'personas') that writes them")
     if run is None:
         return spec
     own = {name: str(run / path) for name, path in RUN_FILES.items() if getattr(recipe, name) is not None}
-    if parts is None:
-        return own.get(spec.strip(), spec)
+    if parts is None:  # one source, or the files of a prefer stage (comma-separated, no weights)
+        return ",".join(own.get(src, src) for src in sources)
     return ",".join(f"{own.get(src.strip(), src)}:{w:g}" for src, w in parts)
 
 
@@ -227,8 +233,9 @@ def run_file_settings(recipe: Recipe, section: str, teacher: str, run: Path):
     train cards."""
     from taille.generate.generate import GenerateSettings
 
+    fixed = {"kinds": "bait:1"} if section == "baits" else {}
     return GenerateSettings(teacher=teacher, out=str(run / RUN_FILES[section]), personas=str(run / "personas" / "train"),
-                            **getattr(recipe, section))
+                            **getattr(recipe, section), **fixed)
 
 
 def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = None, check_files: bool = True):

@@ -243,3 +243,40 @@ def test_hostile_data_without_its_section_is_refused_when_the_recipe_is_read(tmp
         path.write_text(yaml.safe_dump(values))
         with pytest.raises(TailleError, match=message):
             load_recipe(path)
+
+
+def test_a_baits_section_writes_never_phrase_baits_for_the_prefer_stage_alone(tmp_path, capsys, monkeypatch):
+    """RUN/baits holds the teacher's answers to lines that ask each train card for its own `never` phrases (the kind
+    is the section's, not the user's); `hostile,baits` in the prefer section names both run files, and the
+    recipe is refused at reading when it names `baits` without the section or gives the section a `kinds`."""
+    import pytest
+
+    from taille.characters.lines import never_baits
+    from taille.errors import TailleError
+    from taille.run.recipe import prefer_settings
+
+    path = character_recipe(tmp_path)
+    values = yaml.safe_load(path.read_text())
+    hostile = {"tokens": 100, "conversations": 1, "turns": 1, "max_new_tokens": 16, "batch_size": 8,
+               "kinds": "adversarial:1"}
+    values["hostile"] = hostile
+    values["baits"] = {k: v for k, v in hostile.items() if k != "kinds"}
+    values["prefer"] = {"data": "hostile,baits", "samples": 2}
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
+    run_cli(capsys, "run", path, "--until", "baits")
+    run = tmp_path / "run"
+    cards = load_half(run / "personas", "train")
+    records = [json.loads(line) for line in (run / "baits" / "baits.jsonl").read_text().splitlines()]
+    assert records and json.loads((run / "baits" / "done.json").read_text())["settings"]["kinds"] == "bait:1"
+    for r in records:
+        assert r["kinds"] == ["bait"] and r["messages"][1]["content"] in never_baits(cards[r["persona"]])
+    recipe = load_recipe(path)
+    settings = prefer_settings(recipe, "STUDENT", "OUT", run)
+    assert settings.data == f"{run / 'hostile' / 'hostile.jsonl'},{run / 'baits' / 'baits.jsonl'}"
+
+    for change, message in (({"baits": None}, "add a 'baits' section"),
+                            ({"baits": {"kinds": "hostile:1"}}, r"section 'baits': unknown key\(s\) kinds")):
+        path.write_text(yaml.safe_dump({**values, **change}))
+        with pytest.raises(TailleError, match=message):
+            load_recipe(path)
