@@ -207,12 +207,15 @@ def main() -> None:
 
 
 def label(name: str) -> str:
-    """A row's label; a seed repeat (ROW-seed1) is its row's, with the seed."""
+    """A row's label; a seed repeat (ROW-seed1) is its row's, with the seed; a row without one, its name (the table
+    is written after minutes of measurement: a missing label must not lose it)."""
     if name in LABELS:
         return LABELS[name]
     row = name.removesuffix("-seed1")  # a two-stage row's repeat is its last stage's (recovery_general --seeds)
+    if row == name:
+        return f"`{name}`"
     stage = "the DPO stage with " if "-prefer" in row else "the CE stage with " if "-then-sft" in row else ""
-    return f"{LABELS[row]} ({stage}seed 1)"
+    return f"{label(row)} ({stage}seed 1)"
 
 
 def cell(value, fmt: str = "{:.2f}") -> str:
