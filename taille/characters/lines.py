@@ -141,9 +141,15 @@ list asked for and refused (never_baits)."""
 def never_baits(persona: Persona) -> list[str]:
     """The NEVER_BAITS lines for each of the card's `never` phrases, none equal or near (HOSTILE_NEAR,
     HOSTILE_PAIRS) to an evaluation line (ADVERSARIAL); [] for a card without `never` phrases."""
-    lines = (template.format(p=phrase) for phrase in (p.strip() for p in persona.never) if phrase
-             for template in NEVER_BAITS)
-    return [line for line in lines if not near_evaluation(line)]
+    return list(_never_baits(tuple(persona.never)))
+
+
+@functools.cache
+def _never_baits(never: tuple[str, ...]) -> tuple[str, ...]:
+    """never_baits by the phrases alone: cards of one setting share them, and role-play generation asks for every
+    card's pools in every round (~7 ms a card unshared)."""
+    lines = (template.format(p=phrase) for phrase in (p.strip() for p in never) if phrase for template in NEVER_BAITS)
+    return tuple(line for line in lines if not near_evaluation(line))
 
 
 def goal_phrase(goal: str) -> str:
