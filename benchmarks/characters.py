@@ -35,6 +35,8 @@ each, the same schedule), so their WikiText-2 and zero-shot numbers are that ben
   deep-calib-mix-replies-then-sft-adv-composed(-prefer-hostile-ul-loops)   the same chain on the deep student
   deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops   that chain, its DPO turns also drawn from
                  lines that ask each training card to say its own `never` phrases (`generate --kinds bait:1`)
+  deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops   the same, plus knowledge pairs (`prefer --facts`): the
+                 teacher's answers that say a training card's fact against the same reply with the answer changed
   demo           the student `make demo` wrote (--demo FOLDER; its own, shorter budget)
 A row whose recovery_general run is missing is left out (run recovery_general.py --only ROW first).
 
@@ -64,7 +66,7 @@ from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 ZERO_SHOT = ("arc_easy", "piqa", "winogrande", "hellaswag")
 """The issue's zero-shot average (recovery_general measures these and ARC-Challenge, LAMBADA)."""
-ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops", "demo")
+ROWS = ("teacher", "pruned", "plays", "general", "free", "roleplay-general", "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops", "demo")
 LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "distilled on the plays",
           "general": "distilled on general generated data",
           "free": "distilled on the teacher's free text (`generate --prompts free`, no chat)",
@@ -103,6 +105,8 @@ LABELS = {"teacher": "teacher", "pruned": "pruned, not distilled", "plays": "dis
           "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "that student, then the DPO stage with both unlikelihood terms (its own pairs)",
           "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops":
               "the same DPO stage, its turns also from never-phrase baits (`generate --kinds bait:1`)",
+          "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops":
+              "the same DPO stage and pairs, plus 160 knowledge pairs: the teacher's answers to questions on training cards' facts against the same words with the answer changed (`prefer --facts`)",
           "demo": "the demo's student (`make demo`)"}
 CORPUS = Path(__file__).resolve().parents[1] / "taille" / "data" / "corpora" / "roleplay.jsonl.gz"
 

@@ -121,6 +121,11 @@ the live teacher for --tokens (512K) with the recovery benchmark's schedule, cha
                  training card to say its own `never` phrases (never-baits.jsonl, `--kinds bait:1`): most of the
                  chain's held-out breaks are a `never` phrase of the card echoed from the player's line
                  ("smartphone"), a phrase its training turns seldom asked for
+  deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops   the same DPO stage (its drawn pairs
+                 copied) plus MAX_FACTS knowledge pairs (`taille prefer --facts`): the teacher's answers to
+                 questions about training cards' facts (knowledge.jsonl, KNOWLEDGE_TOKENS, `--kinds knowledge:1`)
+                 that say the answer, against the same reply with the answer changed to a distractor: the DPO
+                 stages lowered knowledge accuracy (99.5% -> 97.9%), the one goal the baits row missed
   demo           (--demo FOLDER) the student a `make demo` run wrote, measured alike, not trained here (its
                  own, shorter budget)
 Each model is measured alike: perplexity on WikiText-2 and on the held-out plays (first --eval-tokens,
@@ -157,7 +162,7 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "lambad
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
             "hellaswag": "acc_norm", "lambada_openai": "acc"}
 ROWS = ("plays", "demo-mix", "demo-mix-on-policy", "demo-mix-on-policy-reply", "demo-mix-replies", "demo-mix-free-replies", "demo-mix-replies-ce", "demo-mix-replies-jsd", "demo-mix-replies-sft", "demo-mix-replies-then-sft", "demo-mix-replies-then-sft-adv", "demo-mix-replies-then-sft-adv-anchor", "demo-mix-replies-then-sft-adv-wide", "demo-mix-replies-then-sft-adv-wide-prefer", "demo-mix-replies-then-sft-adv-wide-prefer-hostile", "demo-mix-replies-then-sft-adv-wide-prefer-hostile-round2", "demo-mix-replies-then-sft-adv-composed", "demo-mix-replies-then-sft-adv-composed-prefer-hostile", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul", "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "roleplay-general",
-        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "corrected-deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops")
+        "roleplay-general-on-policy-reply", "roleplay-general-replies", "roleplay-general-replies-jsd", "general", "free", "general-plays", "difference", "cache-top", "cache-sampled", "hidden", "jsd", "lr-1e-3", "lr-2e-4", "depth", "two-rounds", "two-rounds-mix", "searched-mix-replies", "calib-mix-replies", "searched-calib-mix-replies", "deep-calib-mix-replies", "corrected-deep-calib-mix-replies", "searched-calib-general-mix-replies", "searched-calib-free-plays", "searched-calib-mix-replies-then-sft-adv-composed", "searched-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed", "deep-calib-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops", "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops")
 FREE_TOKENS = "256K"
 ADVERSARIAL_TOKENS = "4K"
 """Reply tokens of the hostile-lines corpus (demo-mix-replies-then-sft-adv): ~95 one-line conversations of ~310
@@ -172,9 +177,15 @@ adversarial:0.25,hostile:0.75`; lines.compose_hostile, ~1,300 wordings): most li
 BAIT_TOKENS = "12K"
 """Reply tokens of the never-baits corpus (the -prefer-baits row's DPO turns beside the composed corpus): ~300
 one-line conversations, about two baits of each training card's 40-50 (4-5 `never` phrases x 10 wordings)."""
+KNOWLEDGE_TOKENS = "24K"
+"""Reply tokens of the knowledge corpus (the -facts row's knowledge pairs): ~700 one-line conversations asking
+about training cards' facts, about a third of whose replies say the answer (the rest give no pair)."""
+MAX_FACTS = 160
+"""Knowledge pairs of the -facts row (`--max-facts`): one per training card on average, half the drawn pairs."""
 HOSTILE_KINDS = {"adversarial.jsonl": "adversarial:1", "adversarial-wide.jsonl": "adversarial:1",
-                 "adversarial-composed.jsonl": "adversarial:0.25,hostile:0.75", "never-baits.jsonl": "bait:1"}
-"""The first-line kinds of each hostile corpus (`taille generate --kinds`)."""
+                 "adversarial-composed.jsonl": "adversarial:0.25,hostile:0.75", "never-baits.jsonl": "bait:1",
+                 "knowledge.jsonl": "knowledge:1"}
+"""The first-line kinds of each teacher-answered corpus (`taille generate --kinds`)."""
 CURVE_TOKENS = ("64K", "128K", "256K", "512K", "1M")
 
 
@@ -236,7 +247,8 @@ def main() -> None:
     hostile_corpora = {work / "adversarial.jsonl": ADVERSARIAL_TOKENS,  # written first by a row that trains on it
                        work / "adversarial-wide.jsonl": WIDE_ADVERSARIAL_TOKENS,
                        work / "adversarial-composed.jsonl": COMPOSED_ADVERSARIAL_TOKENS,
-                       work / "never-baits.jsonl": BAIT_TOKENS}  # the DPO stage's turns only (PREFER_TURNS)
+                       work / "never-baits.jsonl": BAIT_TOKENS,  # the DPO stage's turns only (PREFER_TURNS)
+                       work / "knowledge.jsonl": KNOWLEDGE_TOKENS}  # the -facts row's knowledge pairs (FACTS)
     hostile, wide, composed = (f"roleplay:0.6,{work / corpus}:0.4"
                                for corpus in ("adversarial.jsonl", "adversarial-wide.jsonl", "adversarial-composed.jsonl"))
     kd_stage = work.joinpath(*KD_STAGE)
@@ -262,6 +274,7 @@ def main() -> None:
                             + ("" if PREFER_TURNS[name][1] else f" on {prefer_corpus(work, name)} alone")
                             + (" + unlikelihood" if "--unlikelihood" in PREFER_TURNS[name][2] else "")
                             + (" + repeat unlikelihood" if "--repeat-unlikelihood" in PREFER_TURNS[name][2] else "")
+                            + (f" + {MAX_FACTS} knowledge pairs from {work / FACTS[name]}" if name in FACTS else "")
                             + (" then prefer again" if name.endswith("-round2") else ""), [])
                for name in PREFER_ROWS},
             "hidden": (width, "shakespeare", ["--hidden-layers", "auto"]),
@@ -325,7 +338,8 @@ def main() -> None:
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
                for n in [*chosen, *(stage_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
                if n in sft_stages) or any(
-                str(path) in prefer_corpus(work, n).split(",") and not (work / "runs" / n / "taille.json").exists()
+                str(path) in [*prefer_corpus(work, n).split(","), *facts_args(work, n)[1:2]]
+                and not (work / "runs" / n / "taille.json").exists()
                 for n in chosen if n.removesuffix("-seed1") in PREFER_ROWS):  # a DPO stage's own turns
             hostile_lines(work, path, budget)
     def prefer_student(name: str) -> Path:  # the student a prefer row tunes, its earlier stages run first
@@ -573,7 +587,8 @@ PREFER_ROWS = {"demo-mix-replies-then-sft-adv-wide-prefer": "demo-mix-replies-th
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed",
                "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed",
                **{f"{row}-prefer-hostile-ul-loops": row for row in SFT_STUDENT},
-               "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops": "deep-calib-mix-replies-then-sft-adv-composed"}
+               "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops": "deep-calib-mix-replies-then-sft-adv-composed",
+               "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops": "deep-calib-mix-replies-then-sft-adv-composed"}
 """Rows that are another row's student tuned by `taille prefer` (DPO on its own rejected replies)."""
 PREFER_PROMPTS = 600
 """Turns the student answers (4 draws each) to find its failing replies: a random draw of the wide hostile
@@ -604,15 +619,28 @@ PREFER_TURNS = {"demo-mix-replies-then-sft-adv-wide-prefer": ("adversarial-wide.
                                 ("adversarial-composed.jsonl", False,
                                  ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
                                   "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])),
-                "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops": ("adversarial-composed.jsonl,never-baits.jsonl", False,
-                    ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
-                     "--repeat-unlikelihood", PREFER_UNLIKELIHOOD])}
+                **dict.fromkeys(("deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops",
+                                 "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops"),
+                                ("adversarial-composed.jsonl,never-baits.jsonl", False,
+                                 ["--max-prompts", PREFER_COMPOSED_PROMPTS, "--unlikelihood", PREFER_UNLIKELIHOOD,
+                                  "--repeat-unlikelihood", PREFER_UNLIKELIHOOD]))}
 """Where each prefer row draws its turns: (its hostile corpora under --work, comma-separated, whether the shipped role-play corpus
 joins it, how many turns and draws and any other `taille prefer` option)."""
 SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
-              "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed-prefer-hostile"}
+              "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
+              "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops": "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops"}
 """Prefer rows that differ from another only in the loss: they train on that row's pairs (copied when its draws
 are done; `taille prefer` reuses them only if their settings and the student's weights are the same)."""
+
+
+FACTS = {"deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops": "knowledge.jsonl"}
+"""Prefer rows with knowledge pairs (`--facts`, capped at MAX_FACTS): the teacher-answered corpus under --work."""
+
+
+def facts_args(work: Path, name: str) -> list:
+    """A prefer row's (or its repeat's) `--facts PATH --max-facts N`, or []."""
+    corpus = FACTS.get(name.removesuffix("-seed1"))
+    return ["--facts", str(work / corpus), "--max-facts", MAX_FACTS] if corpus else []
 
 
 def prefer_corpus(work: Path, name: str) -> str:
@@ -638,7 +666,7 @@ def then_prefer(work: Path, student: Path, name: str, extra: list) -> Path:
     out = work / "runs" / name
     _, with_roleplay, count = PREFER_TURNS[name.removesuffix("-seed1")]
     hostile = prefer_corpus(work, name)
-    turns = ["--data", f"{hostile},roleplay" if with_roleplay else hostile, *count]
+    turns = ["--data", f"{hostile},roleplay" if with_roleplay else hostile, *count, *facts_args(work, name)]
     twin = work / "runs" / SAME_PAIRS.get(name.removesuffix("-seed1"), name)
     if twin != out and not extra and not (out / "pairs.meta.json").exists() and (twin / "pairs.meta.json").exists():
         out.mkdir(parents=True, exist_ok=True)

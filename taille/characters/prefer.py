@@ -10,6 +10,8 @@ small student keeps some of the teacher's habits the corpus filters cut (saying 
    on-policy negatives, the student's real failure modes, against in-character answers. A turn whose draws all
    pass gives no pair. Written to OUT/pairs.jsonl in the conversational preference format TRL reads
    ({"prompt": [...], "chosen": [...], "rejected": [...]}) with OUT/pairs.meta.json (draws, failures by kind).
+   With --facts, knowledge pairs join them (OUT/facts.jsonl, no sampling): a teacher reply that says the answer
+   to the card fact its player line asks about, against the same reply with the answer changed to a distractor.
 2. DPO (Rafailov et al., NeurIPS 2023) with TRL's DPOTrainer, the student itself (frozen) as the reference,
    plus --sft-weight x the chosen replies' cross-entropy (RPO, Pang et al. 2024), which keeps the chosen
    replies' likelihood from falling with the rejected ones', with --unlikelihood W token-level unlikelihood
@@ -62,6 +64,15 @@ class PreferSettings:
     personas: str | None = None
     """The cards the corpus was written from (a folder, or a `personas make` folder: its train half): their
     `never` phrases count as breaks too. Without it, the out-of-character markers and loops only."""
+    facts: str | None = None
+    """Role-play chat JSONL (as --data; e.g. `generate --personas --kinds knowledge:1` output) whose turns give
+    knowledge pairs besides the drawn ones: where the player asks about one of the card's facts and the teacher's
+    reply says its answer, that reply is the chosen one and the same reply with the answer changed to one of
+    the knowledge questions' distractors (a nearby number, another name: questions.counterfactual) the rejected
+    one. DPO on broken replies alone moves the student off its card's facts; these pairs hold it to them. Needs
+    --personas (the facts are the cards'). Default: none."""
+    max_facts: int | None = None
+    """At most this many knowledge pairs (drawn at random with --seed; default: all that --facts gives)."""
     samples: int = 4
     """Student replies sampled per turn; the first the filters reject is the pair's rejected reply."""
     max_prompts: int | None = None
@@ -111,6 +122,12 @@ class PreferSettings:
             raise TailleError("--samples, --max-new-tokens and --batch-size must be at least 1, --max-length at least 16")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise TailleError("--max-prompts must be at least 1")
+        if self.max_facts is not None and self.max_facts < 1:
+            raise TailleError("--max-facts must be at least 1")
+        if self.facts is not None and self.personas is None:
+            raise TailleError("--facts needs --personas: the knowledge pairs change the answer to a card's fact")
+        if self.max_facts is not None and self.facts is None:
+            raise TailleError("--max-facts caps the knowledge pairs of --facts: give --facts too")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise TailleError("--top-p must be in (0, 1] and --temperature positive")
         if (self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.sft_weight < 0 or self.unlikelihood < 0
@@ -124,12 +141,13 @@ class PreferSettings:
             raise TailleError("taille prefer trains with TRL's DPOTrainer: pip install 'taille[prefer]' (trl)")
         if self.engine not in ENGINES:
             raise TailleError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
-        for spec in self.data.split(","):
-            corpus_path(spec)
+        for flag, specs in (("--data", self.data), ("--facts", self.facts or "")):
+            for spec in filter(None, specs.split(",")):
+                corpus_path(spec, flag)
 
 
-def corpus_path(spec: str) -> Path:
-    """A --data entry as a file: a shipped corpus by name, else a chat JSONL path."""
+def corpus_path(spec: str, flag: str = "--data") -> Path:
+    """A --data (or --facts) entry as a file: a shipped corpus by name, else a chat JSONL path."""
     from taille.data.sources import CHAT_CORPORA, parse_source
 
     spec = spec.strip()
@@ -137,17 +155,17 @@ def corpus_path(spec: str) -> Path:
         return parse_source(spec).paths[0]
     path = Path(spec).expanduser()
     if not (spec.endswith(".jsonl") or spec.endswith(".jsonl.gz")):
-        raise TailleError(f"--data {spec}: give chat JSONL (.jsonl or .jsonl.gz) or one of {', '.join(CHAT_CORPORA)}")
+        raise TailleError(f"{flag} {spec}: give chat JSONL (.jsonl or .jsonl.gz) or one of {', '.join(CHAT_CORPORA)}")
     if not path.is_file():
-        raise TailleError(f"--data {spec}: no such file")
+        raise TailleError(f"{flag} {spec}: no such file")
     return path
 
 
-def turns(data: str) -> list[dict]:
+def turns(data: str, flag: str = "--data") -> list[dict]:
     """Every assistant turn of the corpora: {"prompt": messages before it, "chosen": its text, "persona"}."""
     out = []
     for spec in data.split(","):
-        path = corpus_path(spec)
+        path = corpus_path(spec, flag)
         with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -165,8 +183,36 @@ def turns(data: str) -> list[dict]:
                     if m.get("role") == "assistant" and i and messages[i - 1].get("role") == "user":
                         out.append({"prompt": messages[:i], "chosen": m["content"], "persona": record.get("persona")})
     if not out:
-        raise TailleError(f"--data {data}: no assistant turn after a user turn to learn from")
+        raise TailleError(f"{flag} {data}: no assistant turn after a user turn to learn from")
     return out
+
+
+def fact_pairs(s: PreferSettings) -> tuple[list[dict], dict]:
+    """Knowledge pairs from --facts (see PreferSettings.facts) and their counts: (pairs, meta)."""
+    from taille.characters.cards import load_half
+    from taille.characters.questions import counterfactual
+
+    personas = load_half(s.personas, "train")
+    rng, found, counts = random.Random(s.seed), [], {"turns": 0, "without_card": 0, "no_fact_answered": 0}
+    for t in turns(s.facts, "--facts"):
+        counts["turns"] += 1
+        card = personas.get(t["persona"])
+        if card is None:
+            counts["without_card"] += 1
+            continue
+        wrong = counterfactual(t["prompt"][-1]["content"], t["chosen"], card, rng)
+        if wrong is None:
+            counts["no_fact_answered"] += 1
+            continue
+        found.append({"prompt": t["prompt"], "chosen": [{"role": "assistant", "content": t["chosen"]}],
+                      "rejected": [{"role": "assistant", "content": wrong}], "rejected_by": "fact",
+                      "persona": t["persona"]})
+    if not found:
+        raise TailleError(f"--facts {s.facts}: no turn where the player asks about a card fact and the reply says "
+                          f"its answer ({counts['turns']} turns, {counts['without_card']} of cards not in --personas)")
+    rng.shuffle(found)
+    kept = found[:s.max_facts] if s.max_facts else found
+    return kept, {**counts, "found": len(found), "pairs": len(kept)}
 
 
 def rejection(text: str, generated: int, max_new_tokens: int, persona) -> tuple[str, str] | None:
@@ -379,6 +425,11 @@ def prefer(s: PreferSettings) -> dict:
         raise TailleError(f"none of the student's {pair_meta['draws']} draws broke character: there is nothing to "
                           "prefer against (more --samples or --max-prompts, or a corpus of hostile lines)")
     records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    facts_meta = None
+    if s.facts:  # built anew each run (no sampling: seconds), kept beside the drawn pairs
+        knowledge, facts_meta = fact_pairs(s)
+        (out / "facts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in knowledge))
+        records += knowledge
     device = resolve_device("auto")
     precision = resolve_precision(s.precision, device)
     model, tokenizer = load_model(s.student, dtype="fp32", device=device)
@@ -442,7 +493,7 @@ def prefer(s: PreferSettings) -> dict:
         values = [h[key] for h in tail if key in h]
         return round(sum(values) / len(values), 4) if values else None
 
-    record = {"settings": asdict(s), "pairs": pair_meta, "pairs_trained": len(records), "steps": trainer.state.global_step, "precision": precision,
+    record = {"settings": asdict(s), "pairs": pair_meta, "facts": facts_meta, "pairs_trained": len(records), "steps": trainer.state.global_step, "precision": precision,
               "seconds": round(seconds, 1), "final_loss": mean("loss"),
               "final_reward_accuracy": mean("rewards/accuracies"), "final_reward_margin": mean("rewards/margins")}
     # how likely the pushed-down tokens stayed: the first and the last tenth of the steps that had some

@@ -282,3 +282,25 @@ def knowledge_items(persona: Persona, seed: int) -> tuple[list[KnowledgeItem], i
     rng = random.Random(f"{seed}:{persona.name}")
     items = [make_item(fact, persona, rng) for fact in persona.knowledge]
     return [item for item in items if item is not None], sum(item is None for item in items)
+
+
+def counterfactual(line: str, reply: str, persona: Persona, rng: random.Random) -> str | None:
+    """`reply` to the player's `line` with the answer it gives changed to a wrong one: when `line` asks about one
+    of the card's facts (its question, as `make_item` words it, is in the line) and `reply` says that fact's
+    answer span (whole word, as written on the card), the span is replaced by one of the item's distractors.
+    None when the line asks about no fact or the reply does not say its answer. A knowledge pair's rejected
+    reply (`taille prefer --facts`): the same words as the teacher's, only the fact wrong."""
+    for fact in persona.knowledge:
+        fact = " ".join(fact.split())
+        span = find_span(fact)
+        asked = _question(fact, span) if span is not None else None
+        if asked is None or asked[0] not in line:
+            continue
+        item = make_item(fact, persona, rng)
+        said = re.search(r"(?<!\w)" + re.escape(fact[span.start:span.end]) + r"(?!\w)", reply)
+        if item is None or said is None:
+            return None
+        wrong = rng.choice([c for k, c in enumerate(item.choices) if k != item.answer])
+        swapped = wrong[span.start:len(wrong) - (len(fact) - span.end)]
+        return reply[:said.start()] + swapped + reply[said.end():]
+    return None

@@ -149,7 +149,7 @@ def run_after_kd_stage(recovery, work: Path, monkeypatch, *options: str) -> list
             fake_run(Path(a[a.index("--out") + 1]), 64_000, 560.0)
         if a[0] == "prefer":  # a finished `taille prefer` folder: TRL's log and the prefer record
             out = Path(a[a.index("--out") + 1])
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok=True)  # pairs copied from a twin make it first
             (out / "metrics.jsonl").write_text(json.dumps({"loss": 0.5, "step": 1}) + "\n")
             (out / "taille.json").write_text(json.dumps({"prefer": {
                 "steps": 40, "seconds": 960.0, "final_loss": 0.5, "final_reward_accuracy": 0.97,
@@ -476,3 +476,33 @@ def test_the_baits_prefer_row_writes_the_baits_and_draws_its_dpo_turns_from_them
     trained = json.loads((recovery.RESULTS / "recovery_general.json").read_text())["trained"][row]
     assert trained["data"].endswith("then prefer on WORK/adversarial-composed.jsonl,WORK/never-baits.jsonl alone"
                                     " + unlikelihood + repeat unlikelihood")
+
+
+def test_the_facts_prefer_row_writes_the_knowledge_corpus_and_trains_on_the_baits_row_s_pairs_and_its_facts(
+        recovery, tmp_path, monkeypatch):
+    """The -facts row is the baits row's DPO stage plus knowledge pairs: the knowledge corpus is written with
+    `--kinds knowledge:1` at its own budget and passed as --facts (capped), never as drawn turns; the baits row's
+    finished pairs are copied so the two rows differ in the knowledge pairs alone."""
+    work = tmp_path / "work"
+    baits_row = "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops"
+    row = "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops"
+    drawn = work / "runs" / baits_row
+    drawn.mkdir(parents=True)
+    (drawn / "pairs.jsonl").write_text('{"prompt": []}\n')
+    (drawn / "pairs.meta.json").write_text('{"pairs": 1}\n')
+    calls = run_after_kd_stage(recovery, work, monkeypatch, "--only", row)
+
+    generated = {c[c.index("--out") + 1]: c for c in calls if c[0] == "generate"}
+    knowledge, composed, baits = (str(work / f) for f in ("knowledge.jsonl", "adversarial-composed.jsonl",
+                                                          "never-baits.jsonl"))
+    assert set(generated) == {knowledge, composed, baits}
+    assert generated[knowledge][generated[knowledge].index("--kinds") + 1] == "knowledge:1"
+    assert generated[knowledge][generated[knowledge].index("--tokens") + 1] == recovery.KNOWLEDGE_TOKENS
+    prefer = calls[-1]
+    assert prefer[0] == "prefer" and prefer[prefer.index("--data") + 1] == f"{composed},{baits}"
+    assert prefer[prefer.index("--facts") + 1] == knowledge
+    assert prefer[prefer.index("--max-facts") + 1] == str(recovery.MAX_FACTS)
+    assert (work / "runs" / row / "pairs.jsonl").read_text() == '{"prompt": []}\n'  # the baits row's draws
+    trained = json.loads((recovery.RESULTS / "recovery_general.json").read_text())["trained"][row]
+    assert trained["data"].endswith(f"+ repeat unlikelihood + {recovery.MAX_FACTS} knowledge pairs from "
+                                    "WORK/knowledge.jsonl")

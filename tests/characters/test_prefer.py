@@ -66,6 +66,29 @@ def corpus(tmp_path):
     return path, tmp_path / "cards", pid
 
 
+def margins(folder, pairs) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair under the model in `folder`, summed over the reply tokens."""
+    import torch
+
+    from taille.models.load import load_model
+
+    model, tokenizer = load_model(str(folder), dtype="fp32", device="cpu")
+    out = []
+    for p in pairs:
+        prompt = tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
+        score = []
+        for reply in (p["chosen"], p["rejected"]):
+            whole = tokenizer.apply_chat_template(p["prompt"] + reply, tokenize=False)
+            assert whole.startswith(prompt)
+            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([tokenizer(whole, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            score.append(logp[n_prompt - 1:].sum().item())
+        out.append(score[0] - score[1])
+    return out
+
+
 def test_rejection_on_hand_written_replies():
     assert rejection(GOOD, 9, 64, None) is None
     assert rejection(LOOP, 12, 64, None) == (LOOP, "degenerate")
@@ -76,10 +99,6 @@ def test_rejection_on_hand_written_replies():
 
 
 def test_the_pairs_are_the_students_failing_draws_and_dpo_prefers_the_chosen(corpus, tmp_path, monkeypatch):
-    import torch
-
-    from taille.models.load import load_model
-
     path, cards, pid = corpus
     student = save_tiny(tmp_path / "student", seed=3)
     scripted = ScriptedStudent()
@@ -102,26 +121,49 @@ def test_the_pairs_are_the_students_failing_draws_and_dpo_prefers_the_chosen(cor
     assert record["steps"] > 0 and (tmp_path / "out" / "metrics.jsonl").is_file()
 
     # DPO moved the policy: log p(chosen) - log p(rejected), computed here over the reply tokens, grew
-    def margins(folder):
-        model, tokenizer = load_model(str(folder), dtype="fp32", device="cpu")
-        out = []
-        for p in pairs:
-            prompt = tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
-            score = []
-            for reply in (p["chosen"], p["rejected"]):
-                whole = tokenizer.apply_chat_template(p["prompt"] + reply, tokenize=False)
-                assert whole.startswith(prompt)
-                n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                ids = torch.tensor([tokenizer(whole, add_special_tokens=False)["input_ids"]])
-                with torch.no_grad():
-                    logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
-                score.append(logp[n_prompt - 1:].sum().item())
-            out.append(score[0] - score[1])
-        return out
-
-    before, after = margins(student), margins(tmp_path / "out")
+    before, after = margins(student, pairs), margins(tmp_path / "out", pairs)
     assert all(a > b for a, b in zip(after, before)), (before, after)
     assert json.loads((tmp_path / "out" / "taille.json").read_text())["prefer"]["pairs"]["pairs"] == 3
+
+
+def test_knowledge_pairs_join_the_drawn_ones_and_dpo_prefers_the_true_fact(corpus, tmp_path, monkeypatch):
+    from taille.characters.questions import find_span, knowledge_items
+
+    path, cards, pid = corpus
+    card = load_half(cards, "train")[pid]
+    items, _ = knowledge_items(card, seed=5)
+    assert len(items) >= 2
+    said = [{"id": f"k{i}", "persona": pid, "messages": [
+        {"role": "system", "content": card.system_prompt()}, {"role": "user", "content": it.question},
+        {"role": "assistant", "content": f"Aye, friend. {it.fact}"}]} for i, it in enumerate(items)]
+    unsaid = {**said[0], "messages": [*said[0]["messages"][:2], {"role": "assistant", "content": "Who can say, friend."}]}
+    stranger = {**said[0], "persona": "nobody-on-these-cards"}
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(r) + "\n" for r in [*said, unsaid, stranger]))
+    monkeypatch.setattr(prefer_module, "student_engine", ScriptedStudent().engine)
+    student = save_tiny(tmp_path / "student", seed=3)
+    s = PreferSettings(student=str(student), data=str(path), personas=str(cards), out=str(tmp_path / "out"),
+                       facts=str(facts), samples=2, epochs=8, lr=2e-3, batch_size=2, beta=0.5, precision="fp32",
+                       sft_weight=0.0, max_length=4096)
+    record = prefer(s)
+    assert record["facts"] == {"turns": len(items) + 2, "without_card": 1, "no_fact_answered": 1,
+                               "found": len(items), "pairs": len(items)}
+    assert record["pairs_trained"] == 3 + len(items)  # the 3 drawn pairs and every knowledge pair
+    knowledge = [json.loads(line) for line in (tmp_path / "out" / "facts.jsonl").read_text().splitlines()]
+    by_line = {it.question: it for it in items}
+    for p in knowledge:  # the teacher's reply against the same words with the answer one of the distractors
+        it = by_line[p["prompt"][-1]["content"]]
+        assert p["chosen"][0]["content"] == f"Aye, friend. {it.fact}" and p["rejected_by"] == "fact"
+        span = find_span(it.fact)
+        head, tail = f"Aye, friend. {it.fact[:span.start]}", it.fact[span.end:]
+        wrong = p["rejected"][0]["content"]
+        assert wrong.startswith(head) and wrong.endswith(tail) and wrong[len(head):len(wrong) - len(tail)] not in (
+            "", it.fact[span.start:span.end])
+    before, after = margins(student, knowledge), margins(tmp_path / "out", knowledge)
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    # a smaller cap draws that many of them
+    capped = PreferSettings(**{**s.__dict__, "max_facts": 1})
+    assert len(prefer_module.fact_pairs(capped)[0]) == 1
 
 
 def test_span_positions_cover_exactly_the_breaking_words(tmp_path):
@@ -252,6 +294,9 @@ def test_no_failing_draw_is_one_line(corpus, tmp_path, monkeypatch, capsys):
     (["--data", "roleplay", "--beta", "0"], "--beta"),
     (["--data", "roleplay", "--unlikelihood", "-1"], "--unlikelihood"),
     (["--data", "roleplay", "--repeat-unlikelihood", "-0.5"], "--repeat-unlikelihood"),
+    (["--data", "roleplay", "--facts", "roleplay"], "--facts needs --personas"),
+    (["--data", "roleplay", "--max-facts", "5"], "give --facts too"),
+    (["--data", "roleplay", "--personas", ".", "--facts", "notes.txt"], "--facts notes.txt: give chat JSONL"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, args, message):
     _, err = run_cli(capsys, "prefer", "--student", tmp_path, "--out", tmp_path / "o", *args, code=2)

@@ -5,7 +5,7 @@ import random
 import re
 
 from taille.characters.lines import ADVERSARIAL, SMALL_TALK, goal_requests
-from taille.characters.questions import PEOPLE, knowledge_items, make_item
+from taille.characters.questions import PEOPLE, PLACES, card_names, counterfactual, knowledge_items, make_item
 from taille.chat.persona import Persona, load_personas, shipped_personas
 
 CARD = Persona(
@@ -75,6 +75,23 @@ def test_the_character_s_i_becomes_the_player_s_you():
     it = item(CARD.knowledge[4])
     check(it, CARD.knowledge[4])
     assert it.question.endswith("You keep how many spare blades hidden for people you trust?")
+
+
+def test_a_counterfactual_reply_changes_only_the_asked_fact_s_answer():
+    rng = random.Random(0)
+    asked = item(CARD.knowledge[0]).question  # "... The north mine collapsed how many years ago?"
+    reply = "Aye, 14 years ago it fell, and 14 years I have mourned the road to Greyhollow."
+    wrong = counterfactual(asked, reply, CARD, rng)
+    head, number, tail = re.fullmatch(r"(Aye, )(\d+)( years ago it fell, and 14 years .*)", wrong).groups()
+    assert int(number) != 14 and tail.endswith("the road to Greyhollow.")  # the first saying moves, nothing else
+    places = set(card_names(CARD)["place"]) | set(PLACES)
+    wrong = counterfactual("Quick question: Coal comes from which mine?", "From the Ashpit mine, east of here.", CARD, rng)
+    other = re.fullmatch(r"From the (.+) mine, east of here\.", wrong).group(1)
+    assert other != "Ashpit" and other in places
+    # the reply does not say the answer, the line asks about no fact, or about a fact the reply's number is not from
+    assert counterfactual(asked, "It fell long ago, friend.", CARD, rng) is None
+    assert counterfactual("How is business?", reply, CARD, rng) is None
+    assert counterfactual(item(CARD.knowledge[4]).question, reply, CARD, rng) is None  # blades: 3, not 14
 
 
 def test_a_fact_without_number_or_name_is_skipped_and_counted():
