@@ -629,8 +629,9 @@ joins it, how many turns and draws and any other `taille prefer` option)."""
 SAME_PAIRS = {"demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
               "demo-mix-replies-then-sft-adv-composed-prefer-hostile-ul-loops": "demo-mix-replies-then-sft-adv-composed-prefer-hostile",
               "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops": "deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-ul-loops"}
-"""Prefer rows that differ from another only in the loss: they train on that row's pairs (copied when its draws
-are done; `taille prefer` reuses them only if their settings and the student's weights are the same)."""
+"""Prefer rows that differ from another only in the loss or in knowledge pairs (--facts): they train on that row's
+drawn pairs (copied when its draws are done; `taille prefer` reuses them only if their settings and the student's
+weights are the same)."""
 
 
 FACTS = {"deep-calib-mix-replies-then-sft-adv-composed-prefer-baits-facts-ul-loops": "knowledge.jsonl"}
@@ -685,7 +686,8 @@ def summary(work: Path, name: str, out: Path) -> dict:
         record = json.loads((out / "taille.json").read_text())["prefer"]
         return {**summary(work, base, work / "runs" / base),
                 "prefer": {k: record[k] for k in ("steps", "seconds", "final_loss", "final_reward_accuracy",
-                                                  "final_reward_margin")} | {"pairs": record["pairs"]["pairs"]}}
+                                                  "final_reward_margin")} | {"pairs": record["pairs"]["pairs"]}
+                | ({"knowledge_pairs": record["facts"]["pairs"]} if record.get("facts") else {})}
     last = run_summary(out)
     last["metrics"] = shown(last["metrics"], work)
     name = name.removesuffix("-seed1")  # a staged row's repeat shares its first stage

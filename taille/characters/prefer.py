@@ -420,14 +420,14 @@ def prefer(s: PreferSettings) -> dict:
     if not getattr(load_tokenizer(s.student), "chat_template", None):
         raise TailleError(f"--student {s.student}: it has no chat template, so it cannot play a card")
     out = Path(s.out)
+    # built anew each run (no sampling: seconds), before the draws: a --facts that gives none stops here
+    knowledge, facts_meta = fact_pairs(s) if s.facts else ([], None)
     pair_meta = make_pairs(s, out)
-    if not pair_meta["pairs"]:
+    if not pair_meta["pairs"] and not knowledge:
         raise TailleError(f"none of the student's {pair_meta['draws']} draws broke character: there is nothing to "
                           "prefer against (more --samples or --max-prompts, or a corpus of hostile lines)")
     records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines() if line.strip()]
-    facts_meta = None
-    if s.facts:  # built anew each run (no sampling: seconds), kept beside the drawn pairs
-        knowledge, facts_meta = fact_pairs(s)
+    if s.facts:  # kept beside the drawn pairs
         (out / "facts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in knowledge))
         records += knowledge
     device = resolve_device("auto")

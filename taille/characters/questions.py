@@ -285,22 +285,28 @@ def knowledge_items(persona: Persona, seed: int) -> tuple[list[KnowledgeItem], i
 
 
 def counterfactual(line: str, reply: str, persona: Persona, rng: random.Random) -> str | None:
-    """`reply` to the player's `line` with the answer it gives changed to a wrong one: when `line` asks about one
-    of the card's facts (its question, as `make_item` words it, is in the line) and `reply` says that fact's
-    answer span (whole word, as written on the card), the span is replaced by one of the item's distractors.
-    None when the line asks about no fact or the reply does not say its answer. A knowledge pair's rejected
-    reply (`taille prefer --facts`): the same words as the teacher's, only the fact wrong."""
+    """`reply` to the player's `line` with the answer it gives changed to a wrong one: when `line` is the question
+    `make_item` asks about one of the card's facts (with any of its openers) and `reply` says that fact's answer
+    span (as the card writes it, a whole word; a number word in any case), every saying of it is replaced by one
+    of the item's distractors. None when the line asks about no fact or the reply does not say its answer. A
+    knowledge pair's rejected reply (`taille prefer --facts`): the teacher's words, only the fact wrong."""
+    asked_line = " ".join(line.split())
     for fact in persona.knowledge:
         fact = " ".join(fact.split())
         span = find_span(fact)
         asked = _question(fact, span) if span is not None else None
-        if asked is None or asked[0] not in line:
+        if asked is None or asked_line not in {opener.format(q=asked[0]) for opener in KNOWLEDGE_OPENERS}:
             continue
         item = make_item(fact, persona, rng)
-        said = re.search(r"(?<!\w)" + re.escape(fact[span.start:span.end]) + r"(?!\w)", reply)
-        if item is None or said is None:
-            return None
+        answer = fact[span.start:span.end]
+        if span.kind == "number":  # the question maker's own number boundaries: not 14 in "14.5" or "1,400"
+            pattern = re.compile(r"(?<![\w.,-])" + re.escape(answer) + r"(?![\w-]|[.,]\d)")
+        else:
+            pattern = re.compile(r"(?<![\w-])" + re.escape(answer) + r"(?![\w-])",
+                                 re.IGNORECASE if span.kind == "word" else 0)
+        if item is None or pattern.search(reply) is None:
+            continue
         wrong = rng.choice([c for k, c in enumerate(item.choices) if k != item.answer])
         swapped = wrong[span.start:len(wrong) - (len(fact) - span.end)]
-        return reply[:said.start()] + swapped + reply[said.end():]
+        return pattern.sub(lambda m: swapped[:1].upper() + swapped[1:] if m.group()[:1].isupper() else swapped, reply)
     return None

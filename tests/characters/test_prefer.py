@@ -164,6 +164,13 @@ def test_knowledge_pairs_join_the_drawn_ones_and_dpo_prefers_the_true_fact(corpu
     # a smaller cap draws that many of them
     capped = PreferSettings(**{**s.__dict__, "max_facts": 1})
     assert len(prefer_module.fact_pairs(capped)[0]) == 1
+    # a --facts corpus that gives no pair stops before any draw
+    scripted = ScriptedStudent()
+    monkeypatch.setattr(prefer_module, "student_engine", scripted.engine)
+    facts.write_text(json.dumps(unsaid) + "\n")
+    with pytest.raises(TailleError, match="no turn where the player asks about a card fact"):
+        prefer(PreferSettings(**{**s.__dict__, "out": str(tmp_path / "out2")}))
+    assert scripted.calls == 0
 
 
 def test_span_positions_cover_exactly_the_breaking_words(tmp_path):

@@ -80,18 +80,36 @@ def test_the_character_s_i_becomes_the_player_s_you():
 def test_a_counterfactual_reply_changes_only_the_asked_fact_s_answer():
     rng = random.Random(0)
     asked = item(CARD.knowledge[0]).question  # "... The north mine collapsed how many years ago?"
-    reply = "Aye, 14 years ago it fell, and 14 years I have mourned the road to Greyhollow."
+    reply = "Aye, 14 years ago it fell, and 14 years I have mourned the road to Greyhollow, 140 days a year."
     wrong = counterfactual(asked, reply, CARD, rng)
-    head, number, tail = re.fullmatch(r"(Aye, )(\d+)( years ago it fell, and 14 years .*)", wrong).groups()
-    assert int(number) != 14 and tail.endswith("the road to Greyhollow.")  # the first saying moves, nothing else
+    first, second = re.fullmatch(r"Aye, (\d+) years ago it fell, and (\d+) years I have mourned the road to "
+                                 r"Greyhollow, 140 days a year\.", wrong).groups()
+    assert first == second and int(first) != 14  # every saying moves, and only the answer (not "140")
     places = set(card_names(CARD)["place"]) | set(PLACES)
     wrong = counterfactual("Quick question: Coal comes from which mine?", "From the Ashpit mine, east of here.", CARD, rng)
     other = re.fullmatch(r"From the (.+) mine, east of here\.", wrong).group(1)
     assert other != "Ashpit" and other in places
+    # a number word said at a sentence's start is found, and the distractor keeps the capital
+    wrong = counterfactual("How many guards watch the gate at night?", "Twenty, friend. Twenty guards.", CARD, rng)
+    word = re.fullmatch(r"([A-Z][a-z]+), friend\. \1 guards\.", wrong).group(1)
+    assert word != "Twenty"
     # the reply does not say the answer, the line asks about no fact, or about a fact the reply's number is not from
     assert counterfactual(asked, "It fell long ago, friend.", CARD, rng) is None
     assert counterfactual("How is business?", reply, CARD, rng) is None
     assert counterfactual(item(CARD.knowledge[4]).question, reply, CARD, rng) is None  # blades: 3, not 14
+    assert counterfactual(asked, "It fell 14.5 years back.", CARD, rng) is None  # not the number 14
+
+
+def test_a_counterfactual_takes_the_fact_the_whole_line_asks_about():
+    """One fact's question inside another's ("Greyhollow has how many inns?" in "The road to Greyhollow has how
+    many inns?") is not the one asked."""
+    card = Persona(name="Ada Marsh", role="the innkeeper", knowledge=("Greyhollow has 3 inns.",
+                                                                      "The road to Greyhollow has 40 inns."))
+    reply = "There are 40 inns on that road, and 3 in the town."
+    wrong = counterfactual("Settle a bet for me. The road to Greyhollow has how many inns?", reply, card,
+                           random.Random(0))
+    number = re.fullmatch(r"There are (\d+) inns on that road, and 3 in the town\.", wrong).group(1)
+    assert number != "40"
 
 
 def test_a_fact_without_number_or_name_is_skipped_and_counted():
