@@ -5,8 +5,9 @@ checkpoint exactly.
 
 RUN/recipe.yaml        the recipe as given (a run folder refuses a different one)
 RUN/corrected/         the corrected teacher (when the recipe has `correct`)
-RUN/personas/, RUN/roleplay/, RUN/hostile/, RUN/baits/   cards and the teacher's role-play / answers to hostile
-                       lines / answers to lines that bait each card's `never` phrases
+RUN/personas/, RUN/roleplay/, RUN/hostile/, RUN/baits/, RUN/knowledge/   cards and the teacher's role-play /
+                       answers to hostile lines / to lines that bait each card's `never` phrases / to questions
+                       about the cards' facts
 RUN/importance/        scores + figures
 RUN/search/            leaderboard.{md,json,png}, one folder per candidate
 RUN/pruned/            the pruned student (standard HF folder)
@@ -30,15 +31,15 @@ from taille.run import recipe as R
 
 log = logging.getLogger(__name__)
 
-STAGES = ("personas", "roleplay", "hostile", "baits", "correct", "importance", "search", "prune", "distill", "sft", "prefer", "eval",
+STAGES = ("personas", "roleplay", "hostile", "baits", "knowledge", "correct", "importance", "search", "prune", "distill", "sft", "prefer", "eval",
           "export", "report")
 DONE = {"personas": "personas/cards.json", "roleplay": "roleplay/done.json", "hostile": "hostile/done.json",
-        "baits": "baits/done.json",
+        "baits": "baits/done.json", "knowledge": "knowledge/done.json",
         "correct": "corrected/taille.json", "importance": "importance/importance.json",
         "search": "search/leaderboard.json", "prune": "pruned/taille.json", "distill": "distilled/taille.json",
         "sft": "sft/taille.json", "prefer": "preferred/taille.json", "eval": "eval/eval.json", "export": "export/export.json",
         "report": "report.md"}
-OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "hostile": "hostile", "baits": "baits", "correct": "correct", "search": "search",
+OPTIONAL = {"personas": "personas", "roleplay": "roleplay", "hostile": "hostile", "baits": "baits", "knowledge": "knowledge", "correct": "correct", "search": "search",
             "sft": "sft", "prefer": "prefer", "export": "export"}
 """Stages that run only when the recipe has their section."""
 
@@ -109,6 +110,10 @@ def stage_hostile(recipe, run: Path, teacher: str) -> None:
 
 def stage_baits(recipe, run: Path, teacher: str) -> None:
     stage_roleplay(recipe, run, teacher, "baits")
+
+
+def stage_knowledge(recipe, run: Path, teacher: str) -> None:
+    stage_roleplay(recipe, run, teacher, "knowledge")
 
 
 def stage_correct(recipe, run: Path, teacher: str) -> None:
@@ -192,6 +197,7 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
 
 
 STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "hostile": stage_hostile, "baits": stage_baits,
+                   "knowledge": stage_knowledge,
                    "correct": stage_correct, "importance": stage_importance, "search": stage_search, "prune": stage_prune,
                    "distill": stage_distill, "sft": stage_sft, "prefer": stage_prefer, "eval": stage_eval,
                    "export": stage_export, "report": stage_report}

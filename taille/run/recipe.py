@@ -25,13 +25,17 @@ from pathlib import Path
 
 from taille.errors import TailleError
 
-SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "hostile", "baits", "correct", "importance", "search",
+SECTIONS = ("name", "teacher", "data", "out", "personas", "roleplay", "hostile", "baits", "knowledge", "correct", "importance", "search",
             "prune", "distill", "sft", "prefer", "eval", "export")
 ROLEPLAY_FIXED = ("teacher", "out", "personas", "prompts")
 """What the run decides for the role-play and hostile stages: the teacher, the file, the cards (the personas
 stage's)."""
-RUN_FILES = {"roleplay": "roleplay/roleplay.jsonl", "hostile": "hostile/hostile.jsonl", "baits": "baits/baits.jsonl"}
-"""The names a stage's `data` may give to the files the run writes (with a section of the same name)."""
+RUN_FILES = {"roleplay": "roleplay/roleplay.jsonl", "hostile": "hostile/hostile.jsonl", "baits": "baits/baits.jsonl",
+             "knowledge": "knowledge/knowledge.jsonl"}
+"""The names a stage's `data` (or the prefer stage's `facts`) may give to the files the run writes (with a section of
+the same name)."""
+FIXED_KINDS = {"baits": "bait:1", "knowledge": "knowledge:1"}
+"""The run-file sections whose player lines are of one kind, fixed: the section may not give `kinds`."""
 DISTILL_FIXED = ("student", "out", "teacher", "teacher_cache", "resume", "progress")
 """What the run decides for a training stage: the student, the folder, the teacher."""
 PREFER_FIXED = ("student", "out")
@@ -62,6 +66,10 @@ class Recipe:
     """The teacher's in-character answers to lines that ask each train card to say its own `never` phrases
     (`taille generate --personas --kinds bait:1`; its other keys as `hostile`'s) into RUN/baits/baits.jsonl; `baits` in
     a stage's `data` names that file (the npc recipe's prefer stage: `data: hostile,baits`)."""
+    knowledge: dict | None = None
+    """The teacher's in-character answers to questions about the train cards' facts (`taille generate --personas
+    --kinds knowledge:1`; its other keys as `hostile`'s) into RUN/knowledge/knowledge.jsonl; `knowledge` as the
+    prefer stage's `facts` names that file (its knowledge pairs: `taille prefer --facts`)."""
     correct: dict | None = None
     importance: dict = field(default_factory=dict)
     """`taille importance`'s flags; its `data` (else the recipe's) is the calibration text."""
@@ -140,6 +148,7 @@ def parse_recipe(values: dict, source: str | None = None) -> Recipe:
         roleplay=_check_keys("roleplay", values.get("roleplay"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
         hostile=_check_keys("hostile", values.get("hostile"), _keys(GenerateSettings, *ROLEPLAY_FIXED)),
         baits=_check_keys("baits", values.get("baits"), _keys(GenerateSettings, *ROLEPLAY_FIXED, "kinds")),
+        knowledge=_check_keys("knowledge", values.get("knowledge"), _keys(GenerateSettings, *ROLEPLAY_FIXED, "kinds")),
         correct=_check_keys("correct", values.get("correct"), _keys(CorrectConfig, "teacher", "data", "out", "resume")),
         importance=_check_keys("importance", values.get("importance") or {}, _keys(ImportanceConfig, "model", "out")),
         search=_check_keys("search", values.get("search"), _keys(SearchSettings)),
@@ -216,7 +225,8 @@ def data_spec(recipe: Recipe, run: Path | None = None, spec: str | None = None) 
     spec = recipe.data if spec is None else str(spec)
     parts = parse_mixture(spec)
     sources = [src.strip() for src, _ in parts] if parts is not None else [src.strip() for src in spec.split(",")]
-    for name, what in (("hostile", "answers to hostile lines"), ("baits", "answers to its cards' never-phrase baits")):
+    for name, what in (("hostile", "answers to hostile lines"), ("baits", "answers to its cards' never-phrase baits"),
+                       ("knowledge", "answers to questions about its cards' facts")):
         if name in sources and getattr(recipe, name) is None:
             raise TailleError(f"{recipe.source or 'recipe'}: data {spec} names '{name}', the run's {what}: add a "
                               f"'{name}' section (with 'personas') that writes them")
@@ -233,7 +243,7 @@ def run_file_settings(recipe: Recipe, section: str, teacher: str, run: Path):
     train cards."""
     from taille.generate.generate import GenerateSettings
 
-    fixed = {"kinds": "bait:1"} if section == "baits" else {}
+    fixed = {"kinds": FIXED_KINDS[section]} if section in FIXED_KINDS else {}
     return GenerateSettings(teacher=teacher, out=str(run / RUN_FILES[section]), personas=str(run / "personas" / "train"),
                             **getattr(recipe, section), **fixed)
 
@@ -249,6 +259,11 @@ def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = N
     values["data"] = data_spec(recipe, run or Path("RUN"), spec)  # `roleplay`, `hostile`: the run's files
     if not check_files and values["data"] != spec:
         values["data"] = "roleplay"  # the settings' own checks, without the file the run will write
+    if values.get("facts") is not None:  # `knowledge`: the run's file
+        facts = str(values["facts"])
+        values["facts"] = data_spec(recipe, run or Path("RUN"), facts)
+        if not check_files and values["facts"] != facts:
+            values["facts"] = "roleplay"
     if "personas" not in values and recipe.personas is not None:
         values["personas"] = str((run or Path("RUN")) / "personas")
     return PreferSettings(student=student, out=out, **values)

@@ -280,3 +280,38 @@ def test_a_baits_section_writes_never_phrase_baits_for_the_prefer_stage_alone(tm
         path.write_text(yaml.safe_dump({**values, **change}))
         with pytest.raises(TailleError, match=message):
             load_recipe(path)
+
+
+def test_a_knowledge_section_writes_fact_questions_and_the_prefer_stage_takes_them_as_facts(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """RUN/knowledge holds the teacher's answers to questions about the train cards' facts (the kind is the
+    section's); `facts: knowledge` in the prefer section names that file, and is refused without the section."""
+    import pytest
+
+    from taille.characters.questions import _question, find_span
+    from taille.errors import TailleError
+    from taille.run.recipe import prefer_settings
+
+    path = character_recipe(tmp_path)
+    values = yaml.safe_load(path.read_text())
+    values["knowledge"] = {"tokens": 100, "conversations": 1, "turns": 1, "max_new_tokens": 16, "batch_size": 8}
+    values["prefer"] = {"data": "roleplay", "facts": "knowledge", "samples": 2}
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
+    run_cli(capsys, "run", path, "--until", "knowledge")
+    run = tmp_path / "run"
+    cards = load_half(run / "personas", "train")
+    records = [json.loads(line) for line in (run / "knowledge" / "knowledge.jsonl").read_text().splitlines()]
+    assert records and json.loads((run / "knowledge" / "done.json").read_text())["settings"]["kinds"] == "knowledge:1"
+    for r in records:  # each first line asks about one of its own card's facts
+        facts = [" ".join(f.split()) for f in cards[r["persona"]].knowledge]
+        asked = [_question(f, find_span(f)) for f in facts if find_span(f) is not None]
+        assert r["kinds"] == ["knowledge"] and any(a and a[0] in r["messages"][1]["content"] for a in asked)
+    settings = prefer_settings(load_recipe(path), "STUDENT", "OUT", run)
+    assert settings.facts == str(run / "knowledge" / "knowledge.jsonl") and settings.personas == str(run / "personas")
+
+    for change, message in (({"knowledge": None}, "add a 'knowledge' section"),
+                            ({"knowledge": {"kinds": "bait:1"}}, r"section 'knowledge': unknown key\(s\) kinds")):
+        path.write_text(yaml.safe_dump({**values, **change}))
+        with pytest.raises(TailleError, match=message):
+            load_recipe(path)
