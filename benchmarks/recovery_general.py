@@ -179,7 +179,7 @@ BAIT_TOKENS = "12K"
 one-line conversations, about two baits of each training card's 40-50 (4-5 `never` phrases x 10 wordings)."""
 KNOWLEDGE_TOKENS = "24K"
 """Reply tokens of the knowledge corpus (the -facts row's knowledge pairs): ~700 one-line conversations asking
-about training cards' facts, about a third of whose replies say the answer (the rest give no pair)."""
+about training cards' facts, about a quarter of whose replies say the answer (176 of 691; the rest give no pair)."""
 MAX_FACTS = 160
 """Knowledge pairs of the -facts row (`--max-facts`): one per training card on average, half the drawn pairs."""
 HOSTILE_KINDS = {"adversarial.jsonl": "adversarial:1", "adversarial-wide.jsonl": "adversarial:1",

@@ -245,6 +245,17 @@ def test_hostile_data_without_its_section_is_refused_when_the_recipe_is_read(tmp
             load_recipe(path)
 
 
+def run_until(path, values: dict, section: str, capsys, monkeypatch):
+    """`taille run` of the recipe `values` (written to `path`) until the run-file stage `section`, with the scripted
+    teachers: (the run folder, its train cards, the records the stage wrote)."""
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
+    run_cli(capsys, "run", path, "--until", section)
+    run = path.parent / "run"
+    records = [json.loads(line) for line in (run / section / f"{section}.jsonl").read_text().splitlines()]
+    return run, load_half(run / "personas", "train"), records
+
+
 def test_a_baits_section_writes_never_phrase_baits_for_the_prefer_stage_alone(tmp_path, capsys, monkeypatch):
     """RUN/baits holds the teacher's answers to lines that ask each train card for its own `never` phrases (the kind
     is the section's, not the user's); `hostile,baits` in the prefer section names both run files, and the
@@ -262,12 +273,7 @@ def test_a_baits_section_writes_never_phrase_baits_for_the_prefer_stage_alone(tm
     values["hostile"] = hostile
     values["baits"] = {k: v for k, v in hostile.items() if k != "kinds"}
     values["prefer"] = {"data": "hostile,baits", "samples": 2}
-    path.write_text(yaml.safe_dump(values))
-    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
-    run_cli(capsys, "run", path, "--until", "baits")
-    run = tmp_path / "run"
-    cards = load_half(run / "personas", "train")
-    records = [json.loads(line) for line in (run / "baits" / "baits.jsonl").read_text().splitlines()]
+    run, cards, records = run_until(path, values, "baits", capsys, monkeypatch)
     assert records and json.loads((run / "baits" / "done.json").read_text())["settings"]["kinds"] == "bait:1"
     for r in records:
         assert r["kinds"] == ["bait"] and r["messages"][1]["content"] in never_baits(cards[r["persona"]])
@@ -296,12 +302,7 @@ def test_a_knowledge_section_writes_fact_questions_and_the_prefer_stage_takes_th
     values = yaml.safe_load(path.read_text())
     values["knowledge"] = {"tokens": 100, "conversations": 1, "turns": 1, "max_new_tokens": 16, "batch_size": 8}
     values["prefer"] = {"data": "roleplay", "facts": "knowledge", "samples": 2}
-    path.write_text(yaml.safe_dump(values))
-    monkeypatch.setattr("taille.generate.generate.pick_engine", Teachers())
-    run_cli(capsys, "run", path, "--until", "knowledge")
-    run = tmp_path / "run"
-    cards = load_half(run / "personas", "train")
-    records = [json.loads(line) for line in (run / "knowledge" / "knowledge.jsonl").read_text().splitlines()]
+    run, cards, records = run_until(path, values, "knowledge", capsys, monkeypatch)
     assert records and json.loads((run / "knowledge" / "done.json").read_text())["settings"]["kinds"] == "knowledge:1"
     for r in records:  # each first line asks about one of its own card's facts
         facts = [" ".join(f.split()) for f in cards[r["persona"]].knowledge]
