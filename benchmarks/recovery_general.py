@@ -338,7 +338,7 @@ def main() -> None:
         if any(f"{path}:" in sft_stages[n][0] and not (work / "runs" / n / "taille.json").exists()
                for n in [*chosen, *(stage_of(c) for c in chosen if c.removesuffix("-seed1") in PREFER_ROWS)]
                if n in sft_stages) or any(
-                str(path) in [*prefer_corpus(work, n).split(","), *facts_args(work, n)[1:2]]
+                str(path) in [*prefer_corpus(work, n).split(","), str(work / FACTS.get(n.removesuffix("-seed1"), ""))]
                 and not (work / "runs" / n / "taille.json").exists()
                 for n in chosen if n.removesuffix("-seed1") in PREFER_ROWS):  # a DPO stage's own turns
             hostile_lines(work, path, budget)

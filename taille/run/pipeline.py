@@ -21,6 +21,7 @@ RUN/report.md, RUN/report.html
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -104,18 +105,6 @@ def stage_roleplay(recipe, run: Path, teacher: str, section: str = "roleplay") -
     (run / DONE[section]).write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def stage_hostile(recipe, run: Path, teacher: str) -> None:
-    stage_roleplay(recipe, run, teacher, "hostile")
-
-
-def stage_baits(recipe, run: Path, teacher: str) -> None:
-    stage_roleplay(recipe, run, teacher, "baits")
-
-
-def stage_knowledge(recipe, run: Path, teacher: str) -> None:
-    stage_roleplay(recipe, run, teacher, "knowledge")
-
-
 def stage_correct(recipe, run: Path, teacher: str) -> None:
     from taille.distill.train import distill
 
@@ -196,8 +185,9 @@ def stage_report(recipe, run: Path, teacher: str) -> None:
     write_run_report(recipe, run, teacher)
 
 
-STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay, "hostile": stage_hostile, "baits": stage_baits,
-                   "knowledge": stage_knowledge,
+STAGE_FUNCTIONS = {"personas": stage_personas, "roleplay": stage_roleplay,
+                   **{section: functools.partial(stage_roleplay, section=section)  # the other run files: one stage
+                      for section in ("hostile", "baits", "knowledge")},
                    "correct": stage_correct, "importance": stage_importance, "search": stage_search, "prune": stage_prune,
                    "distill": stage_distill, "sft": stage_sft, "prefer": stage_prefer, "eval": stage_eval,
                    "export": stage_export, "report": stage_report}

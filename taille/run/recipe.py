@@ -254,16 +254,13 @@ def prefer_settings(recipe: Recipe, student: str, out: str, run: Path | None = N
     not written yet (a recipe checked before it runs)."""
     from taille.characters.prefer import PreferSettings
 
-    values = dict(recipe.prefer or {})
-    spec = str(values.get("data", "roleplay"))
-    values["data"] = data_spec(recipe, run or Path("RUN"), spec)  # `roleplay`, `hostile`: the run's files
-    if not check_files and values["data"] != spec:
-        values["data"] = "roleplay"  # the settings' own checks, without the file the run will write
-    if values.get("facts") is not None:  # `knowledge`: the run's file
-        facts = str(values["facts"])
-        values["facts"] = data_spec(recipe, run or Path("RUN"), facts)
-        if not check_files and values["facts"] != facts:
-            values["facts"] = "roleplay"
+    values = {"data": "roleplay", **(recipe.prefer or {})}
+    for key in ("data", "facts"):  # `roleplay`, `hostile`, `baits`, `knowledge`: the run's files
+        if values.get(key) is not None:
+            spec = str(values[key])
+            values[key] = data_spec(recipe, run or Path("RUN"), spec)
+            if not check_files and values[key] != spec:
+                values[key] = "roleplay"  # the settings' own checks, without the file the run will write
     if "personas" not in values and recipe.personas is not None:
         values["personas"] = str((run or Path("RUN")) / "personas")
     return PreferSettings(student=student, out=out, **values)
