@@ -79,6 +79,35 @@ def answers(model: str, cards: list, table_ids: set[str], batch_size: int) -> di
             "in_table": [persona.id in table_ids for persona, _ in items]}
 
 
+def scorer_check(cards: list, batch_size: int) -> dict:
+    """The teacher's scores on `cards` two ways, timed side by side: each card's system prompt run once and
+    shared (knowledge_scores, what every row here uses) and every sequence whole (continuation_nll, the scorer
+    before it): seconds, their ratio, the largest score difference and how many answers agree."""
+    from taille.characters.evaluate import continuation_nll, knowledge_scores, render, user
+    from taille.characters.questions import knowledge_items
+    from taille.characters.settings import PersonaEvalSettings
+    from taille.models.load import load_model, resolve_device
+    from taille.models.precision import resolve_precision
+
+    asked = [(persona, knowledge_items(persona, PersonaEvalSettings().seed)[0]) for persona in cards]
+    net, tokenizer = load_model(TEACHER, dtype="auto", device="auto")
+    precision = resolve_precision("auto", resolve_device("auto"))
+    start = time.perf_counter()
+    shared = knowledge_scores(net, tokenizer, asked, batch_size, precision)
+    shared_s = time.perf_counter() - start
+    pairs = [(render(tokenizer, persona, user(item.question)), tokenizer(choice, add_special_tokens=False)["input_ids"])
+             for persona, items in asked for item in items for choice in item.choices]
+    start = time.perf_counter()
+    nll = continuation_nll(net, pairs, batch_size, precision)
+    whole_s = time.perf_counter() - start
+    whole = [[-sum(x) for x in nll[k:k + 4]] for k in range(0, len(nll), 4)]
+    pick = lambda scores: max(range(4), key=lambda k: scores[k])  # noqa: E731
+    return {"cards": len(cards), "questions": len(shared), "precision": precision,
+            "shared_s": round(shared_s, 1), "whole_s": round(whole_s, 1), "speedup": round(whole_s / shared_s, 2),
+            "max_diff_nats": round(max(abs(a - b) for r, w in zip(shared, whole) for a, b in zip(r, w)), 3),
+            "same_answer": sum(pick(r) == pick(w) for r, w in zip(shared, whole))}
+
+
 def held_out(folder: Path, count: int) -> list:
     """The held-out cards of `taille personas make --count COUNT --seed 0` (made into `folder` once), by id."""
     from taille.characters.cards import load_half
@@ -121,21 +150,29 @@ def main() -> None:
 
     results_path = RESULTS / "characters_knowledge.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
+    results["scorer"] = remember(work / "measured" / "scorer.json", lambda: scorer_check(table[:8], args.batch_size))
     for name in chosen:
-        results["rows"][name] = remember(work / "measured" / f"{name}.json",
-                                         lambda name=name: answers(models[name], cards, table_ids, args.batch_size))
+        row = remember(work / "measured" / f"{name}.json",
+                       lambda name=name: answers(models[name], cards, table_ids, args.batch_size))
+        questions, in_table = row.pop("questions"), row.pop("in_table")  # the same for every row: kept once
+        if results.setdefault("questions", questions) != questions:
+            sys.exit(f"{work / 'measured' / name}.json asked other questions than the committed rows (the question "
+                     "maker changed?): move the measured folder and the results away and measure every row again")
+        results["in_table"] = in_table
+        results["rows"][name] = row
         results["settings"] = {"count": COUNT, "cards": len(cards), "table_count": TABLE_COUNT,
                                "table_cards": len(table), "batch_size": args.batch_size, "teacher": TEACHER}
         write(results)
 
 
-def summary(row: dict, rows: dict) -> dict:
-    """A row's accuracy on all questions and on the characters table's, and its paired comparisons."""
-    right, in_table = row["right"], row["in_table"]
-    table = [r for r, t in zip(right, in_table) if t]
+def summary(row: dict, rows: dict, in_table: list[bool]) -> dict:
+    """A row's accuracy on all questions and on the characters table's (`in_table`), and its paired
+    comparisons with the baselines measured (every row answers the same questions, in the same order)."""
+    right = row["right"]
+    table = [r for r, t in zip(right, in_table, strict=True) if t]
     out = {"acc": sum(right) / len(right), "n": len(right), "table_acc": sum(table) / len(table), "table_n": len(table)}
     for base in BASELINES:
-        if base in rows and rows[base]["questions"] == row["questions"]:
+        if base in rows:
             out[f"vs_{base}"] = paired(right, rows[base]["right"])
     return out
 
@@ -143,7 +180,7 @@ def summary(row: dict, rows: dict) -> dict:
 def write(results: dict) -> None:
     rows = results["rows"]
     for row in rows.values():
-        row["summary"] = summary(row, rows)
+        row["summary"] = summary(row, rows, results["in_table"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "characters_knowledge.json").write_text(json.dumps(results, indent=1))
     s = results["settings"]
@@ -163,6 +200,11 @@ def write(results: dict) -> None:
               f"(its {s['table_cards']} cards are among these). + / -: questions this row gets right and the "
               "baseline wrong / the other way round; p: McNemar's exact two-sided test on them "
               "(benchmarks/characters_knowledge.py)."]
+    if c := results.get("scorer"):
+        lines += ["", f"Scorer: on the teacher's {c['questions']} questions of {c['cards']} cards ({c['precision']}), "
+                  f"each card's system prompt run once and shared takes {c['shared_s']} s, every sequence whole "
+                  f"{c['whole_s']} s ({c['speedup']}x, side by side in one run); {c['same_answer']} of "
+                  f"{c['questions']} answers the same, scores {c['max_diff_nats']} nats apart at most (rounding)."]
     (RESULTS / "characters_knowledge.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
