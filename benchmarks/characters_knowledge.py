@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from characters import LABELS, ROWS, label, rate
-from distill_recovery import RESULTS, TEACHER, remember
+from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 COUNT = 1000
 """Cards made (seed 0): about a fifth of them are held out (taille.characters.cards.HELDOUT_SHARE)."""
@@ -74,16 +74,18 @@ def answers(model: str, cards: list, table_ids: set[str], batch_size: int) -> di
     scores = knowledge_scores(net, tokenizer, asked, batch_size, precision)
     items = [(persona, item) for persona, its in asked for item in its]
     right = [max(range(4), key=lambda k: s[k]) == item.answer for s, (_, item) in zip(scores, items, strict=True)]
-    return {"model": model, "precision": precision, "seconds": round(time.perf_counter() - start, 1),
+    return {"model": model, "precision": precision, "batch_size": batch_size,
+            "seconds": round(time.perf_counter() - start, 1),
             "questions": [f"{persona.id}: {item.fact}" for persona, item in items], "right": right,
             "in_table": [persona.id in table_ids for persona, _ in items]}
 
 
 def scorer_check(cards: list, batch_size: int) -> dict:
     """The teacher's scores on `cards` two ways, timed side by side: each card's system prompt run once and
-    shared (knowledge_scores, what every row here uses) and every sequence whole (continuation_nll, the scorer
-    before it): seconds, their ratio, the largest score difference and how many answers agree."""
-    from taille.characters.evaluate import continuation_nll, knowledge_scores, render, user
+    shared (shared_prefix_nll, as knowledge_scores runs it for every row here) and every sequence whole
+    (continuation_nll, the scorer before it), the same token ids, after a warm-up of each: seconds, their ratio,
+    the largest score difference and how many answers agree."""
+    from taille.characters.evaluate import continuation_nll, render, shared_prefix_nll, user
     from taille.characters.questions import knowledge_items
     from taille.characters.settings import PersonaEvalSettings
     from taille.models.load import load_model, resolve_device
@@ -92,13 +94,17 @@ def scorer_check(cards: list, batch_size: int) -> dict:
     asked = [(persona, knowledge_items(persona, PersonaEvalSettings().seed)[0]) for persona in cards]
     net, tokenizer = load_model(TEACHER, dtype="auto", device="auto")
     precision = resolve_precision("auto", resolve_device("auto"))
+    groups = [[(render(tokenizer, persona, user(item.question)), tokenizer(choice, add_special_tokens=False)["input_ids"])
+               for item in items for choice in item.choices] for persona, items in asked]  # tokenized outside the clocks
+    flat = [pair for group in groups for pair in group]
+    shared_prefix_nll(net, groups[:1], batch_size, precision)  # warm-up, both ways
+    continuation_nll(net, groups[0], batch_size, precision)
     start = time.perf_counter()
-    shared = knowledge_scores(net, tokenizer, asked, batch_size, precision)
+    nll = shared_prefix_nll(net, groups, batch_size, precision)
     shared_s = time.perf_counter() - start
-    pairs = [(render(tokenizer, persona, user(item.question)), tokenizer(choice, add_special_tokens=False)["input_ids"])
-             for persona, items in asked for item in items for choice in item.choices]
+    shared = [[-sum(x) for x in nll[k:k + 4]] for k in range(0, len(nll), 4)]
     start = time.perf_counter()
-    nll = continuation_nll(net, pairs, batch_size, precision)
+    nll = continuation_nll(net, flat, batch_size, precision)
     whole_s = time.perf_counter() - start
     whole = [[-sum(x) for x in nll[k:k + 4]] for k in range(0, len(nll), 4)]
     pick = lambda scores: max(range(4), key=lambda k: scores[k])  # noqa: E731
@@ -151,17 +157,20 @@ def main() -> None:
     results_path = RESULTS / "characters_knowledge.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
     results["scorer"] = remember(work / "measured" / "scorer.json", lambda: scorer_check(table[:8], args.batch_size))
-    for name in chosen:
-        row = remember(work / "measured" / f"{name}.json",
+    if not chosen:
+        sys.exit(f"--only {args.only}: no such row measured here (rows with a run folder: {', '.join(models)})")
+    for name in chosen:  # a run trained again (a new weights stamp) is measured again
+        stamp = "" if name == "teacher" else f"-{weights_stamp(Path(models[name]))}"
+        row = remember(work / "measured" / f"{name}{stamp}.json",
                        lambda name=name: answers(models[name], cards, table_ids, args.batch_size))
         questions, in_table = row.pop("questions"), row.pop("in_table")  # the same for every row: kept once
         if results.setdefault("questions", questions) != questions:
-            sys.exit(f"{work / 'measured' / name}.json asked other questions than the committed rows (the question "
+            sys.exit(f"{work / 'measured' / name}{stamp}.json asked other questions than the committed rows (the question "
                      "maker changed?): move the measured folder and the results away and measure every row again")
         results["in_table"] = in_table
         results["rows"][name] = row
         results["settings"] = {"count": COUNT, "cards": len(cards), "table_count": TABLE_COUNT,
-                               "table_cards": len(table), "batch_size": args.batch_size, "teacher": TEACHER}
+                               "table_cards": len(table), "teacher": TEACHER}
         write(results)
 
 
@@ -170,9 +179,10 @@ def summary(row: dict, rows: dict, in_table: list[bool]) -> dict:
     comparisons with the baselines measured (every row answers the same questions, in the same order)."""
     right = row["right"]
     table = [r for r, t in zip(right, in_table, strict=True) if t]
-    out = {"acc": sum(right) / len(right), "n": len(right), "table_acc": sum(table) / len(table), "table_n": len(table)}
+    out = {"acc": sum(right) / len(right), "n": len(right),
+           "table_acc": sum(table) / len(table) if table else None, "table_n": len(table)}
     for base in BASELINES:
-        if base in rows:
+        if base in rows and rows[base] is not row:
             out[f"vs_{base}"] = paired(right, rows[base]["right"])
     return out
 
@@ -190,7 +200,7 @@ def write(results: dict) -> None:
              "|" + "---|" * len(head)]
     for name in [r for r in ROWS if r in rows] + [r for r in rows if r not in ROWS]:
         m = rows[name]["summary"]
-        compared = [f"+{c['wins']} / -{c['losses']} (p={c['p']:.2f})" if (c := m.get(f"vs_{b}")) else "-"
+        compared = [f"+{c['wins']} / -{c['losses']} (p={c['p']:.2g})" if (c := m.get(f"vs_{b}")) else "-"
                     for b in BASELINES]
         lines.append("| " + " | ".join([label(name), f"{rate(m['acc'], m['n'])} (n={m['n']})",
                                          f"{rate(m['table_acc'], m['table_n'])} (n={m['table_n']})", *compared]) + " |")
@@ -198,8 +208,9 @@ def write(results: dict) -> None:
               f"({s['cards']} cards), asked and scored as `taille eval --personas` does (four answers by "
               "log-likelihood, chance 25%); the third column is the same models on the characters table's questions "
               f"(its {s['table_cards']} cards are among these). + / -: questions this row gets right and the "
-              "baseline wrong / the other way round; p: McNemar's exact two-sided test on them "
-              "(benchmarks/characters_knowledge.py)."]
+              "baseline wrong / the other way round; p: McNemar's exact two-sided test on them, each comparison "
+              "on its own (with this many rows, a p near 0.05 in one of them is expected by chance; "
+              "benchmarks/characters_knowledge.py)."]
     if c := results.get("scorer"):
         lines += ["", f"Scorer: on the teacher's {c['questions']} questions of {c['cards']} cards ({c['precision']}), "
                   f"each card's system prompt run once and shared takes {c['shared_s']} s, every sequence whole "

@@ -215,6 +215,8 @@ def shared_prefix_nll(model, groups: list[list[tuple[list[int], list[int]]]], ba
     out = []
     for pairs in groups:
         sequences = [c + x for c, x in pairs]
+        if not all(c for c, _ in pairs):
+            raise ValueError("shared_prefix_nll: an empty context (nothing predicts the first continuation token)")
         limit = min(len(c) for c, _ in pairs) - 1  # every rest keeps its context's last token: it predicts the first answer token
         shared = next((k for k in range(limit) if len({s[k] for s in sequences}) > 1), limit)
         cache = None

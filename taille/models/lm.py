@@ -43,6 +43,7 @@ def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden_nll(model, hidden_states(model, input_ids)[:, :-1], input_ids[:, 1:])
 
 
+@torch.no_grad()
 def hidden_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL (B, T) in fp32 of `targets` (B, T) under the head applied to `hidden` (B, T, H), in slices."""
     B, T = targets.shape

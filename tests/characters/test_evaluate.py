@@ -65,10 +65,12 @@ def test_knowledge_scores_equal_a_plain_log_likelihood_loop(models):
                           atol=1e-3)
 
 
-def test_a_shared_prefix_runs_once_and_scores_what_whole_sequences_score(models):
+def test_a_shared_prefix_runs_once_and_scores_what_whole_sequences_score(tmp_path, family):
+    """In every family; one with sliding-window attention gets a window of 4, far shorter than the prefix."""
     from taille.models.arch import get_arch
+    from tests.distill.test_on_policy import tiny
 
-    model, _ = load_model(models[0], dtype="fp32", device="cpu")
+    model = tiny(tmp_path, family)
     g = torch.Generator().manual_seed(0)
 
     def ids(n):
@@ -87,6 +89,8 @@ def test_a_shared_prefix_runs_once_and_scores_what_whole_sequences_score(models)
     assert [len(row) for row in shared] == [len(row) for row in whole]
     assert torch.allclose(torch.tensor([x for row in shared for x in row]),
                           torch.tensor([x for row in whole for x in row]), atol=1e-4)
+    with pytest.raises(ValueError, match="empty context"):
+        ev.shared_prefix_nll(model, [[([], ids(2))]], batch_size=2)
     # tokens the model ran: the card's 30 once, then its rests in right-padded batches of 2 (11 + 11, 3); the
     # second group shares other[:4] (other[:5] keeps its last token), then 8 + 4 and 1 + 2 padded; nothing shared
     assert seen == [30, 2 * 11, 3, 4, 2 * 12, 2 * 10]
