@@ -199,7 +199,8 @@ def capacity() -> int:
 
 
 def make_cards(count: int, seed: int = 0) -> list[dict]:
-    """`count` cards with distinct names, settings taken in turn."""
+    """`count` cards with distinct names, settings taken in turn; the first N cards of any count are the cards of
+    count N (the same seed)."""
     if not 1 <= count <= capacity():
         raise TailleError(f"--count {count}: between 1 and {capacity()} (the distinct names the tables hold)")
     rng = random.Random(seed)

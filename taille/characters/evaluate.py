@@ -196,6 +196,48 @@ def continuation_nll(model, pairs: list[tuple[list[int], list[int]]], batch_size
     return out
 
 
+def shared_prefix_nll(model, groups: list[list[tuple[list[int], list[int]]]], batch_size: int,
+                      precision: str = "fp32") -> list[list[float]]:
+    """continuation_nll of each group's pairs, the tokens every sequence of a group opens with run once and
+    their keys and values shared by the group's batches: a card's knowledge questions all open with its
+    system prompt, about four fifths of each scored sequence. The same values up to float rounding."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    from taille.models.arch import get_arch
+    from taille.models.lm import hidden_nll
+    from taille.models.precision import autocast
+
+    base = model.get_submodule(get_arch(model.config).base)
+    device = next(model.parameters()).device
+    out = []
+    for pairs in groups:
+        sequences = [c + x for c, x in pairs]
+        if not all(c for c, _ in pairs):
+            raise ValueError("shared_prefix_nll: an empty context (nothing predicts the first continuation token)")
+        limit = min(len(c) for c, _ in pairs) - 1  # every rest keeps its context's last token: it predicts the first answer token
+        shared = next((k for k in range(limit) if len({s[k] for s in sequences}) > 1), limit)
+        cache = None
+        if shared:
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad(), autocast(precision, device.type):
+                base(torch.tensor([sequences[0][:shared]], device=device), None, None, cache, use_cache=True)
+        for chunk, ids in _right_padded([(c[shared:], x) for c, x in pairs], batch_size, device):
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(chunk))
+            with torch.no_grad(), autocast(precision, device.type):
+                # the cache by position, as taille.distill.onpolicy passes it (renamed within transformers 5)
+                hidden = base(ids, None, None, past, use_cache=past is not None).last_hidden_state
+                nll = hidden_nll(model, hidden[:, :-1], ids[:, 1:])  # (B, T-1): entry t scores token t+1
+            rows = nll.tolist()
+            out += [rows[i][len(c) - 1:len(c) - 1 + len(x)] for i, (c, x) in enumerate(chunk)]
+    return out
+
+
 def continuation_kl(reference, model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
                     precision: str = "fp32") -> list[list[float]]:
     """KL(reference || model) of the next-token distributions that predict each continuation token."""
@@ -216,12 +258,14 @@ def knowledge_scores(model, tokenizer, cards: list[tuple[Persona, list[Knowledge
                      precision: str = "fp32") -> list[list[float]]:
     """Per item (cards in order, items in order), sum log p(choice tokens | card + question + assistant
     prefix) of each of its four choices."""
-    pairs = []
+    groups = []  # one per card: its questions share the card's system prompt (shared_prefix_nll)
     for persona, items in cards:
+        groups.append([])
         for item in items:
             context = render(tokenizer, persona, user(item.question))
-            pairs += [(context, tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in item.choices]
-    nll = continuation_nll(model, pairs, batch_size, precision)
+            groups[-1] += [(context, tokenizer(choice, add_special_tokens=False)["input_ids"])
+                           for choice in item.choices]
+    nll = shared_prefix_nll(model, [g for g in groups if g], batch_size, precision)
     sums = [-sum(token_nlls) for token_nlls in nll]
     return [sums[k:k + 4] for k in range(0, len(sums), 4)]
 

@@ -40,12 +40,16 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     """NLL (B, T-1) in fp32 of each next token: entry t is -log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
-    hidden = hidden_states(model, input_ids)[:, :-1]  # (B, T-1, H)
-    targets = input_ids[:, 1:]  # (B, T-1)
+    return hidden_nll(model, hidden_states(model, input_ids)[:, :-1], input_ids[:, 1:])
+
+
+@torch.no_grad()
+def hidden_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL (B, T) in fp32 of `targets` (B, T) under the head applied to `hidden` (B, T, H), in slices."""
     B, T = targets.shape
     flat_hidden, flat_targets = hidden.reshape(B * T, -1), targets.reshape(B * T)
     chunk = max(1, LOGIT_ELEMENTS // model.config.vocab_size)
-    nll = torch.empty(B * T, dtype=torch.float32, device=input_ids.device)
+    nll = torch.empty(B * T, dtype=torch.float32, device=targets.device)
     for i in range(0, B * T, chunk):
         logits = head_logits(model, flat_hidden[i : i + chunk])  # (chunk, V)
         nll[i : i + chunk] = F.cross_entropy(logits, flat_targets[i : i + chunk], reduction="none")

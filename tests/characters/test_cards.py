@@ -62,3 +62,9 @@ def test_count_out_of_range_is_refused(count, tmp_path):
 
     with pytest.raises(TailleError, match="--count"):
         make_cards(count)
+
+
+def test_a_smaller_count_makes_the_first_cards_of_a_larger_one():
+    # benchmarks/characters_knowledge.py asks the characters table's cards (count 200) among count 1000's
+    assert make_cards(250, seed=0)[:60] == make_cards(60, seed=0)
+    assert make_cards(90, seed=5)[:7] == make_cards(7, seed=5)

@@ -65,6 +65,37 @@ def test_knowledge_scores_equal_a_plain_log_likelihood_loop(models):
                           atol=1e-3)
 
 
+def test_a_shared_prefix_runs_once_and_scores_what_whole_sequences_score(tmp_path, family):
+    """In every family; one with sliding-window attention gets a window of 4, far shorter than the prefix."""
+    from taille.models.arch import get_arch
+    from tests.distill.test_on_policy import tiny
+
+    model = tiny(tmp_path, family)
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+
+    card, other = ids(30), ids(12)
+    groups = [[(card + ids(4), ids(3)), (card + ids(6), ids(5)), (card + ids(2), ids(1))],  # a system prompt
+              [(other, ids(4)), (other[:5], ids(2))],  # one context inside another: each keeps its last token
+              [(ids(7), ids(3)), (ids(5), ids(2))]]  # nothing shared
+    seen = []
+    base = model.get_submodule(get_arch(model.config).base)
+    hook = base.register_forward_pre_hook(lambda module, args: seen.append(args[0].numel()))
+    shared = ev.shared_prefix_nll(model, groups, batch_size=2)
+    hook.remove()
+    whole = ev.continuation_nll(model, [pair for group in groups for pair in group], batch_size=1)
+    assert [len(row) for row in shared] == [len(row) for row in whole]
+    assert torch.allclose(torch.tensor([x for row in shared for x in row]),
+                          torch.tensor([x for row in whole for x in row]), atol=1e-4)
+    with pytest.raises(ValueError, match="empty context"):
+        ev.shared_prefix_nll(model, [[([], ids(2))]], batch_size=2)
+    # tokens the model ran: the card's 30 once, then its rests in right-padded batches of 2 (11 + 11, 3); the
+    # second group shares other[:4] (other[:5] keeps its last token), then 8 + 4 and 1 + 2 padded; nothing shared
+    assert seen == [30, 2 * 11, 3, 4, 2 * 12, 2 * 10]
+
+
 def test_left_padded_batches_sample_what_single_prompts_sample(tmp_path):
     tokenizer = make_tokenizer()
     model, tokenizer = load_model(str(save_tiny_with(tmp_path / "sharp", "llama", tokenizer, head_scale=40)),
