@@ -123,6 +123,17 @@ def in_character(model: str, cards: Path, args, folder: Path) -> dict:
     return {**row, "cards": characters["cards"], "knowledge": characters["knowledge"]}
 
 
+def recovery_models(recovery: Path) -> dict[str, str]:
+    """Row name -> model: the teacher, the pruned student, and every recovery_general row (and its seed repeat,
+    recovery_general --seeds ROW) whose run in `recovery` has finished."""
+    models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
+    for row in (r for r in ROWS if r not in ("teacher", "pruned", "demo")):
+        for name in (row, f"{row}-seed1"):
+            if (recovery / "runs" / name / "taille.json").exists():
+                models[name] = str(recovery / "runs" / name)
+    return models
+
+
 def general(measured: dict) -> dict | None:
     """WikiText-2 perplexity and the four-task zero-shot average (standard error) of a recovery_general
     measurement."""
@@ -178,11 +189,7 @@ def main() -> None:
     if not (cards / "heldout").is_dir():
         subprocess.run([sys.executable, "-m", "taille", "personas", "make", "--count", "200", "--seed", "0",
                         "--out", str(cards)], check=True)
-    models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
-    for row in (r for r in ROWS if r not in ("teacher", "pruned", "demo")):  # recovery_general's rows
-        for name in (row, f"{row}-seed1"):  # and their seed repeats (recovery_general --seeds ROW)
-            if (recovery / "runs" / name / "taille.json").exists():
-                models[name] = str(recovery / "runs" / name)
+    models = recovery_models(recovery)
     if args.demo:
         models["demo"] = str(Path(args.demo).resolve())
     chosen = [r for r in (args.only.split(",") if args.only else models) if r in models]

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from characters import LABELS, ROWS, label, rate
+from characters import LABELS, ROWS, label, rate, recovery_models
 from distill_recovery import RESULTS, TEACHER, remember, weights_stamp
 
 COUNT = 1000
@@ -144,11 +144,7 @@ def main() -> None:
                  "the subset column would not be the characters table's questions")
     table_ids = {p.id for p in table}
 
-    models = {"teacher": TEACHER, "pruned": str(recovery / "width-90m")}
-    for row in (r for r in ROWS if r not in ("teacher", "pruned", "demo")):  # recovery_general's rows
-        for name in (row, f"{row}-seed1"):
-            if (recovery / "runs" / name / "taille.json").exists():
-                models[name] = str(recovery / "runs" / name)
+    models = recovery_models(recovery)
     chosen = [r for r in (args.only.split(",") if args.only else models) if r in models]
     missing = [r for r in (args.only.split(",") if args.only else []) if r not in models]
     if missing:
